@@ -1,0 +1,440 @@
+"""`bgpt shard`: raw events -> validated, de-duplicated, per-user shards + manifest, one generation at a time.
+
+A generation is built in a hidden temporary folder inside the dataset and renamed into place
+when complete; ``manifest.json`` is then replaced atomically. An interrupted run therefore
+leaves the previous manifest and every earlier generation untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_sharding import ingest, sequences, shards, validate, vocab
+from data_sharding.errors import DataError
+from data_sharding.ingest import InputConfig
+from data_sharding.sequences import FILE_SHIFT, GEN_SHIFT, SplitConfig
+
+
+@dataclass
+class ShardConfig:
+    """Options of `bgpt shard`."""
+
+    out: str = ""
+    """Dataset folder: holds manifest.json and one gNNNN/ folder per generation."""
+    input: InputConfig = field(default_factory=InputConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    items: str | None = None
+    """Optional item metadata file (id, title/text, attributes)."""
+    items_format: str = "auto"
+    append: bool = False
+    """Add a generation to an existing dataset instead of creating one."""
+    overwrite: bool = False
+    """Replace an existing dataset in ``out``."""
+    events_per_shard: int = 2_000_000
+    min_item_count: int = 1
+    """Items with fewer (de-duplicated) events are left out of the vocabulary, with their events."""
+    max_bad_fraction: float = 0.01
+    memory_limit: str = "4GB"
+    """DuckDB memory limit; beyond it DuckDB spills to the temporary folder."""
+    threads: int | None = None
+    temp_dir: str | None = None
+    """Where DuckDB spills; default: inside the generation's temporary folder."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise DataError("--out is required")
+        if self.events_per_shard < 1:
+            raise DataError("--events-per-shard must be >= 1")
+        if self.min_item_count < 1:
+            raise DataError("--min-item-count must be >= 1")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise DataError("--max-bad-fraction must be in [0, 1]")
+        if self.append and self.overwrite:
+            raise DataError("--append and --overwrite exclude each other")
+        if not self.input.paths:
+            raise DataError("--input needs at least one file")
+
+
+def _fingerprint(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+class _Fingerprints(threading.Thread):
+    """Hashes the inputs in the background (hashlib releases the GIL) while DuckDB reads them."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.paths, self.result, self.error = paths, [], None
+
+    def run(self) -> None:
+        try:
+            self.result = [_fingerprint(p) for p in self.paths]
+        except OSError as e:
+            self.error = e
+
+
+def _connect(work: Path, cfg: ShardConfig) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(str(work / "staging.duckdb"))
+    spill = Path(cfg.temp_dir) if cfg.temp_dir else work / "spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill}'")
+    con.execute("SET preserve_insertion_order = true")
+    if cfg.threads:
+        con.execute(f"SET threads = {int(cfg.threads)}")
+    return con
+
+
+def _iso_ms(con: duckdb.DuckDBPyConnection, text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    value = con.execute("SELECT epoch_ms(TRY_CAST(? AS TIMESTAMPTZ))", [text]).fetchall()[0][0]
+    if value is None:
+        raise DataError(f"{flag} {text!r} is not an ISO 8601 time")
+    return int(value)
+
+
+def _previous_state(root: Path, cfg: ShardConfig) -> tuple[dict | None, int]:
+    manifest_path = root / shards.MANIFEST
+    if cfg.append:
+        manifest = shards.load_manifest(root)
+        if manifest["split"]["strategy"] != cfg.split.strategy:
+            raise DataError(
+                f"{root}: the dataset uses --split {manifest['split']['strategy']}; append with the same split"
+            )
+        return manifest, manifest["generation"] + 1
+    if manifest_path.exists() and not cfg.overwrite:
+        raise DataError(f"{root} already holds a dataset; use --append to add data or --overwrite to replace it")
+    return None, 1
+
+
+def build(cfg: ShardConfig) -> dict:
+    """Run the whole pipeline for one generation; return the new manifest."""
+    started = time.time()
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest, generation = _previous_state(root, cfg)
+    if manifest is not None:
+        cfg.split = SplitConfig(**manifest["split"])
+    gen_name = f"g{generation:04d}"
+    work = root / f".{gen_name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    out_dir = work / gen_name
+    out_dir.mkdir()
+    try:
+        new_manifest = _build_generation(cfg, root, work, out_dir, manifest, generation, started)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _publish(root, work, gen_name, new_manifest, replace_all=cfg.overwrite)
+    return new_manifest
+
+
+def _build_generation(
+    cfg: ShardConfig,
+    root: Path,
+    work: Path,
+    out_dir: Path,
+    manifest: dict | None,
+    generation: int,
+    started: float,
+) -> dict:
+    fingerprints = _Fingerprints(cfg.input.paths)
+    for p in cfg.input.paths:
+        ingest.check_readable(p)
+    fingerprints.start()
+    con = _connect(work, cfg)
+    try:
+        sources = [ingest.stage_file(con, i, p, cfg.input) for i, p in enumerate(cfg.input.paths)]
+        quarantine_path = out_dir / "quarantine.jsonl"
+        report = validate.collect_quarantine(con, sources, quarantine_path)
+        try:
+            validate.check_bad_budget(report, cfg.max_bad_fraction, root / f"rejected-g{generation:04d}.jsonl")
+        except DataError:
+            # Keep the rejected rows for the user to inspect; write nothing else.
+            shutil.copyfile(quarantine_path, root / f"rejected-g{generation:04d}.jsonl")
+            raise
+        has_meta = cfg.items is not None
+        if has_meta:
+            ingest.read_items_file(con, cfg.items, cfg.items_format, cfg.input.item_col)
+        con.execute(
+            "CREATE OR REPLACE VIEW events AS "
+            + " UNION ALL ".join(
+                f"SELECT user, item, ts, event_type, value, "
+                f"({generation}::BIGINT << {GEN_SHIFT}) | ({s.index}::BIGINT << {FILE_SHIFT}) | coalesce(rec, rowid) AS ord "
+                f"FROM {s.table} WHERE reason IS NULL"
+                for s in sources
+            )
+        )
+        previous = vocab.load_vocab(root / manifest["vocab"]["dir"]) if manifest else None
+        prev_users = root / manifest["vocab"]["files"]["users"] if manifest else None
+        n_item_codes, n_type_codes = vocab.create_code_tables(con, previous, prev_users, "events")
+        logs = [str(root / g["events_log"]) for g in manifest["generations"]] if manifest else []
+        total_rows = _stream_size(con, prev_users)
+        num_shards = max(1, math.ceil(total_rows / cfg.events_per_shard))
+        con.execute(
+            f"CREATE OR REPLACE TABLE user_shards AS SELECT user, uidx, n, "
+            f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"
+        )
+        query = _sorted_events_sql(logs)
+        with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
+            reader = con.sql(query).to_arrow_reader(1_000_000)
+            p1 = sequences.pass_one(reader, work, generation, n_item_codes, n_type_codes, bar)
+        num_known = previous.num_items if previous else vocab.NUM_RESERVED_ITEMS
+        item_map = vocab.finalize_codes(p1.item_counts, num_known, cfg.min_item_count)
+        num_known_types = previous.num_event_types if previous else vocab.NUM_RESERVED_TYPES
+        type_map = vocab.finalize_codes(p1.type_counts, num_known_types, 1)
+        new_vocab = vocab.build_vocab(
+            con, generation, previous, item_map, p1.item_counts, type_map, p1.type_counts, has_meta
+        )
+        valid_ms = _iso_ms(con, cfg.split.valid_start, "--valid-start")
+        test_ms = _iso_ms(con, cfg.split.test_start, "--test-start")
+        written = _write_shards(out_dir, p1, num_shards, item_map, type_map, generation, cfg.split, valid_ms, test_ms)
+        user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
+        vocab_files = vocab.save_vocab(out_dir, new_vocab)
+        vocab_files["users"] = _save_users(con, out_dir, prev_users, user_counts, generation)
+        fingerprints.join()
+        if fingerprints.error:
+            raise DataError(f"cannot read an input to fingerprint it: {fingerprints.error}")
+        totals = con.execute(
+            f"SELECT count(*), coalesce(sum(n_events), 0) FROM read_parquet('{out_dir / 'users.parquet'}') "
+            f"WHERE n_events > 0"
+        ).fetchall()[0]
+    finally:
+        con.close()
+    gen_name = out_dir.name
+    info = {
+        "generation": generation,
+        "dir": gen_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - started, 3),
+        "sources": fingerprints.result,
+        "options": _options(cfg),
+        "vocab_version": new_vocab.version,
+        "events_log": f"{gen_name}/events.parquet",
+        "quarantine": {**report.to_dict(), "file": f"{gen_name}/quarantine.jsonl"},
+        "counts": {
+            "rows_read": report.valid_rows + report.bad_rows,
+            "valid_rows": report.valid_rows,
+            "quarantined": report.bad_rows,
+            "duplicates": p1.duplicates,
+            "rare_item_events": written["rare"],
+            "new_events": written["new_events"],
+            "events_in_shards": int(written["n_events"].sum()),
+            "users_in_shards": len(written["uidx"]),
+            "new_items": int(new_vocab.num_items - (previous.num_items if previous else vocab.NUM_RESERVED_ITEMS)),
+        },
+        "shards": [s.to_dict() for s in written["shards"]],
+    }
+    generations = (manifest["generations"] if manifest else []) + [info]
+    return {
+        "schema_version": shards.SCHEMA_VERSION,
+        "format": "behavior-gpt/webdataset",
+        "generation": generation,
+        "time_unit": "ms",
+        "record_dtype": [list(d) for d in shards.SEQ_DTYPE.descr],
+        "index_dtype": [list(d) for d in shards.INDEX_DTYPE.descr],
+        "split": cfg.split.to_dict(),
+        "vocab": {
+            "version": new_vocab.version,
+            "dir": gen_name,
+            "files": {k: f"{gen_name}/{Path(v).name}" for k, v in vocab_files.items()},
+            "num_items": new_vocab.num_items,
+            "num_reserved_items": vocab.NUM_RESERVED_ITEMS,
+            "num_event_types": new_vocab.num_event_types,
+            "event_types": new_vocab.event_types,
+        },
+        "totals": {
+            "users": int(totals[0]),
+            "events": int(totals[1]),
+            "shards": sum(len(g["shards"]) for g in generations),
+            "bytes": sum(s["bytes"] for g in generations for s in g["shards"]),
+        },
+        "generations": generations,
+    }
+
+
+def _options(cfg: ShardConfig) -> dict:
+    options = dataclasses.asdict(cfg)
+    options["input"]["paths"] = [os.path.abspath(p) for p in cfg.input.paths]
+    return options
+
+
+def _stream_size(con: duckdb.DuckDBPyConnection, prev_users: Path | None) -> int:
+    """Events the sorted stream will carry: this generation's plus touched users' history."""
+    events = con.execute("SELECT sum(n) FROM user_codes").fetchall()[0][0] or 0
+    if prev_users is not None:
+        events += con.execute(
+            f"SELECT coalesce(sum(p.n_events), 0) FROM read_parquet('{prev_users}') p JOIN user_codes USING (uidx)"
+        ).fetchall()[0][0]
+    return int(events)
+
+
+def _sorted_events_sql(logs: list[str]) -> str:
+    new = (
+        "SELECT u.shard, u.uidx, e.ts, e.ord, i.code AS item, t.code::SMALLINT AS type, e.value "
+        "FROM events e JOIN user_shards u ON e.user = u.user JOIN item_codes i ON e.item = i.key "
+        "JOIN type_codes t ON e.event_type = t.key"
+    )
+    if logs:
+        # Touched users' earlier events, so each new event lands with its preceding history.
+        files = "[" + ", ".join(f"'{p}'" for p in logs) + "]"
+        new += (
+            " UNION ALL SELECT u.shard, o.uidx, o.ts, o.ord, o.item, o.type, o.value "
+            f"FROM read_parquet({files}) o JOIN user_shards u ON o.uidx = u.uidx"
+        )
+    return f"SELECT * FROM ({new}) ORDER BY shard, uidx, ts, ord"
+
+
+def _write_shards(
+    out_dir: Path,
+    p1: sequences.PassOneResult,
+    num_shards: int,
+    item_map: np.ndarray,
+    type_map: np.ndarray,
+    generation: int,
+    split: SplitConfig,
+    valid_ms: int | None,
+    test_ms: int | None,
+) -> dict:
+    log_schema = pa.schema(
+        [
+            ("uidx", pa.int32()),
+            ("ts", pa.int64()),
+            ("ord", pa.int64()),
+            ("item", pa.int32()),
+            ("type", pa.int16()),
+            ("value", pa.float32()),
+        ]
+    )
+    infos, all_uidx, all_counts = [], [], []
+    rare = new_events = 0
+    with (
+        pq.ParquetWriter(out_dir / "events.parquet", log_schema, compression="zstd") as log,
+        tqdm(total=num_shards, unit="shard", desc="write shards", disable=None) as bar,
+    ):
+        for shard in range(num_shards):
+            path = p1.shard_files.get(shard)
+            rows = np.load(path) if path is not None else np.empty(0, sequences.STREAM_DTYPE)
+            records, rows, dropped = sequences.final_records(
+                rows, item_map, type_map, generation, split, valid_ms, test_ms
+            )
+            rare += dropped
+            starts, lengths = sequences.user_bounds(rows["uidx"])
+            uidx = rows["uidx"][starts]
+            data, offsets = shards.build_shard(records, uidx, lengths)
+            index = _shard_index(records, uidx, offsets, starts, lengths)
+            name = f"shard-{shard:06d}"
+            (out_dir / f"{name}.tar").write_bytes(data)
+            index_data = shards.index_bytes(index)
+            (out_dir / f"{name}.idx.npy").write_bytes(index_data)
+            infos.append(
+                shards.ShardInfo(
+                    name=f"{out_dir.name}/{name}.tar",
+                    index=f"{out_dir.name}/{name}.idx.npy",
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    index_sha256=hashlib.sha256(index_data).hexdigest(),
+                    bytes=len(data),
+                    users=len(uidx),
+                    events=len(records),
+                    generation=generation,
+                )
+            )
+            new = records["new"].astype(bool)
+            new_events += int(new.sum())
+            log_rows = rows[new]
+            log.write_table(pa.table({n: log_rows[n] for n in log_schema.names}, schema=log_schema))
+            all_uidx.append(uidx)
+            all_counts.append(lengths)
+            if path is not None:
+                path.unlink()
+            bar.update(1)
+    return {
+        "shards": infos,
+        "rare": rare,
+        "new_events": new_events,
+        "uidx": np.concatenate(all_uidx) if all_uidx else np.empty(0, np.int32),
+        "n_events": np.concatenate(all_counts) if all_counts else np.empty(0, np.int64),
+    }
+
+
+def _shard_index(records, uidx, offsets, starts, lengths) -> np.ndarray:
+    index = np.empty(len(uidx), dtype=shards.INDEX_DTYPE)
+    index["uidx"] = uidx
+    index["offset"] = offsets
+    index["n_events"] = lengths
+    split = records["split"]
+    index["n_train"] = np.add.reduceat(split == shards.SPLIT_TRAIN, starts) if len(starts) else 0
+    index["n_valid"] = np.add.reduceat(split == shards.SPLIT_VALID, starts) if len(starts) else 0
+    index["n_new"] = np.add.reduceat(records["new"].astype(np.int64), starts) if len(starts) else 0
+    return index
+
+
+def _save_users(
+    con: duckdb.DuckDBPyConnection, out_dir: Path, prev_users: Path | None, counts: pa.Table, generation: int
+) -> str:
+    """users.parquet: every user ever seen, with the length and generation of their latest sequence."""
+    con.register("gen_counts", counts)
+    prev = (
+        f"SELECT uidx, user, n_events, last_generation FROM read_parquet('{prev_users}')"
+        if prev_users
+        else "SELECT NULL::INTEGER AS uidx, NULL::VARCHAR AS user, NULL::BIGINT AS n_events, "
+        "NULL::INTEGER AS last_generation WHERE false"
+    )
+    path = out_dir / "users.parquet"
+    con.execute(
+        f"COPY (WITH prev AS ({prev}), "
+        f"cur AS (SELECT c.uidx, c.user, g.n_events FROM user_codes c LEFT JOIN gen_counts g USING (uidx)) "
+        f"SELECT coalesce(cur.uidx, prev.uidx) AS uidx, coalesce(cur.user, prev.user) AS user, "
+        f"CASE WHEN cur.n_events IS NOT NULL THEN cur.n_events ELSE coalesce(prev.n_events, 0) END::BIGINT AS n_events, "
+        f"CASE WHEN cur.n_events IS NOT NULL THEN {generation} ELSE coalesce(prev.last_generation, 0) END::INTEGER "
+        f"AS last_generation FROM prev FULL OUTER JOIN cur USING (uidx) ORDER BY uidx) TO '{path}' (FORMAT parquet)"
+    )
+    con.unregister("gen_counts")
+    return "users.parquet"
+
+
+def _publish(root: Path, work: Path, gen_name: str, manifest: dict, replace_all: bool) -> None:
+    """Move the finished generation into place, then atomically replace manifest.json."""
+    for leftover in ("staging.duckdb", "staging.duckdb.wal", "spill"):
+        target = work / leftover
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
+    if replace_all:
+        trash = root / ".trash"
+        shutil.rmtree(trash, ignore_errors=True)
+        trash.mkdir()
+        for old in root.glob("g[0-9][0-9][0-9][0-9]"):
+            old.rename(trash / old.name)
+    final = root / gen_name
+    if final.exists():
+        # A generation folder that no manifest references: left by an interrupted run.
+        shutil.rmtree(final)
+    (work / gen_name).rename(final)
+    shutil.rmtree(work, ignore_errors=True)
+    shards.write_atomic(root / shards.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    (root / gen_name / shards.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if replace_all:
+        shutil.rmtree(root / ".trash", ignore_errors=True)

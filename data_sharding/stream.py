@@ -1,0 +1,270 @@
+"""Resumable streaming over the shards: split by rank and worker, shuffled, windowed, collated.
+
+The unit of data is a *sample*: one window of a user's sequence. Sample counts come from the
+per-shard index files, so the loader knows every sample before reading a byte of a shard.
+
+Each epoch, shards are put in a (seed, epoch)-seeded order and their samples concatenated into
+one global list of N samples. The S = world_size x num_workers *slots* take contiguous ranges
+of it (so each reads only a few shards, sequentially), every slot exactly ceil(N / S) samples:
+a slot whose range is one short wraps to the next sample. Every rank therefore yields the same
+number of batches (no hang at epoch end), and when S divides N every sample is seen exactly
+once per epoch. Within a slot, samples are shuffled shard by shard.
+
+Position = (epoch, batches consumed on this rank). Because everything above is a pure function
+of (seed, epoch, rank, slot), a restored loader recomputes which samples each worker already
+produced and continues with exactly the batches an uninterrupted run would have produced next.
+DataLoader workers are served round-robin, so on resume the worker roles are rotated to match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_sharding import shards
+from data_sharding.errors import DataError, ShardError
+from data_sharding.shards import SPLIT_NAMES
+
+
+@dataclass
+class StreamConfig:
+    """How samples are cut, ordered and batched."""
+
+    max_len: int = 50
+    """Positions per window; a training window holds max_len + 1 events (inputs and next-event targets)."""
+    batch_size: int = 64
+    """Samples per batch on each rank (per device micro batch)."""
+    seed: int = 0
+    shuffle: bool = True
+    split: str = "train"
+    """train: windows over each user's training events (every event a target once);
+    valid / test: one sample per held-out event, ending at it, with up to max_len events of history."""
+    generations: str | int = "state"
+    """state: each user's latest sequence across generations; latest: only the newest generation's
+    shards (incremental training); or a generation number."""
+    verify: bool = True
+    """Check each shard's sha256 against the manifest when it is read."""
+    pad_to_max_len: bool = False
+    """Pad every batch to max_len + 1 positions (static shapes) instead of its longest window."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1 or self.batch_size < 1:
+            raise DataError("max_len and batch_size must be >= 1")
+        if self.split not in SPLIT_NAMES:
+            raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([abs(int(k)) for k in keys])
+
+
+class ShardDataset(IterableDataset):
+    """Iterable over collated batches of one rank; see the module docstring for the ordering."""
+
+    def __init__(self, root: str | Path, cfg: StreamConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
+        self.manifest = shards.load_manifest(self.root)
+        self.shards = shards.manifest_shards(self.manifest, "all" if cfg.generations == "state" else cfg.generations)
+        self._counts = self._window_counts()
+        self.num_samples = int(sum(c.sum() for c in self._counts))
+        self.epoch = 0
+        self.skip_batches = 0
+        self.num_workers = 1
+
+    # -- sample bookkeeping -------------------------------------------------------------------
+    def _window_counts(self) -> list[np.ndarray]:
+        """Windows per index row of every shard (0 for superseded or too short users)."""
+        last_gen = None
+        if self.cfg.generations == "state":
+            users = pq.read_table(self.root / self.manifest["vocab"]["files"]["users"])
+            last_gen = np.zeros(int(users["uidx"].to_numpy().max()) + 1 if users.num_rows else 0, np.int32)
+            last_gen[users["uidx"].to_numpy()] = users["last_generation"].to_numpy()
+        self.indexes = []
+        counts = []
+        for shard in self.shards:
+            path = self.root / shard.index
+            try:
+                index = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ShardError(f"shard index {shard.index}: unreadable ({e})") from None
+            if index.dtype != shards.INDEX_DTYPE or len(index) != shard.users:
+                raise ShardError(f"shard index {shard.index}: does not match the manifest (corrupt)")
+            self.indexes.append(index)
+            counts.append(
+                self._windows(index, None if last_gen is None else last_gen[index["uidx"]] == shard.generation)
+            )
+        return counts
+
+    def _windows(self, index: np.ndarray, current: np.ndarray | None) -> np.ndarray:
+        if self.cfg.split == "train":
+            usable = index["n_train"].astype(np.int64)
+            n = np.where(usable >= 2, -(-(usable - 1) // self.cfg.max_len), 0)
+        elif self.cfg.split == "valid":
+            n = index["n_valid"].astype(np.int64)
+        else:
+            n = (index["n_events"] - index["n_train"] - index["n_valid"]).astype(np.int64)
+        return n if current is None else np.where(current, n, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def samples_per_slot(self, num_workers: int) -> int:
+        slots = self.world_size * max(1, num_workers)
+        return -(-self.num_samples // slots) if self.num_samples else 0
+
+    def batches_per_worker(self, num_workers: int) -> int:
+        return -(-self.samples_per_slot(num_workers) // self.cfg.batch_size)
+
+    def _slot_samples(self, slot: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, index row, window) of the samples slot ``slot`` yields this epoch, in order."""
+        order = np.arange(len(self.shards))
+        if self.cfg.shuffle:
+            order = _rng(self.cfg.seed, self.epoch).permutation(len(self.shards))
+        per_shard = np.array([self._counts[s].sum() for s in order], dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(per_shard)])
+        total = int(first[-1])
+        quota = -(-total // slots)
+        positions = (slot * total // slots + np.arange(quota)) % total
+        shard_rank = np.searchsorted(first, positions, side="right") - 1
+        shard_pos = order[shard_rank]
+        within = positions - first[shard_rank]
+        if self.cfg.shuffle:
+            # Shuffle inside each shard's run, keeping runs in order so each shard is read once.
+            noise = _rng(self.cfg.seed, self.epoch, slot, 1).random(len(positions))
+            perm = np.lexsort((noise, shard_rank))
+            shard_pos, within = shard_pos[perm], within[perm]
+        rows = np.empty(len(within), np.int64)
+        windows = np.empty(len(within), np.int64)
+        for s in np.unique(shard_pos):
+            sel = shard_pos == s
+            counts = self._counts[s]
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            row = np.searchsorted(starts, within[sel], side="right") - 1
+            rows[sel] = row
+            windows[sel] = within[sel] - starts[row]
+        return shard_pos, rows, windows
+
+    # -- reading --------------------------------------------------------------------------------
+    def _load_shard(self, s: int) -> bytes:
+        info = self.shards[s]
+        path = self.root / info.name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ShardError(f"shard {info.name}: cannot read ({e.strerror})") from None
+        if len(data) != info.bytes:
+            raise ShardError(f"shard {info.name}: {len(data)} bytes, manifest says {info.bytes} (truncated?)")
+        if self.cfg.verify and hashlib.sha256(data).hexdigest() != info.sha256:
+            raise ShardError(f"shard {info.name}: sha256 mismatch (corrupt); run `bgpt inspect --verify`")
+        return data
+
+    def _window(self, data: bytes, s: int, row: int, w: int) -> tuple[int, np.ndarray]:
+        entry = self.indexes[s][row]
+        uidx, events = shards.read_sample(data, int(entry["offset"]), self.shards[s].name)
+        if uidx != entry["uidx"] or len(events) != entry["n_events"]:
+            raise ShardError(f"shard {self.shards[s].name}: sample at byte {entry['offset']} disagrees with its index")
+        length = self.cfg.max_len
+        if self.cfg.split == "train":
+            end = int(entry["n_train"]) - w * length
+            return uidx, events[max(0, end - length - 1) : end]
+        target = int(entry["n_train"]) + w + (int(entry["n_valid"]) if self.cfg.split == "test" else 0)
+        return uidx, events[max(0, target - length) : target + 1]
+
+    def collate(self, users: list[int], windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Right-padded (B, T) tensors; ``mask`` marks real events."""
+        width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else max(len(w) for w in windows)
+        batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
+        mask = np.zeros((len(windows), width), dtype=bool)
+        for i, w in enumerate(windows):
+            batch[i, : len(w)] = w
+            mask[i, : len(w)] = True
+        return {
+            "items": torch.from_numpy(batch["item"].astype(np.int64)),
+            "times": torch.from_numpy(batch["ts"].copy()),
+            "types": torch.from_numpy(batch["type"].astype(np.int64)),
+            "values": torch.from_numpy(np.where(mask, batch["value"], 0).astype(np.float32)),
+            "new": torch.from_numpy(batch["new"].astype(bool)),
+            "mask": torch.from_numpy(mask),
+            "users": torch.tensor(users, dtype=torch.int64),
+        }
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader restarts its round-robin at worker 0; rotate roles so the first batch after a
+        # resume comes from the worker whose turn it was.
+        logical = (worker + self.skip_batches) % workers
+        already = (self.skip_batches - logical + workers - 1) // workers
+        slots = self.world_size * workers
+        if self.num_samples == 0:
+            return
+        shard_pos, rows, windows = self._slot_samples(self.rank * workers + logical, slots)
+        size = self.cfg.batch_size
+        loaded_shard, data = -1, b""
+        for start in range(already * size, len(rows), size):
+            users, cut = [], []
+            chunk = slice(start, start + size)
+            for s, r, w in zip(shard_pos[chunk], rows[chunk], windows[chunk], strict=True):
+                if s != loaded_shard:
+                    loaded_shard, data = int(s), self._load_shard(int(s))
+                uidx, window = self._window(data, int(s), int(r), int(w))
+                users.append(uidx)
+                cut.append(window)
+            yield self.collate(users, cut)
+
+
+class StreamLoader:
+    """The rank's batch iterator with a resumable position (epoch, batches consumed)."""
+
+    def __init__(self, dataset: ShardDataset, num_workers: int = 0, prefetch_factor: int | None = None) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.epoch = 0
+        self.batches = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.dataset.batches_per_worker(self.num_workers) * max(1, self.num_workers)
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch)
+        self.dataset.skip_batches = self.batches
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        )
+        for batch in loader:
+            self.batches += 1
+            yield batch
+        self.epoch += 1
+        self.batches = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "seed": self.dataset.cfg.seed,
+            "world_size": self.dataset.world_size,
+            "num_workers": self.num_workers,
+            "num_samples": self.dataset.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "num_workers", "num_samples"):
+            if state[key] != self.state_dict()[key]:
+                raise DataError(
+                    f"cannot resume the data stream exactly: {key} was {state[key]}, now {self.state_dict()[key]}"
+                )
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])

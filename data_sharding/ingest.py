@@ -152,16 +152,6 @@ def resolve_columns(path: str, header: list[str], cfg: InputConfig) -> dict[str,
     return resolved
 
 
-def _timestamp_ms_sql(expr: str, unit: str) -> str:
-    """SQL turning a VARCHAR timestamp (unix s, unix ms or ISO 8601) into int64 ms, NULL if unparsable."""
-    num = f"TRY_CAST(trim({expr}) AS DOUBLE)"
-    scale = {"s": "1000.0", "ms": "1.0"}.get(unit, f"CASE WHEN abs({num}) >= 1e11 THEN 1.0 ELSE 1000.0 END")
-    return (
-        f"CASE WHEN {num} IS NOT NULL THEN TRY_CAST(round({num} * {scale}) AS BIGINT) "
-        f"ELSE epoch_ms(TRY_CAST(trim({expr}) AS TIMESTAMPTZ)) END"
-    )
-
-
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -183,43 +173,51 @@ def _sql_str(text: str) -> str:
 
 
 def _validated_select(fmt: str, cols: dict[str, str | None], cfg: InputConfig, raw_sql: str, rec_sql: str) -> str:
-    """SELECT list that parses one row and names the first reason it is invalid (NULL if valid)."""
-    user = _field_sql(fmt, cols["user"])
-    item = _field_sql(fmt, cols["item"])
-    time = _field_sql(fmt, cols["time"])
-    etype = _field_sql(fmt, cols["type"])
-    value = _field_sql(fmt, cols["value"])
-    ts = _timestamp_ms_sql(time, cfg.time_unit)
+    """SELECT over CTE ``src`` that parses each row once and names the first reason it is invalid.
+
+    Layered so every field is trimmed and cast once: fields -> numbers -> timestamp -> reason.
+    """
+    fields = {role: _field_sql(fmt, cols[role]) for role in ("user", "item", "time", "type", "value")}
+    trimmed = ", ".join(f"trim({sql}) AS _{role}" for role, sql in fields.items() if sql)
+    vnum = "TRY_CAST(_value AS DOUBLE)" if fields["value"] else "NULL::DOUBLE"
+    scale = {"s": "1000.0", "ms": "1.0"}.get(cfg.time_unit, "CASE WHEN abs(_tnum) >= 1e11 THEN 1.0 ELSE 1000.0 END")
+    ts = (
+        f"CASE WHEN _tnum IS NOT NULL THEN TRY_CAST(round(_tnum * {scale}) AS BIGINT) "
+        f"ELSE epoch_ms(TRY_CAST(_time AS TIMESTAMPTZ)) END"
+    )
     lo = f"epoch_ms(TIMESTAMPTZ {_sql_str(cfg.min_time)})"
     hi = f"epoch_ms(TIMESTAMPTZ {_sql_str(cfg.max_time)})"
-    vnum = f"TRY_CAST(trim({value}) AS DOUBLE)" if value else "NULL::DOUBLE"
     checks = []
     if fmt == "jsonl":
         checks.append("WHEN NOT json_valid(line) OR json_type(line) <> 'OBJECT' THEN 'malformed_json'")
     else:
         checks.append(
-            f"WHEN {user} = {_sql_str(cols['user'])} AND {item} = {_sql_str(cols['item'])} THEN 'repeated_header'"
+            f"WHEN _user = {_sql_str(cols['user'])} AND _item = {_sql_str(cols['item'])} THEN 'repeated_header'"
         )
     checks += [
-        f"WHEN {user} IS NULL OR trim({user}) = '' THEN 'missing_user'",
-        f"WHEN {item} IS NULL OR trim({item}) = '' THEN 'missing_item'",
-        f"WHEN length({user}) > {cfg.max_id_length} THEN 'user_id_too_long'",
-        f"WHEN length({item}) > {cfg.max_id_length} THEN 'item_id_too_long'",
-        f"WHEN {time} IS NULL THEN 'missing_timestamp'",
+        "WHEN _user IS NULL OR _user = '' THEN 'missing_user'",
+        "WHEN _item IS NULL OR _item = '' THEN 'missing_item'",
+        f"WHEN strlen(_user) > {cfg.max_id_length} AND length(_user) > {cfg.max_id_length} THEN 'user_id_too_long'",
+        f"WHEN strlen(_item) > {cfg.max_id_length} AND length(_item) > {cfg.max_id_length} THEN 'item_id_too_long'",
+        "WHEN _time IS NULL OR _time = '' THEN 'missing_timestamp'",
         "WHEN _ts_ms IS NULL THEN 'bad_timestamp'",
         f"WHEN _ts_ms < {lo} OR _ts_ms > {hi} THEN 'timestamp_out_of_range'",
     ]
-    if etype:
-        checks.append(f"WHEN {etype} IS NULL OR trim({etype}) = '' THEN 'missing_event_type'")
-    if value:
-        checks.append(f"WHEN {value} IS NOT NULL AND ({vnum} IS NULL OR NOT isfinite({vnum})) THEN 'bad_value'")
+    if fields["type"]:
+        checks.append("WHEN _type IS NULL OR _type = '' THEN 'missing_event_type'")
+    if fields["value"]:
+        checks.append(
+            "WHEN _value IS NOT NULL AND _value <> '' AND (_vnum IS NULL OR NOT isfinite(_vnum)) THEN 'bad_value'"
+        )
     reason = "CASE " + " ".join(checks) + " END"
-    etype_sql = f"trim({etype})" if etype else _sql_str(DEFAULT_EVENT_TYPE)
+    etype = "_type" if fields["type"] else _sql_str(DEFAULT_EVENT_TYPE)
     return (
-        f"SELECT trim({user}) AS user, trim({item}) AS item, _ts_ms AS ts, {etype_sql} AS event_type, "
-        f"CAST({vnum} AS FLOAT) AS value, {rec_sql} AS rec, _reason AS reason, "
-        f"CASE WHEN _reason IS NOT NULL THEN {raw_sql} END AS raw "
-        f"FROM (SELECT *, {ts} AS _ts_ms FROM src) AS parsed, LATERAL (SELECT {reason} AS _reason)"
+        f"SELECT _user AS user, _item AS item, _ts_ms AS ts, {etype} AS event_type, CAST(_vnum AS FLOAT) AS value, "
+        f"{rec_sql} AS rec, _reason AS reason, CASE WHEN _reason IS NOT NULL THEN {raw_sql} END AS raw FROM ("
+        f"SELECT *, {reason} AS _reason FROM ("
+        f"SELECT *, {ts} AS _ts_ms FROM ("
+        f"SELECT *, TRY_CAST(_time AS DOUBLE) AS _tnum, {vnum} AS _vnum FROM ("
+        f"SELECT *, {trimmed} FROM src))))"
     )
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class ShardConfig:
     min_item_count: int = 1
     """Items with fewer (de-duplicated) events are left out of the vocabulary, with their events."""
     max_bad_fraction: float = 0.01
-    memory_limit: str = "4GB"
+    memory_limit: str = "3GB"
     """DuckDB memory limit; beyond it DuckDB spills to the temporary folder."""
     threads: int | None = None
     temp_dir: str | None = None
@@ -68,6 +69,19 @@ class ShardConfig:
             raise DataError("--append and --overwrite exclude each other")
         if not self.input.paths:
             raise DataError("--input needs at least one file")
+
+
+class _Phases:
+    """Wall seconds per pipeline phase, recorded in the manifest (where the time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _fingerprint(path: str) -> dict:
@@ -93,7 +107,10 @@ class _Fingerprints(threading.Thread):
 
 
 def _connect(work: Path, cfg: ShardConfig) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(work / "staging.duckdb"))
+    # In-memory database: DuckDB keeps tables in its buffer pool and spills blocks to
+    # temp_directory beyond memory_limit, so input larger than RAM still works (measured faster
+    # than an on-disk database file, which writes every table once more).
+    con = duckdb.connect()
     spill = Path(cfg.temp_dir) if cfg.temp_dir else work / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
@@ -164,10 +181,13 @@ def _build_generation(
         ingest.check_readable(p)
     fingerprints.start()
     con = _connect(work, cfg)
+    phase = _Phases()
     try:
         sources = [ingest.stage_file(con, i, p, cfg.input) for i, p in enumerate(cfg.input.paths)]
+        phase("read_validate")
         quarantine_path = out_dir / "quarantine.jsonl"
         report = validate.collect_quarantine(con, sources, quarantine_path)
+        phase("quarantine")
         try:
             validate.check_bad_budget(report, cfg.max_bad_fraction, root / f"rejected-g{generation:04d}.jsonl")
         except DataError:
@@ -196,10 +216,12 @@ def _build_generation(
             f"CREATE OR REPLACE TABLE user_shards AS SELECT user, uidx, n, "
             f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"
         )
+        phase("codes")
         query = _sorted_events_sql(logs)
         with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
             reader = con.sql(query).to_arrow_reader(1_000_000)
             p1 = sequences.pass_one(reader, work, generation, n_item_codes, n_type_codes, bar)
+        phase("sort_dedup")
         num_known = previous.num_items if previous else vocab.NUM_RESERVED_ITEMS
         item_map = vocab.finalize_codes(p1.item_counts, num_known, cfg.min_item_count)
         num_known_types = previous.num_event_types if previous else vocab.NUM_RESERVED_TYPES
@@ -209,7 +231,16 @@ def _build_generation(
         )
         valid_ms = _iso_ms(con, cfg.split.valid_start, "--valid-start")
         test_ms = _iso_ms(con, cfg.split.test_start, "--test-start")
-        written = _write_shards(out_dir, p1, num_shards, item_map, type_map, generation, cfg.split, valid_ms, test_ms)
+        phase("vocab")
+        remap = {
+            "item_map": item_map,
+            "type_map": type_map,
+            "split": cfg.split,
+            "valid_ms": valid_ms,
+            "test_ms": test_ms,
+        }
+        written = _write_shards(out_dir, p1, num_shards, generation, remap)
+        phase("write_shards")
         user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
         vocab_files = vocab.save_vocab(out_dir, new_vocab)
         vocab_files["users"] = _save_users(con, out_dir, prev_users, user_counts, generation)
@@ -220,6 +251,7 @@ def _build_generation(
             f"SELECT count(*), coalesce(sum(n_events), 0) FROM read_parquet('{out_dir / 'users.parquet'}') "
             f"WHERE n_events > 0"
         ).fetchall()[0]
+        phase("users_fingerprints")
     finally:
         con.close()
     gen_name = out_dir.name
@@ -228,10 +260,11 @@ def _build_generation(
         "dir": gen_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 3),
+        "phase_seconds": phase.seconds,
         "sources": fingerprints.result,
         "options": _options(cfg),
         "vocab_version": new_vocab.version,
-        "events_log": f"{gen_name}/events.parquet",
+        "events_log": f"{gen_name}/events/*.parquet",
         "quarantine": {**report.to_dict(), "file": f"{gen_name}/quarantine.jsonl"},
         "counts": {
             "rows_read": report.valid_rows + report.bad_rows,
@@ -306,75 +339,84 @@ def _sorted_events_sql(logs: list[str]) -> str:
     return f"SELECT * FROM ({new}) ORDER BY shard, uidx, ts, ord"
 
 
+_LOG_SCHEMA = pa.schema(
+    [
+        ("uidx", pa.int32()),
+        ("ts", pa.int64()),
+        ("ord", pa.int64()),
+        ("item", pa.int32()),
+        ("type", pa.int16()),
+        ("value", pa.float32()),
+    ]
+)
+
+
+@dataclass
+class _WrittenShard:
+    info: shards.ShardInfo
+    uidx: np.ndarray
+    lengths: np.ndarray
+    rare: int
+    new_events: int
+
+
+def _write_one_shard(out_dir: Path, shard: int, path: Path | None, generation: int, remap: dict) -> _WrittenShard:
+    """Final records of one shard -> tar + index on disk; returns what the manifest and logs need."""
+    rows = np.load(path) if path is not None else np.empty(0, sequences.STREAM_DTYPE)
+    records, rows, dropped = sequences.final_records(rows, generation=generation, **remap)
+    starts, lengths = sequences.user_bounds(rows["uidx"])
+    uidx = rows["uidx"][starts]
+    data, offsets = shards.build_shard(records, uidx, lengths)
+    index_data = shards.index_bytes(_shard_index(records, uidx, offsets, starts, lengths))
+    name = f"shard-{shard:06d}"
+    (out_dir / f"{name}.tar").write_bytes(data)
+    (out_dir / f"{name}.idx.npy").write_bytes(index_data)
+    if path is not None:
+        path.unlink()
+    new_rows = rows[records["new"].astype(bool)]
+    info = shards.ShardInfo(
+        name=f"{out_dir.name}/{name}.tar",
+        index=f"{out_dir.name}/{name}.idx.npy",
+        sha256=hashlib.sha256(data).hexdigest(),
+        index_sha256=hashlib.sha256(index_data).hexdigest(),
+        bytes=len(data),
+        users=len(uidx),
+        events=len(records),
+        generation=generation,
+    )
+    # This generation's new events, for later --append runs to fetch touched users' history.
+    log_rows = pa.table({n: new_rows[n] for n in _LOG_SCHEMA.names}, schema=_LOG_SCHEMA)
+    pq.write_table(log_rows, out_dir / "events" / f"{name}.parquet", compression="lz4")
+    return _WrittenShard(info, uidx, lengths, dropped, len(new_rows))
+
+
 def _write_shards(
     out_dir: Path,
     p1: sequences.PassOneResult,
     num_shards: int,
-    item_map: np.ndarray,
-    type_map: np.ndarray,
     generation: int,
-    split: SplitConfig,
-    valid_ms: int | None,
-    test_ms: int | None,
+    remap: dict,
 ) -> dict:
-    log_schema = pa.schema(
-        [
-            ("uidx", pa.int32()),
-            ("ts", pa.int64()),
-            ("ord", pa.int64()),
-            ("item", pa.int32()),
-            ("type", pa.int16()),
-            ("value", pa.float32()),
-        ]
-    )
-    infos, all_uidx, all_counts = [], [], []
-    rare = new_events = 0
+    """Write every shard and its events log, two at a time (numpy, hashing and file I/O release the GIL)."""
+    (out_dir / "events").mkdir()
+    written: list[_WrittenShard] = []
     with (
-        pq.ParquetWriter(out_dir / "events.parquet", log_schema, compression="zstd") as log,
+        ThreadPoolExecutor(max_workers=2) as pool,
         tqdm(total=num_shards, unit="shard", desc="write shards", disable=None) as bar,
     ):
-        for shard in range(num_shards):
-            path = p1.shard_files.get(shard)
-            rows = np.load(path) if path is not None else np.empty(0, sequences.STREAM_DTYPE)
-            records, rows, dropped = sequences.final_records(
-                rows, item_map, type_map, generation, split, valid_ms, test_ms
-            )
-            rare += dropped
-            starts, lengths = sequences.user_bounds(rows["uidx"])
-            uidx = rows["uidx"][starts]
-            data, offsets = shards.build_shard(records, uidx, lengths)
-            index = _shard_index(records, uidx, offsets, starts, lengths)
-            name = f"shard-{shard:06d}"
-            (out_dir / f"{name}.tar").write_bytes(data)
-            index_data = shards.index_bytes(index)
-            (out_dir / f"{name}.idx.npy").write_bytes(index_data)
-            infos.append(
-                shards.ShardInfo(
-                    name=f"{out_dir.name}/{name}.tar",
-                    index=f"{out_dir.name}/{name}.idx.npy",
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    index_sha256=hashlib.sha256(index_data).hexdigest(),
-                    bytes=len(data),
-                    users=len(uidx),
-                    events=len(records),
-                    generation=generation,
-                )
-            )
-            new = records["new"].astype(bool)
-            new_events += int(new.sum())
-            log_rows = rows[new]
-            log.write_table(pa.table({n: log_rows[n] for n in log_schema.names}, schema=log_schema))
-            all_uidx.append(uidx)
-            all_counts.append(lengths)
-            if path is not None:
-                path.unlink()
+        jobs = [
+            pool.submit(_write_one_shard, out_dir, shard, p1.shard_files.get(shard), generation, remap)
+            for shard in range(num_shards)
+        ]
+        for job in jobs:
+            written.append(job.result())
             bar.update(1)
     return {
-        "shards": infos,
-        "rare": rare,
-        "new_events": new_events,
-        "uidx": np.concatenate(all_uidx) if all_uidx else np.empty(0, np.int32),
-        "n_events": np.concatenate(all_counts) if all_counts else np.empty(0, np.int64),
+        "shards": [w.info for w in written],
+        "rare": sum(w.rare for w in written),
+        "new_events": sum(w.new_events for w in written),
+        "uidx": np.concatenate([w.uidx for w in written]) if written else np.empty(0, np.int32),
+        "n_events": np.concatenate([w.lengths for w in written]) if written else np.empty(0, np.int64),
     }
 
 
@@ -416,12 +458,7 @@ def _save_users(
 
 def _publish(root: Path, work: Path, gen_name: str, manifest: dict, replace_all: bool) -> None:
     """Move the finished generation into place, then atomically replace manifest.json."""
-    for leftover in ("staging.duckdb", "staging.duckdb.wal", "spill"):
-        target = work / leftover
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        elif target.exists():
-            target.unlink()
+    shutil.rmtree(work / "spill", ignore_errors=True)
     if replace_all:
         trash = root / ".trash"
         shutil.rmtree(trash, ignore_errors=True)

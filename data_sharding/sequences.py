@@ -173,6 +173,7 @@ def split_flags(uidx: np.ndarray, ts: np.ndarray, split: SplitConfig, valid_ms: 
 
 def final_records(
     rows: np.ndarray,
+    *,
     item_map: np.ndarray,
     type_map: np.ndarray,
     generation: int,

@@ -89,6 +89,7 @@ class ShardDataset(IterableDataset):
             last_gen = np.zeros(int(users["uidx"].to_numpy().max()) + 1 if users.num_rows else 0, np.int32)
             last_gen[users["uidx"].to_numpy()] = users["last_generation"].to_numpy()
         self.indexes = []
+        self._current = []
         counts = []
         for shard in self.shards:
             path = self.root / shard.index
@@ -99,12 +100,16 @@ class ShardDataset(IterableDataset):
             if index.dtype != shards.INDEX_DTYPE or len(index) != shard.users:
                 raise ShardError(f"shard index {shard.index}: does not match the manifest (corrupt)")
             self.indexes.append(index)
-            counts.append(
-                self._windows(index, None if last_gen is None else last_gen[index["uidx"]] == shard.generation)
-            )
+            current = np.ones(len(index), bool) if last_gen is None else last_gen[index["uidx"]] == shard.generation
+            self._current.append(current)
+            counts.append(self._windows(index, current))
         return counts
 
-    def _windows(self, index: np.ndarray, current: np.ndarray | None) -> np.ndarray:
+    def current_rows(self, shard: int) -> np.ndarray:
+        """Rows of a shard's index holding a user's current sequence (False where a later generation supersedes it)."""
+        return self._current[shard]
+
+    def _windows(self, index: np.ndarray, current: np.ndarray) -> np.ndarray:
         if self.cfg.split == "train":
             usable = index["n_train"].astype(np.int64)
             n = np.where(usable >= 2, -(-(usable - 1) // self.cfg.max_len), 0)
@@ -112,7 +117,7 @@ class ShardDataset(IterableDataset):
             n = index["n_valid"].astype(np.int64)
         else:
             n = (index["n_events"] - index["n_train"] - index["n_valid"]).astype(np.int64)
-        return n if current is None else np.where(current, n, 0)
+        return np.where(current, n, 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,18 +185,20 @@ class ShardDataset(IterableDataset):
         return uidx, events[max(0, target - length) : target + 1]
 
     def collate(self, users: list[int], windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Right-padded (B, T) tensors; ``mask`` marks real events."""
+        """Right-padded (B, T) tensors; ``mask`` marks real events, ``has_value`` those with a value."""
         width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else max(len(w) for w in windows)
         batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
         mask = np.zeros((len(windows), width), dtype=bool)
         for i, w in enumerate(windows):
             batch[i, : len(w)] = w
             mask[i, : len(w)] = True
+        has_value = mask & np.isfinite(batch["value"])
         return {
             "items": torch.from_numpy(batch["item"].astype(np.int64)),
             "times": torch.from_numpy(batch["ts"].copy()),
             "types": torch.from_numpy(batch["type"].astype(np.int64)),
-            "values": torch.from_numpy(np.where(mask, batch["value"], 0).astype(np.float32)),
+            "values": torch.from_numpy(np.where(has_value, batch["value"], 0).astype(np.float32)),
+            "has_value": torch.from_numpy(has_value),
             "new": torch.from_numpy(batch["new"].astype(bool)),
             "mask": torch.from_numpy(mask),
             "users": torch.tensor(users, dtype=torch.int64),
@@ -268,3 +275,16 @@ class StreamLoader:
                     f"cannot resume the data stream exactly: {key} was {state[key]}, now {self.state_dict()[key]}"
                 )
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+
+def iter_sequences(root: str | Path, generations: str | int = "state"):
+    """(user index, events) of every user, shard by shard: each user's latest sequence by default."""
+    dataset = ShardDataset(root, StreamConfig(generations=generations, shuffle=False))
+    for s, index in enumerate(dataset.indexes):
+        current = dataset.current_rows(s)
+        if not current.any():
+            continue
+        data = dataset._load_shard(s)
+        for row in np.flatnonzero(current):
+            uidx, events = shards.read_sample(data, int(index[row]["offset"]), dataset.shards[s].name)
+            yield uidx, events

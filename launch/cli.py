@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_sharding.errors import DataError
+from data_sharding.errors import BgptError
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def _run_synth(args: argparse.Namespace) -> int:
             events=args.events, users=args.users, items=args.items, seed=args.seed, time_unit=args.time_unit
         )
     except ValueError as e:
-        raise DataError(str(e)) from None
+        raise BgptError(str(e)) from None
     n = generate(cfg, out, items_out)
     print(f"wrote {n:,} events to {out} and {cfg.items:,} item titles to {items_out}")
     return 0
@@ -59,7 +59,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-start", help="with --split time: start of the test period (ISO 8601)")
     p.add_argument("--append", action="store_true", help="add a new generation to the dataset in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
-    p.add_argument("--memory-limit", default="4GB", help="DuckDB memory limit; it spills to disk beyond it")
+    p.add_argument("--memory-limit", default="3GB", help="DuckDB memory limit; it spills to disk beyond it")
     p.add_argument("--threads", type=int)
     p.add_argument("--temp-dir", help="where DuckDB spills (default: inside --out)")
     p.set_defaults(func=_run_shard)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as e:
+    except BgptError as e:
         print(f"bgpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

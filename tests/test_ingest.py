@@ -7,21 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import shard, write_lines
 
-from data_sharding.stream import ShardDataset, StreamConfig
+from data_sharding.stream import iter_sequences
 
 
 def all_events(out) -> dict[int, np.ndarray]:
-    """uidx -> events of every user in the dataset (reads the shards through the loader's reader)."""
-    ds = ShardDataset(out, StreamConfig(split="train"))
-    result = {}
-    for s, index in enumerate(ds.indexes):
-        data = ds._load_shard(s)
-        for row in index:
-            from data_sharding.shards import read_sample
-
-            uidx, events = read_sample(data, int(row["offset"]), "t")
-            result[uidx] = events
-    return result
+    """uidx -> events of every user (latest sequence), read back from the shards."""
+    return dict(iter_sequences(out))
 
 
 def test_seconds_milliseconds_and_iso_timestamps_agree(tmp_path):

@@ -177,3 +177,34 @@ def test_item_titles_are_stored_in_the_vocabulary(dataset):
     assert all(row["title"] for row in real)
     counts = np.array([row["count"] for row in real])
     assert (np.diff(counts) <= 0).all()
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_of_an_append_leaves_a_loadable_dataset(tmp_path, synth_log):
+    """Kill `bgpt shard --append` at several moments: the dataset always loads at generation 1 or 2."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    events, items = synth_log
+    out = tmp_path / "out"
+    shard([events], out, items=str(items), events_per_shard=4_000)
+    original = load_manifest(out)
+    cmd = [sys.executable, "-m", "launch.cli", "shard", "--append", "--input", str(events), "--out", str(out)]
+    outcomes = set()
+    for delay in (0.05, 0.3, 0.6, 0.9, 1.2, 1.6):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        manifest = load_manifest(out)
+        assert manifest["generation"] in (1, 2)
+        outcomes.add(manifest["generation"])
+        assert manifest["generations"][0] == original["generations"][0]
+        assert len(all_events(out)) == 600
+        if manifest["generation"] == 2:
+            break
+    assert 1 in outcomes  # at least one kill landed mid-run
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # a rerun completes
+    assert load_manifest(out)["generation"] in (2, 3)

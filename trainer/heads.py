@@ -1,0 +1,160 @@
+"""Multi-task heads and their losses: next item, next event type, time to next event, value.
+
+Next item: scores = hidden . item vectors (the same vectors that embed the input, i.e. tied).
+Up to ``full_softmax_max_items`` the loss is a full softmax over the catalogue, computed in
+chunks by a custom autograd function that never materialises the (positions x catalogue)
+score matrix: allocating it afresh every step costs more in page faults than the matmul.
+Above the threshold, a sampled softmax over in-batch targets plus uniform negatives, with
+logQ correction, keeps catalogues of millions of items trainable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.errors import ConfigError
+
+
+@dataclass
+class HeadsConfig:
+    """Which predictions to train, and how much each counts (a weight of 0 switches a head off)."""
+
+    item_weight: float = 1.0
+    type_weight: float = 0.1
+    time_weight: float = 0.1
+    value_weight: float = 0.1
+    item_loss: str = "auto"
+    """full (softmax over the catalogue), sampled, or auto (full up to full_softmax_max_items)."""
+    full_softmax_max_items: int = 200_000
+    num_negatives: int = 1024
+    """Uniform negatives per step for the sampled softmax (shared by the batch, plus in-batch targets)."""
+    chunk_mb: int = 32
+    """Size of one block of scores in the chunked full softmax."""
+
+    def __post_init__(self) -> None:
+        if self.item_loss not in ("auto", "full", "sampled"):
+            raise ConfigError(f"heads.item_loss {self.item_loss!r}: choose auto, full or sampled")
+        if min(self.item_weight, self.type_weight, self.time_weight, self.value_weight) < 0:
+            raise ConfigError("head weights must be >= 0")
+
+
+def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
+    scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
+    return scores
+
+
+class ChunkedSoftmaxCE(torch.autograd.Function):
+    """Sum over rows of cross-entropy(h @ table.T, target), computed ``chunk`` rows at a time.
+
+    Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            block = _mask_reserved(h[start : start + chunk] @ table.T)  # (c, V)
+            lse[start : start + chunk] = torch.logsumexp(block, dim=1)
+        target_scores = (h * table[targets]).sum(dim=1)
+        ctx.save_for_backward(h, table, targets, lse)
+        ctx.chunk = chunk
+        return (lse - target_scores).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, table, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(h)
+        grad_table = torch.zeros_like(table)
+        for start in range(0, h.shape[0], ctx.chunk):
+            hc = h[start : start + ctx.chunk]
+            probs = torch.exp(_mask_reserved(hc @ table.T) - lse[start : start + ctx.chunk, None])  # softmax
+            probs[torch.arange(len(hc), device=h.device), targets[start : start + ctx.chunk]] -= 1.0
+            probs *= grad
+            grad_h[start : start + ctx.chunk] = probs @ table
+            grad_table.addmm_(probs.T, hc)
+        return grad_h, grad_table, None, None
+
+
+class MultiTaskHeads(nn.Module):
+    def __init__(
+        self,
+        cfg: HeadsConfig,
+        hidden: int,
+        num_items: int,
+        num_event_types: int,
+        time_buckets: int,
+        item_counts: np.ndarray,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.sampled = cfg.item_loss == "sampled" or (
+            cfg.item_loss == "auto" and num_items > cfg.full_softmax_max_items
+        )
+        self.type_head = nn.Linear(hidden, num_event_types) if cfg.type_weight > 0 else None
+        self.time_head = nn.Linear(hidden, time_buckets) if cfg.time_weight > 0 else None
+        self.value_head = nn.Linear(hidden, 1) if cfg.value_weight > 0 else None
+        # Popularity for the logQ correction of in-batch negatives.
+        freq = np.asarray(item_counts, dtype=np.float64) + 1e-9
+        freq[:NUM_RESERVED_ITEMS] = 0
+        self.register_buffer("log_freq", torch.from_numpy(np.log(freq / freq.sum() + 1e-20)).float(), persistent=False)
+
+    def item_loss(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Mean next-item loss over rows of h (N, H) with targets (N,)."""
+        if not self.sampled:
+            chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
+            return ChunkedSoftmaxCE.apply(h, table, targets, chunk) / max(1, len(targets))
+        negatives = torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=h.device)
+        candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
+        positive = inverse[: len(targets)]
+        # logQ: expected sampling frequency of each candidate = in-batch draws + uniform draws.
+        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
+        q = len(targets) * self.log_freq[candidates].exp() + uniform
+        scores = h @ table[candidates].T - torch.log(q)
+        return F.cross_entropy(scores, positive)
+
+    def losses(self, h: torch.Tensor, batch: dict[str, torch.Tensor], table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it."""
+        valid = batch["mask"][:, 1:]
+        hv = h[valid]  # (N, H)
+        out: dict[str, torch.Tensor] = {"targets": valid.sum()}
+        total = torch.zeros((), device=h.device)
+        if self.cfg.item_weight > 0:
+            out["item"] = self.item_loss(hv, batch["items"][:, 1:][valid], table)
+            total = total + self.cfg.item_weight * out["item"]
+        if self.type_head is not None:
+            out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])
+            total = total + self.cfg.type_weight * out["type"]
+        if self.time_head is not None:
+            from trainer.model import time_bucket
+
+            gaps = batch["times"][:, 1:] - batch["times"][:, :-1]
+            buckets = time_bucket(gaps[valid], self.time_head.out_features)
+            out["time"] = F.cross_entropy(self.time_head(hv), buckets)
+            total = total + self.cfg.time_weight * out["time"]
+        if self.value_head is not None:
+            values = batch["values"][:, 1:][valid]
+            has_value = batch["has_value"][:, 1:][valid]
+            if has_value.any():
+                predicted = self.value_head(hv[has_value]).squeeze(-1)
+                out["value"] = F.mse_loss(predicted, values[has_value])
+                total = total + self.cfg.value_weight * out["value"]
+        out["loss"] = total
+        return out
+
+    @staticmethod
+    def item_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(N, V) next-item scores; reserved ids can never be recommended."""
+        return _mask_reserved(h @ table.T)
+
+
+def log_uniform_entropy(num_items: int) -> float:
+    """Loss of a model that knows nothing (uniform over real items), for progress messages."""
+    return math.log(max(1, num_items - NUM_RESERVED_ITEMS))

@@ -1,0 +1,189 @@
+"""BehaviorGPT: behaviour tokens -> a causal LM backbone (``inputs_embeds``) -> multi-task heads.
+
+Each event becomes one input vector: item embedding + event-type embedding + embedding of the
+log-bucketed time since the previous event. The item embedding is a trainable id table, plus
+(optionally) a projection of a fixed text vector of the item's title, plus the mean of its
+attribute embeddings; the same item vectors score the next item (tied output embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import backbone as backbones
+from trainer.errors import ConfigError
+from trainer.heads import HeadsConfig, MultiTaskHeads
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
+
+
+@dataclass
+class ModelConfig:
+    """The network: backbone, behaviour embeddings and their initialisation."""
+
+    backbone: str = "smollm2-135m"
+    """smollm2-135m (pretrained, offline), scratch (a small config), or a local Hugging Face model directory."""
+    num_layers: int | None = None
+    """Keep the first N blocks (pretrained) or build N blocks (scratch; default 2)."""
+    scratch_family: str = "gpt2"
+    """Architecture of scratch backbones: gpt2 (learned positions, dropout everywhere) or llama."""
+    hidden_size: int = 64
+    """Scratch backbones only."""
+    num_heads: int = 2
+    """Scratch backbones only."""
+    dropout: float = 0.2
+    """Dropout on behaviour embeddings (and inside scratch backbones)."""
+    max_len: int = 50
+    """Longest history the model reads (positions)."""
+    item_text: str = "auto"
+    """Item text features: auto (backbone tokens for pretrained backbones, else none), backbone, minilm, none."""
+    item_attributes: bool = True
+    """Add learned embeddings of item attributes (category, brand, genres) when the items table has them."""
+    time_buckets: int = 32
+    """Log2-second buckets of the time gap between events (input feature and time-to-next target)."""
+
+    def __post_init__(self) -> None:
+        if self.item_text not in ("auto", "backbone", "minilm", "none"):
+            raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm or none")
+        if self.max_len < 1 or self.time_buckets < 2:
+            raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
+
+
+@dataclass
+class LoraConfig:
+    """Parameter-efficient fine-tuning of pretrained backbones (peft)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names to adapt; names absent from the backbone are ignored."""
+    full_finetune: bool = False
+    """Train every backbone weight instead of LoRA adapters (always the case for scratch backbones)."""
+
+
+def time_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket = floor(log2(seconds + 1)), clipped: 0 s -> 0, 1 min -> 5, 1 day -> 16, 1 year -> 24."""
+    seconds = gap_ms.clamp(min=0).double() / 1000.0
+    return torch.log2(seconds + 1).floor().long().clamp(0, buckets - 1)
+
+
+@dataclass
+class ItemFeatures:
+    """Per-item side information, aligned with item ids (reserved ids included)."""
+
+    text: torch.Tensor | None = None
+    """(num_items, D) fixed text vectors (zeros where an item has no text)."""
+    attribute_ids: torch.Tensor | None = None
+    """(num_attribute_links,) attribute ids of every item, concatenated."""
+    attribute_offsets: torch.Tensor | None = None
+    """(num_items,) start of each item's run in attribute_ids (EmbeddingBag offsets)."""
+    num_attributes: int = 0
+
+
+def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarray, int]:
+    """``name=v1|v2; other=w`` strings -> (ids, offsets, vocabulary size); id 0 is "no attribute"."""
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    offsets = np.zeros(len(attributes), dtype=np.int64)
+    for i, text in enumerate(attributes):
+        offsets[i] = len(ids)
+        tokens = []
+        for part in (text or "").split("; "):
+            name, _, values = part.partition("=")
+            tokens += [f"{name}={v.strip()}" for v in values.split("|") if v.strip()]
+        if not tokens:
+            ids.append(0)
+        for token in tokens:
+            ids.append(vocab.setdefault(token, len(vocab) + 1))
+    return np.array(ids, dtype=np.int64), offsets, len(vocab) + 1
+
+
+class ItemEncoder(nn.Module):
+    """Item id -> vector: id embedding (+ projected text vector) (+ mean attribute embedding)."""
+
+    def __init__(self, num_items: int, hidden: int, features: ItemFeatures) -> None:
+        super().__init__()
+        self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
+        nn.init.normal_(self.ids.weight, std=hidden**-0.5)
+        self.text_proj = None
+        if features.text is not None:
+            self.register_buffer("text", features.text.float(), persistent=False)
+            self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)
+            # Start near the text geometry: scale so projected vectors match the id embedding norm.
+            with torch.no_grad():
+                self.ids.weight.mul_(0.1)
+        self.attributes = None
+        if features.attribute_ids is not None and features.num_attributes > 1:
+            self.register_buffer("attribute_ids", features.attribute_ids, persistent=False)
+            self.register_buffer("attribute_offsets", features.attribute_offsets, persistent=False)
+            self.attributes = nn.EmbeddingBag(features.num_attributes, hidden, mode="mean", padding_idx=0)
+            nn.init.normal_(self.attributes.weight, std=hidden**-0.5)
+
+    def table(self) -> torch.Tensor:
+        """(num_items, H) vectors of every item."""
+        table = self.ids.weight
+        if self.text_proj is not None:
+            table = table + self.text_proj(self.text)
+        if self.attributes is not None:
+            table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
+        return table
+
+    def forward(self, items: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        return F.embedding(items, self.table() if table is None else table)
+
+
+class BehaviorGPT(nn.Module):
+    """Behaviour sequence model: (B, T) events -> (B, T, H) hidden states -> heads."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        heads_cfg: HeadsConfig,
+        backbone: backbones.Backbone,
+        num_items: int,
+        num_event_types: int,
+        features: ItemFeatures,
+        item_counts: np.ndarray,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.backbone = backbone.model
+        hidden = backbone.hidden_size
+        self.items = ItemEncoder(num_items, hidden, features)
+        self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
+        self.gaps = nn.Embedding(cfg.time_buckets, hidden)
+        for emb in (self.types, self.gaps):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.heads = MultiTaskHeads(heads_cfg, hidden, num_items, num_event_types, cfg.time_buckets, item_counts)
+
+    def embed(self, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+        times = batch["times"]
+        gaps = torch.zeros_like(times)
+        gaps[:, 1:] = times[:, 1:] - times[:, :-1]
+        x = (
+            self.items(batch["items"], table)
+            + self.types(batch["types"])
+            + self.gaps(time_bucket(gaps, self.cfg.time_buckets))
+        )
+        return self.drop(x * batch["mask"].unsqueeze(-1))
+
+    def hidden_states(self, batch: dict[str, torch.Tensor], table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) last hidden states; position t has seen events 0..t."""
+        table = self.items.table() if table is None else table
+        x = self.embed(batch, table)
+        out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training losses for a batch of windows: every position predicts the next event."""
+        table = self.items.table()
+        hidden = self.hidden_states(batch, table)
+        return self.heads.losses(hidden[:, :-1], batch, table)

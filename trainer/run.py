@@ -1,0 +1,125 @@
+"""A run folder: ``config.yaml``, checkpoints, ``best/``, validation log and ``metrics.json``.
+
+``train_run`` creates or resumes a run; ``load_run_model`` rebuilds a trained model for
+evaluation and prediction; ``evaluate_run`` scores a split and writes ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_sharding import shards
+from trainer import checkpoint as ckpt
+from trainer.errors import ConfigError
+from trainer.evaluate import evaluate_model
+from trainer.factory import build_model, parameter_counts
+from trainer.loop import Trainer, make_accelerator
+
+CONFIG = "config.yaml"
+# Sections that define the network: a run cannot resume with different values.
+FROZEN_SECTIONS = ("model", "lora", "heads")
+
+
+def _check_compatible(run: Path, cfg_dict: dict) -> None:
+    saved = yaml.safe_load((run / CONFIG).read_text())
+    for section in FROZEN_SECTIONS:
+        if saved.get(section) != cfg_dict[section]:
+            changed = sorted(k for k in cfg_dict[section] if saved.get(section, {}).get(k) != cfg_dict[section][k])
+            raise ConfigError(
+                f"{run} was trained with a different {section} section ({', '.join(changed)}); "
+                f"use a new --out or the original settings"
+            )
+
+
+def train_run(run: Path, cfg, log=print) -> dict:
+    """Train (or resume) the run in ``run``; return the test metrics of the best validated weights."""
+    data = Path(cfg.data.path)
+    manifest = shards.load_manifest(data)
+    accelerator = make_accelerator(cfg.train, run)
+    cfg_dict = dataclasses.asdict(cfg)
+    resume_from = None
+    if cfg.checkpoint.resume == "auto" and (run / CONFIG).exists():
+        resume_from = ckpt.latest_valid(run, log)
+    elif cfg.checkpoint.resume not in ("auto", "none"):
+        resume_from = Path(cfg.checkpoint.resume)
+        problem = ckpt.verify(resume_from)
+        if problem:
+            raise ConfigError(f"cannot resume from {resume_from}: {problem}")
+    if resume_from is not None:
+        _check_compatible(run, cfg_dict)
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            for stale in ("best", "valid_metrics.jsonl", "metrics.json"):
+                target = run / stale
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        (run / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(cfg.train.seed)
+    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
+    trainable, total = parameter_counts(model)
+    if accelerator.is_main_process:
+        log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
+    if cfg.train.tensorboard:
+        accelerator.init_trackers("bgpt")
+    trainer = Trainer(run, cfg, model, info.vocab_version, accelerator, log if accelerator.is_main_process else _quiet)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    started = time.perf_counter()
+    state = trainer.fit()
+    accelerator.end_training()
+    metrics = {}
+    if accelerator.is_main_process:
+        metrics = evaluate_run(run, "test", log=log)
+        metrics["train"] = {**state.to_dict(), "wall_seconds_this_process": round(time.perf_counter() - started, 1)}
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
+def load_run_config(run: Path):
+    from launch.configs import build_config
+
+    if not (run / CONFIG).exists():
+        raise ConfigError(f"{run}: not a run folder (no {CONFIG}); train one with `bgpt train`")
+    return build_config(yaml.safe_load((run / CONFIG).read_text()))
+
+
+def load_run_model(run: Path, data: Path | None = None, weights: str = "best", log=print):
+    """(model in eval mode, config, dataset info) of a trained run, with its best (or latest) weights."""
+    cfg = load_run_config(run)
+    data = Path(data or cfg.data.path)
+    source = run / "best" if weights == "best" and (run / "best").exists() else ckpt.latest_valid(run, log)
+    if source is None or ckpt.verify(source) is not None:
+        raise ConfigError(f"{run}: no valid weights to load (train first, or the checkpoints are corrupt)")
+    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
+    state = ckpt.read_state(source)
+    if state.get("vocab_version") not in (None, info.vocab_version):
+        raise ConfigError(
+            f"{run} was trained on vocab {state['vocab_version']} but {data} has {info.vocab_version}; "
+            f"evaluate on the run's own data or retrain"
+        )
+    model.load_state_dict(ckpt.load_weights(source), strict=False)
+    return model.eval(), cfg, info
+
+
+def evaluate_run(run: Path, split: str = "test", ks: list[int] | None = None, log=print) -> dict:
+    """Full-ranking metrics of the run's best weights on ``split``."""
+    model, cfg, _ = load_run_model(run, log=log)
+    eval_cfg = dataclasses.replace(cfg.eval, ks=ks) if ks else cfg.eval
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_model(model.to(device), Path(cfg.data.path), split, eval_cfg, cfg.model.max_len, device)
+    return {"split": split, "run": str(run), **metrics}

@@ -279,11 +279,18 @@ def stage_file(con: duckdb.DuckDBPyConnection, index: int, path: str, cfg: Input
     return SourceFile(index, path, fmt, table, rejects, header_lines)
 
 
+def _is_id_column(name: str) -> bool:
+    """Columns named like identifiers (item_idx, product_id, sku_id, uid) are not item attributes."""
+    lower = name.lower()
+    return lower.endswith(("_id", "_idx", "id", "_key")) or lower in ("idx", "index")
+
+
 def read_items_file(con: duckdb.DuckDBPyConnection, path: str, fmt: str, item_col: str | None) -> str:
     """Load an item metadata file into table ``item_meta(item, title, attributes)``; return the table name.
 
     The id column is ``item_col`` (or a recognised item alias); ``title`` is the first of
-    title/name/text/description; every other column goes into ``attributes`` as ``name=value; ...``.
+    title/name/text/description; every other column, except those named like ids (``*_id``,
+    ``*_idx``), goes into ``attributes`` as ``name=value; ...``.
     """
     check_readable(path)
     fmt = fmt if fmt != "auto" else detect_format(path)
@@ -306,6 +313,7 @@ def read_items_file(con: duckdb.DuckDBPyConnection, path: str, fmt: str, item_co
         scan = f"read_parquet({_sql_str(path)})"
     else:
         scan, _, _, _ = _scan_sql(path, fmt, header, "items")
+    others = [h for h in others if not _is_id_column(h)]
     attrs = ", ".join(f"CASE WHEN {_quote(h)} IS NOT NULL THEN {_sql_str(h + '=')} || {_quote(h)} END" for h in others)
     attributes = f"nullif(concat_ws('; ', {attrs}), '')" if others else "NULL"
     title = f"CAST({_quote(title_col)} AS VARCHAR)" if title_col else "NULL"

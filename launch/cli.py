@@ -202,6 +202,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, metavar="RUN")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--k", default="10,20", help="cut-offs, comma separated")
+    p.add_argument("--exclude-seen", action="store_true", help="never rank items already in the history")
     p.set_defaults(func=_run_eval)
 
 
@@ -219,8 +220,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from trainer.run import evaluate_run
 
     run = Path(args.run)
-    metrics = evaluate_run(run, args.split, _ks(args.k))
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = evaluate_run(run, args.split, _ks(args.k), exclude_seen=args.exclude_seen)
+    name = "metrics_exclude_seen.json" if args.exclude_seen else "metrics.json"
+    (run / name).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
     return 0
 

@@ -49,3 +49,16 @@ def test_popularity_baseline_scores_the_training_split(tmp_path):
     assert got["hr@1"] == pytest.approx(2 / 3, abs=1e-6)
     assert got["hr@3"] == pytest.approx(1.0)
     assert got["mrr"] == pytest.approx((1 + 1 / 3 + 1) / 3, abs=1e-6)
+
+
+def test_exclude_seen_removes_history_items_from_the_ranking(tmp_path):
+    header = "user,item,ts"
+    # u0 already has "a" (the most popular) in its history: excluding seen items promotes "b".
+    rows = [f"u0,{item},{1_600_000_000 + t}" for t, item in enumerate(["a", "x", "y", "b"])]
+    rows += [f"u{u},a,{1_600_000_000 + u}" for u in range(1, 4)]
+    rows += [f"u1,b,{1_600_000_100}", f"u2,b,{1_600_000_100}"]
+    shard([write_lines(tmp_path / "e.csv", [header, *rows])], tmp_path / "d")
+    plain = evaluate_popularity(tmp_path / "d", "test", EvalConfig(ks=[1]), num_items=3 + 4)
+    unseen = evaluate_popularity(tmp_path / "d", "test", EvalConfig(ks=[1], exclude_seen=True), num_items=3 + 4)
+    assert plain["count"] == unseen["count"] == 1  # only u0 has >= 3 events
+    assert plain["hr@1"] == 0.0 and unseen["hr@1"] == 1.0

@@ -137,15 +137,22 @@ def train_item_counts(data: Path, num_items: int) -> np.ndarray:
     return counts
 
 
-def evaluate_popularity(data: Path, split: str, cfg: EvalConfig, num_items: int) -> dict:
-    """The same protocol for "recommend the most popular training items to everyone"."""
+def evaluate_popularity(data: Path, split: str, cfg: EvalConfig, num_items: int, max_len: int = 50) -> dict:
+    """The same protocol for "recommend the most popular training items to everyone".
+
+    ``max_len`` is the visible history (what ``exclude_seen`` removes), as for a model's window.
+    """
     counts = torch.from_numpy(train_item_counts(data, num_items).astype(np.float32))
     counts[:NUM_RESERVED_ITEMS] = float("-inf")
     metrics = RankingMetrics(cfg.ks, num_items)
-    for batch in eval_loader(data, split, 1, cfg.batch_size):
-        targets = batch["items"][torch.arange(len(batch["items"])), batch["mask"].sum(1) - 1]
+    for batch in eval_loader(data, split, max_len, cfg.batch_size):
+        last = batch["mask"].sum(1) - 1
+        rows = torch.arange(len(last))
+        targets = batch["items"][rows, last]
         scores = counts.expand(len(targets), -1).clone()
         if cfg.exclude_seen:
-            scores.scatter_(1, batch["items"][:, :-1], float("-inf"))
+            history = batch["items"].clone()
+            history[rows, last] = 0  # the held-out event itself is not history
+            scores.scatter_(1, history, float("-inf"))
         metrics.add(scores, targets)
     return metrics.result()

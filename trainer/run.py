@@ -116,10 +116,16 @@ def load_run_model(run: Path, data: Path | None = None, weights: str = "best", l
     return model.eval(), cfg, info
 
 
-def evaluate_run(run: Path, split: str = "test", ks: list[int] | None = None, log=print) -> dict:
+def evaluate_run(
+    run: Path, split: str = "test", ks: list[int] | None = None, exclude_seen: bool | None = None, log=print
+) -> dict:
     """Full-ranking metrics of the run's best weights on ``split``."""
     model, cfg, _ = load_run_model(run, log=log)
-    eval_cfg = dataclasses.replace(cfg.eval, ks=ks) if ks else cfg.eval
+    eval_cfg = dataclasses.replace(
+        cfg.eval,
+        ks=ks or cfg.eval.ks,
+        exclude_seen=cfg.eval.exclude_seen if exclude_seen is None else exclude_seen,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_model(model.to(device), Path(cfg.data.path), split, eval_cfg, cfg.model.max_len, device)
-    return {"split": split, "run": str(run), **metrics}
+    return {"split": split, "run": str(run), "exclude_seen": eval_cfg.exclude_seen, **metrics}

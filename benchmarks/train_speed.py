@@ -1,0 +1,169 @@
+"""Training speed: tokens/s (next-event targets per second) and MFU for several model configs.
+
+    python benchmarks/train_speed.py                 # CPU: SASRec-size scratch and SmolLM2 + LoRA
+    python benchmarks/train_speed.py --device cuda   # on a GPU (bf16 autocast)
+
+FLOPs per step are counted, not estimated, with torch.utils.flop_counter.FlopCounterMode on one
+real training step (forward + backward). MFU = counted FLOPs per second / peak FLOPs per second,
+where the CPU peak is *measured* here (best of several large fp32 matmuls) and the GPU peak is
+the datasheet dense bf16 figure given with --peak-tflops. Data: Amazon Sports shards if
+../shared/data is present, else a synthetic log. Writes benchmarks/results/train_speed.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from shard_bench import REPO, SHARED, machine
+from torch.utils.flop_counter import FlopCounterMode
+
+from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from trainer.factory import build_model
+from trainer.heads import HeadsConfig
+from trainer.model import LoraConfig, ModelConfig
+
+BGPT = [sys.executable, "-m", "launch.cli"]
+CONFIGS = {
+    "sasrec_2x64_full_softmax": (
+        ModelConfig(backbone="scratch", num_layers=2, hidden_size=64, item_attributes=False),
+        HeadsConfig(type_weight=0, time_weight=0, value_weight=0),
+        128,
+    ),
+    "smollm2_4_layers_lora": (
+        ModelConfig(num_layers=4, item_attributes=False),
+        HeadsConfig(type_weight=0, time_weight=0, value_weight=0),
+        32,
+    ),
+    "smollm2_30_layers_lora": (
+        ModelConfig(item_attributes=False),
+        HeadsConfig(type_weight=0, time_weight=0, value_weight=0),
+        16,
+    ),
+}
+
+
+def dataset() -> tuple[Path, str]:
+    sports = SHARED / "amazon-sports" / "interactions.csv"
+    out = REPO / "bench_data" / "shards_sports"
+    if sports.exists():
+        if not (out / "manifest.json").exists():
+            subprocess.run([*BGPT, "shard", "--input", str(sports), "--out", str(out)], check=True, cwd=REPO)
+        return out, "Amazon Sports 5-core (max_len 50)"
+    out = REPO / "bench_data" / "shards_speed_synth"
+    if not (out / "manifest.json").exists():
+        raw = REPO / "bench_data" / "speed_synth" / "events.csv"
+        subprocess.run(
+            [*BGPT, "synth", "--events", "300000", "--users", "30000", "--items", "18000", "--out", str(raw)],
+            check=True,
+            cwd=REPO,
+        )
+        subprocess.run([*BGPT, "shard", "--input", str(raw), "--out", str(out)], check=True, cwd=REPO)
+    return out, "synthetic 300k events, 18k items (max_len 50)"
+
+
+def cpu_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def measure(name: str, data: Path, device: torch.device, steps: int) -> dict:
+    model_cfg, heads_cfg, batch_size = CONFIGS[name]
+    model, _ = build_model(model_cfg, LoraConfig(), heads_cfg, data)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    loader = iter(StreamLoader(ShardDataset(data, StreamConfig(max_len=50, batch_size=batch_size)), num_workers=1))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+
+    def step(batch) -> int:
+        with autocast:
+            out = model(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return int(out["targets"])
+
+    batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(steps + 2)]
+    with FlopCounterMode(display=False) as counter:
+        counted_targets = step(batches[0])
+    flops_per_target = counter.get_total_flops() / counted_targets
+    step(batches[1])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, targets = time.perf_counter(), 0
+    for batch in batches[2:]:
+        targets += step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in params)
+    return {
+        "tokens_per_s": round(targets / seconds, 1),
+        "flops_per_token": round(flops_per_target),
+        "achieved_tflops": round(flops_per_target * targets / seconds / 1e12, 4),
+        "trainable_params": trainable,
+        "micro_batch_size": batch_size,
+        "steps_timed": steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--peak-tflops", type=float, help="device peak (GPU: datasheet dense bf16)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data, desc = dataset()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else cpu_peak_flops()
+    metrics: dict[str, float] = {"peak_tflops": round(peak / 1e12, 4)}
+    details = {}
+    for name in args.configs.split(","):
+        steps = args.steps if "30_layers" not in name else max(3, args.steps // 5)
+        result = measure(name, data, device, steps)
+        details[name] = result
+        metrics[f"{name}_tokens_per_s"] = result["tokens_per_s"]
+        metrics[f"{name}_mfu"] = round(result["achieved_tflops"] * 1e12 / peak, 4)
+        print(name, result, flush=True)
+    peak_note = "measured best fp32 2048^3 matmul" if not args.peak_tflops else "datasheet dense bf16"
+    result = {
+        "benchmark": "train_speed",
+        "dataset": desc,
+        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+        "machine": machine() if device.type == "cpu" else torch.cuda.get_device_name(),
+        "metrics": metrics,
+        "goal": "report tokens/s for the SASRec-size config and SmolLM2 + LoRA, with an MFU estimate",
+        "details": details,
+        "notes": f"tokens = next-event targets; FLOPs counted by FlopCounterMode on one step; peak = {peak_note}",
+    }
+    name = "train_speed" if device.type == "cpu" else "train_speed_gpu"
+    out = REPO / "benchmarks" / "results"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = "\n".join(
+        f"| {k} | {v['micro_batch_size']} | {v['trainable_params']:,} | {v['tokens_per_s']:,} | "
+        f"{v['flops_per_token'] / 1e6:,.1f} | {metrics[k + '_mfu']:.2%} |"
+        for k, v in details.items()
+    )
+    (out / f"{name}.md").write_text(
+        f"# {name}: {desc}\n\n`{result['command']}` on {result['machine']}; peak {metrics['peak_tflops']} TFLOP/s "
+        f"({peak_note})\n\n| config | micro batch | trainable params | tokens/s | MFLOP/token | MFU |\n|---|---|---|---|---|---|\n{rows}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

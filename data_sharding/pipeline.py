@@ -15,17 +15,14 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_sharding import ingest, sequences, shards, validate, vocab
+from data_sharding import ingest, sequences, shards, validate, vocab, writer
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
 from data_sharding.sequences import FILE_SHIFT, GEN_SHIFT, SplitConfig
@@ -239,7 +236,7 @@ def _build_generation(
             "valid_ms": valid_ms,
             "test_ms": test_ms,
         }
-        written = _write_shards(out_dir, p1, num_shards, generation, remap)
+        written = writer.write_shards(out_dir, p1, num_shards, generation, remap)
         phase("write_shards")
         user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
         vocab_files = vocab.save_vocab(out_dir, new_vocab)
@@ -337,99 +334,6 @@ def _sorted_events_sql(logs: list[str]) -> str:
             f"FROM read_parquet({files}) o JOIN user_shards u ON o.uidx = u.uidx"
         )
     return f"SELECT * FROM ({new}) ORDER BY shard, uidx, ts, ord"
-
-
-_LOG_SCHEMA = pa.schema(
-    [
-        ("uidx", pa.int32()),
-        ("ts", pa.int64()),
-        ("ord", pa.int64()),
-        ("item", pa.int32()),
-        ("type", pa.int16()),
-        ("value", pa.float32()),
-    ]
-)
-
-
-@dataclass
-class _WrittenShard:
-    info: shards.ShardInfo
-    uidx: np.ndarray
-    lengths: np.ndarray
-    rare: int
-    new_events: int
-
-
-def _write_one_shard(out_dir: Path, shard: int, path: Path | None, generation: int, remap: dict) -> _WrittenShard:
-    """Final records of one shard -> tar + index on disk; returns what the manifest and logs need."""
-    rows = np.load(path) if path is not None else np.empty(0, sequences.STREAM_DTYPE)
-    records, rows, dropped = sequences.final_records(rows, generation=generation, **remap)
-    starts, lengths = sequences.user_bounds(rows["uidx"])
-    uidx = rows["uidx"][starts]
-    data, offsets = shards.build_shard(records, uidx, lengths)
-    index_data = shards.index_bytes(_shard_index(records, uidx, offsets, starts, lengths))
-    name = f"shard-{shard:06d}"
-    (out_dir / f"{name}.tar").write_bytes(data)
-    (out_dir / f"{name}.idx.npy").write_bytes(index_data)
-    if path is not None:
-        path.unlink()
-    new_rows = rows[records["new"].astype(bool)]
-    info = shards.ShardInfo(
-        name=f"{out_dir.name}/{name}.tar",
-        index=f"{out_dir.name}/{name}.idx.npy",
-        sha256=hashlib.sha256(data).hexdigest(),
-        index_sha256=hashlib.sha256(index_data).hexdigest(),
-        bytes=len(data),
-        users=len(uidx),
-        events=len(records),
-        generation=generation,
-    )
-    # This generation's new events, for later --append runs to fetch touched users' history.
-    log_rows = pa.table({n: new_rows[n] for n in _LOG_SCHEMA.names}, schema=_LOG_SCHEMA)
-    pq.write_table(log_rows, out_dir / "events" / f"{name}.parquet", compression="lz4")
-    return _WrittenShard(info, uidx, lengths, dropped, len(new_rows))
-
-
-def _write_shards(
-    out_dir: Path,
-    p1: sequences.PassOneResult,
-    num_shards: int,
-    generation: int,
-    remap: dict,
-) -> dict:
-    """Write every shard and its events log, two at a time (numpy, hashing and file I/O release the GIL)."""
-    (out_dir / "events").mkdir()
-    written: list[_WrittenShard] = []
-    with (
-        ThreadPoolExecutor(max_workers=2) as pool,
-        tqdm(total=num_shards, unit="shard", desc="write shards", disable=None) as bar,
-    ):
-        jobs = [
-            pool.submit(_write_one_shard, out_dir, shard, p1.shard_files.get(shard), generation, remap)
-            for shard in range(num_shards)
-        ]
-        for job in jobs:
-            written.append(job.result())
-            bar.update(1)
-    return {
-        "shards": [w.info for w in written],
-        "rare": sum(w.rare for w in written),
-        "new_events": sum(w.new_events for w in written),
-        "uidx": np.concatenate([w.uidx for w in written]) if written else np.empty(0, np.int32),
-        "n_events": np.concatenate([w.lengths for w in written]) if written else np.empty(0, np.int64),
-    }
-
-
-def _shard_index(records, uidx, offsets, starts, lengths) -> np.ndarray:
-    index = np.empty(len(uidx), dtype=shards.INDEX_DTYPE)
-    index["uidx"] = uidx
-    index["offset"] = offsets
-    index["n_events"] = lengths
-    split = records["split"]
-    index["n_train"] = np.add.reduceat(split == shards.SPLIT_TRAIN, starts) if len(starts) else 0
-    index["n_valid"] = np.add.reduceat(split == shards.SPLIT_VALID, starts) if len(starts) else 0
-    index["n_new"] = np.add.reduceat(records["new"].astype(np.int64), starts) if len(starts) else 0
-    return index
 
 
 def _save_users(

@@ -207,24 +207,28 @@ def build_vocab(
 
 
 def _attach_text(con: duckdb.DuckDBPyConnection, items: pa.Table, previous: Vocab | None, has_meta: bool) -> pa.Table:
+    """Add title and attributes: an item keeps the text it had; new items take the items file's."""
+    sources = []
     con.register("vocab_items", items)
-    prev = None
     if previous is not None:
-        prev = previous.items.select(["id", "title", "attributes"])
-        con.register("prev_text", prev)
-    meta_join = "LEFT JOIN item_meta m ON m.item = v.item" if has_meta else ""
-    prev_join = "LEFT JOIN prev_text p ON p.id = v.id" if prev is not None else ""
-    title = " , ".join(x for x in ("p.title" if prev is not None else "", "m.title" if has_meta else "") if x) or "NULL"
-    attrs = (
-        " , ".join(x for x in ("p.attributes" if prev is not None else "", "m.attributes" if has_meta else "") if x)
-        or "NULL"
-    )
+        con.register("prev_text", previous.items.select(["id", "title", "attributes"]))
+        sources.append(("p", "LEFT JOIN prev_text p ON p.id = v.id"))
+    if has_meta:
+        sources.append(("m", "LEFT JOIN item_meta m ON m.item = v.item"))
+    joins = " ".join(join for _, join in sources)
+
+    def first(column: str) -> str:
+        return (
+            f"CAST(coalesce({', '.join(f'{alias}.{column}' for alias, _ in sources)}) AS VARCHAR)"
+            if sources
+            else "NULL::VARCHAR"
+        )
+
     table = con.sql(
-        f"SELECT v.*, CAST(coalesce({title}) AS VARCHAR) AS title, CAST(coalesce({attrs}) AS VARCHAR) AS attributes "
-        f"FROM vocab_items v {meta_join} {prev_join} ORDER BY v.id"
+        f"SELECT v.*, {first('title')} AS title, {first('attributes')} AS attributes FROM vocab_items v {joins} ORDER BY v.id"
     ).to_arrow_table()
     con.unregister("vocab_items")
-    if prev is not None:
+    if previous is not None:
         con.unregister("prev_text")
     return table
 

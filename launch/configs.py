@@ -78,19 +78,15 @@ def _convert(value, annotation, where: str):
     return value
 
 
-def _section_types(cls) -> dict[str, typing.Any]:
-    return typing.get_type_hints(cls)
-
-
 def build_config(sections: dict[str, dict]) -> RunConfig:
     """RunConfig from nested dicts, checking every section and field name and value."""
-    root_types = _section_types(RunConfig)
+    root_types = typing.get_type_hints(RunConfig)
     built = {}
     for name, values in (sections or {}).items():
         if name not in root_types:
             raise ConfigError(f"unknown config section {name!r}; sections are {', '.join(root_types)}")
         cls = root_types[name]
-        fields = _section_types(cls)
+        fields = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in (values or {}).items():
             if key not in fields:

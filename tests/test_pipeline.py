@@ -9,7 +9,7 @@ import pytest
 from conftest import shard, write_lines
 from test_ingest import all_events
 
-from data_sharding import pipeline
+from data_sharding import pipeline, writer
 from data_sharding.errors import DataError
 from data_sharding.shards import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, load_manifest
 from data_sharding.vocab import NUM_RESERVED_ITEMS
@@ -160,7 +160,7 @@ def test_interrupted_append_leaves_the_previous_manifest_valid(tmp_path, monkeyp
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_write_shards", crash)
+    monkeypatch.setattr(writer, "write_shards", crash)
     with pytest.raises(KeyboardInterrupt):
         shard([path], out, append=True)
     assert (out / "manifest.json").read_bytes() == manifest_before

@@ -10,7 +10,6 @@ logQ correction, keeps catalogues of millions of items trainable.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +42,12 @@ class HeadsConfig:
             raise ConfigError(f"heads.item_loss {self.item_loss!r}: choose auto, full or sampled")
         if min(self.item_weight, self.type_weight, self.time_weight, self.value_weight) < 0:
             raise ConfigError("head weights must be >= 0")
+
+
+def time_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket = floor(log2(seconds + 1)), clipped: 0 s -> 0, 1 min -> 5, 1 day -> 16, 1 year -> 24."""
+    seconds = gap_ms.clamp(min=0).double() / 1000.0
+    return torch.log2(seconds + 1).floor().long().clamp(0, buckets - 1)
 
 
 def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
@@ -133,8 +138,6 @@ class MultiTaskHeads(nn.Module):
             out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])
             total = total + self.cfg.type_weight * out["type"]
         if self.time_head is not None:
-            from trainer.model import time_bucket
-
             gaps = batch["times"][:, 1:] - batch["times"][:, :-1]
             buckets = time_bucket(gaps[valid], self.time_head.out_features)
             out["time"] = F.cross_entropy(self.time_head(hv), buckets)
@@ -153,8 +156,3 @@ class MultiTaskHeads(nn.Module):
     def item_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(N, V) next-item scores; reserved ids can never be recommended."""
         return _mask_reserved(h @ table.T)
-
-
-def log_uniform_entropy(num_items: int) -> float:
-    """Loss of a model that knows nothing (uniform over real items), for progress messages."""
-    return math.log(max(1, num_items - NUM_RESERVED_ITEMS))

@@ -17,7 +17,7 @@ from torch import nn
 
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
-from trainer.heads import HeadsConfig, MultiTaskHeads
+from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 
@@ -65,12 +65,6 @@ class LoraConfig:
     """Module names to adapt; names absent from the backbone are ignored."""
     full_finetune: bool = False
     """Train every backbone weight instead of LoRA adapters (always the case for scratch backbones)."""
-
-
-def time_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Bucket = floor(log2(seconds + 1)), clipped: 0 s -> 0, 1 min -> 5, 1 day -> 16, 1 year -> 24."""
-    seconds = gap_ms.clamp(min=0).double() / 1000.0
-    return torch.log2(seconds + 1).floor().long().clamp(0, buckets - 1)
 
 
 @dataclass

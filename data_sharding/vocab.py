@@ -54,9 +54,6 @@ class Vocab:
     def num_event_types(self) -> int:
         return len(self.event_types)
 
-    def titles(self) -> list[str | None]:
-        return self.items["title"].to_pylist()
-
 
 def vocab_version(generation: int, items: list[str], types: list[str]) -> str:
     digest = hashlib.sha256("\n".join(items).encode() + b"\0" + "\n".join(types).encode()).hexdigest()

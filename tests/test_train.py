@@ -97,3 +97,14 @@ def test_resuming_with_a_different_model_is_refused(tmp_path, cyclic_data):
     changed.model.hidden_size = 64
     with pytest.raises(ConfigError, match="different model section"):
         train_run(run, changed, log=lambda *a: None)
+
+
+def test_a_run_refuses_data_with_another_vocabulary(tmp_path, cyclic_data, dataset):
+    from trainer.run import load_run_model
+
+    run = tmp_path / "run"
+    train_run(run, tiny_config(cyclic_data, max_steps=5), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="trained on vocab .* but .* has"):
+        load_run_model(run, data=dataset)
+    with pytest.raises(ConfigError, match="not a run folder"):
+        load_run_model(tmp_path)

@@ -77,3 +77,16 @@ def test_jsonl_parquet_and_tsv_inputs(tmp_path):
         bad = manifest["generations"][0]["quarantine"]["by_reason"]
         assert bad == ({"malformed_json": 1} if path == jsonl else {})
     assert results[0] == results[1] == results[2]
+
+
+def test_gzip_compressed_csv_reads_like_plain_csv(tmp_path):
+    import gzip
+
+    rows = "user,item,ts\nu1,a,1600000000\nu1,b,1600000100\n"
+    (tmp_path / "e.csv").write_text(rows)
+    with gzip.open(tmp_path / "e.csv.gz", "wt") as f:
+        f.write(rows)
+    shard([tmp_path / "e.csv"], tmp_path / "plain")
+    shard([tmp_path / "e.csv.gz"], tmp_path / "gz")
+    plain, gz = all_events(tmp_path / "plain")[0], all_events(tmp_path / "gz")[0]
+    assert plain[["item", "ts", "type", "split"]].tolist() == gz[["item", "ts", "type", "split"]].tolist()

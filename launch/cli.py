@@ -276,17 +276,28 @@ def _run_predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgpt", description="behavior-gpt: next-behaviour prediction with LMs")
     sub = parser.add_subparsers(dest="command", required=True)
+    from launch import cluster_cli
+
     for add in (_add_synth, _add_shard, _add_inspect, _add_train, _add_eval, _add_baseline, _add_predict):
+        add(sub)
+    for add in (cluster_cli.add_launch, cluster_cli.add_plan, cluster_cli.add_slurm):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bgpt launch|slurm [options] -- <train arguments>`: the part after -- is for `bgpt train`.
+    train_args: list[str] = []
+    if argv and argv[0] in ("launch", "slurm") and "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1 :]
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
+    args.train_args = train_args
     try:
         return args.func(args)
     except BgptError as e:

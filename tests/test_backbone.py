@@ -46,7 +46,9 @@ def test_full_finetune_trains_the_backbone(tiny_llama, dataset):
     model, _ = build_model(
         ModelConfig(backbone=str(tiny_llama)), LoraConfig(full_finetune=True), HeadsConfig(), dataset
     )
-    assert all(p.requires_grad for p in model.backbone.parameters())
+    token_table = model.backbone.get_input_embeddings().weight
+    assert all(p.requires_grad for p in model.backbone.parameters() if p is not token_table)
+    assert not token_table.requires_grad  # behaviour enters as inputs_embeds: the token table is unused
 
 
 def test_too_many_layers_and_unknown_backbones_are_clear_errors(tiny_llama, dataset, tmp_path):

@@ -26,6 +26,8 @@ from trainer.errors import ConfigError
 
 META = "meta.json"
 WEIGHTS = "trainable.safetensors"
+ZERO_DIR = "zero"
+"""DeepSpeed's own per-rank files (sharded optimizer states) inside a checkpoint."""
 
 
 @dataclass
@@ -77,17 +79,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(target: Path, weights: dict, optimizer: dict, rank_states: list[dict], state: dict) -> Path:
-    """Write a complete checkpoint folder at ``target`` atomically (call on one process)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+def temp_dir(target: Path) -> Path:
+    """Where ``target`` is assembled before it is renamed into place (the same on every rank)."""
+    return target.with_name(f".{target.name}.tmp")
+
+
+def begin_checkpoint(target: Path) -> Path:
+    """A fresh, empty temporary folder for ``target`` (main process; other ranks then write into it)."""
+    tmp = temp_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, target: Path, weights: dict, optimizer: dict, state: dict) -> Path:
+    """Add the weights, optimizer and state files to ``tmp``, then checksum every file (``meta.json``,
+    written last and fsynced) and rename the folder to ``target``."""
     save_file(weights, str(tmp / WEIGHTS))
     torch.save(optimizer, tmp / "optimizer.pt")
-    for rank, rank_state in enumerate(rank_states):
-        torch.save(rank_state, tmp / f"rank-{rank}.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     with open(tmp / META, "w") as f:
         json.dump({"files": files, "step": state["step"]}, f, indent=2)
         f.flush()
@@ -96,6 +107,14 @@ def write_checkpoint(target: Path, weights: dict, optimizer: dict, rank_states: 
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def write_checkpoint(target: Path, weights: dict, optimizer: dict, rank_states: list[dict], state: dict) -> Path:
+    """Write a complete checkpoint folder at ``target`` atomically from one process."""
+    tmp = begin_checkpoint(target)
+    for rank, rank_state in enumerate(rank_states):
+        torch.save(rank_state, tmp / f"rank-{rank}.pt")
+    return finish_checkpoint(tmp, target, weights, optimizer, state)
 
 
 def verify(path: Path) -> str | None:

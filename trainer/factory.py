@@ -147,6 +147,9 @@ def build_model(
         model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts
     )
     _apply_lora(model, backbone, lora_cfg)
+    # Behaviour enters as inputs_embeds: the backbone's token table is never read, so it does
+    # not train (and DDP would wait for its gradient forever).
+    model.backbone.get_input_embeddings().requires_grad_(False)
     return model, info
 
 

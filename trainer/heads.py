@@ -144,11 +144,12 @@ class MultiTaskHeads(nn.Module):
             total = total + self.cfg.time_weight * out["time"]
         if self.value_head is not None:
             values = batch["values"][:, 1:][valid]
-            has_value = batch["has_value"][:, 1:][valid]
-            if has_value.any():
-                predicted = self.value_head(hv[has_value]).squeeze(-1)
-                out["value"] = F.mse_loss(predicted, values[has_value])
-                total = total + self.cfg.value_weight * out["value"]
+            has_value = batch["has_value"][:, 1:][valid].float()
+            # Masked mean over every row: the head is in the graph even for a batch without values
+            # (a zero gradient then), so distributed ranks always agree on which weights have one.
+            err = (self.value_head(hv).squeeze(-1) - values) ** 2 * has_value
+            out["value"] = err.sum() / has_value.sum().clamp(min=1)
+            total = total + self.cfg.value_weight * out["value"]
         out["loss"] = total
         return out
 

@@ -8,9 +8,12 @@ each rank reads its own part of the shards (see data_sharding.stream).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_model
+
+STOP_FILE = "STOP"
+"""Created in a run folder (e.g. by the Slurm script on its preemption signal): checkpoint and exit."""
+LOG_FILE = "train_log.jsonl"
 
 
 @dataclass
@@ -44,6 +51,9 @@ class TrainConfig:
     """Windows per device per forward pass."""
     grad_accum: int = 1
     """Micro batches per optimizer step; global batch = micro_batch_size x processes x grad_accum."""
+    global_batch_size: int | None = None
+    """Windows per optimizer step over all processes. When set, grad_accum is derived from it and
+    the process count, so the optimisation is the same on 1 process or 64."""
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -72,6 +82,20 @@ class TrainConfig:
             raise ConfigError(f"train.schedule {self.schedule!r}: choose cosine, linear or constant")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("train.global_batch_size must be >= 1")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step on each of ``world_size`` processes."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x {world_size} processes; change one of them"
+            )
+        return self.global_batch_size // per_step
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
@@ -92,20 +116,27 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
     return factor
 
 
+def uses_deepspeed() -> bool:
+    """True inside a process started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(cfg: TrainConfig, run: Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # The process-group backend is only set when launched with several processes: accelerate
     # treats a backend as a request for a process group.
-    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo")] if distributed else []
+    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo")] if world_size > 1 else []
+    deepspeed = uses_deepspeed()
     return Accelerator(
-        cpu=not cuda,
+        # DeepSpeed runs on CPU through its own CPU accelerator, not accelerate's cpu mode.
+        cpu=not cuda and not deepspeed,
         mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=cfg.accumulation(world_size),
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(run),
         kwargs_handlers=handlers,
@@ -144,27 +175,68 @@ class Trainer:
         self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers)
         if len(self.loader) == 0:
             raise ConfigError(f"{data}: no training windows (every user has fewer than 2 training events)")
-        steps_per_epoch = max(1, len(self.loader) // train.grad_accum)
+        self.grad_accum = train.accumulation(accelerator.num_processes)
+        steps_per_epoch = max(1, len(self.loader) // self.grad_accum)
         self.total_steps = train.max_steps or train.epochs * steps_per_epoch
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(train, self.total_steps, lambda: self.state.seconds)
         )
+        plugin = accelerator.state.deepspeed_plugin
+        self.zero_stage = plugin.zero_stage if plugin is not None else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            # The item table is read outside its own module's forward (tied output scores):
+            # ZeRO-3 must gather it for the whole model's forward and backward.
+            unwrapped = accelerator.unwrap_model(self.model)
+            deepspeed.zero.register_external_parameter(unwrapped, unwrapped.items.ids.weight)
+        strategy = "single process" if accelerator.num_processes == 1 else "ddp"
+        if self.zero_stage is not None:
+            strategy = f"deepspeed zero-{self.zero_stage}"
+        self.log(
+            f"world size {accelerator.num_processes} ({strategy}); global batch "
+            f"{train.micro_batch_size} x {accelerator.num_processes} x {self.grad_accum} = "
+            f"{train.micro_batch_size * accelerator.num_processes * self.grad_accum} windows"
+        )
+        self.stop_requested = False
+        self.preempted = False
+        self._install_signal_handlers()
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights on the main process (ZeRO-3 shards are gathered; collective)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.zero_stage != 3:
+            return ckpt.trainable_state(unwrapped)
+        full = self.accelerator.get_state_dict(self.model)
+        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+        return {n: full[n].contiguous() for n in names} if self.accelerator.is_main_process else {}
+
     def save(self) -> None:
-        """Every rank contributes its RNG and stream position; the main process writes."""
+        """Every rank contributes its RNG and stream position (and, under DeepSpeed, its optimizer
+        partition); the main process writes the rest and publishes the folder atomically."""
+        acc = self.accelerator
+        target = ckpt.step_dir(self.run, self.state.step)
+        tmp = ckpt.begin_checkpoint(target) if acc.is_main_process else ckpt.temp_dir(target)
+        acc.wait_for_everyone()
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        rank_states = self.accelerator.gather_for_metrics([rank_state], use_gather_object=True)
-        if self.accelerator.is_main_process:
-            state = {**self.state.to_dict(), "vocab_version": self.vocab_version}
-            optimizer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            weights = ckpt.trainable_state(self.accelerator.unwrap_model(self.model))
-            ckpt.write_checkpoint(ckpt.step_dir(self.run, self.state.step), weights, optimizer, rank_states, state)
+        torch.save(rank_state, tmp / f"rank-{acc.process_index}.pt")
+        if self.zero_stage is not None:
+            # Sharded optimizer states: each rank writes its own partition (frozen base excluded).
+            self.model.save_checkpoint(str(tmp / ckpt.ZERO_DIR), tag="state", exclude_frozen_parameters=True)
+        weights = self.trainable_weights()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "world_size": acc.num_processes}
+            optimizer = {"scheduler": self.scheduler.state_dict()}
+            if self.zero_stage is None:
+                optimizer["optimizer"] = self.optimizer.state_dict()
+            ckpt.finish_checkpoint(tmp, target, weights, optimizer, state)
             ckpt.prune(self.run, self.cfg.checkpoint.keep_last)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def resume(self, path: Path) -> None:
         state = ckpt.read_state(path)
@@ -173,13 +245,27 @@ class Trainer:
                 f"{path}: trained on vocab {state['vocab_version']}, data has {self.vocab_version}; "
                 f"use `bgpt retrain` for a new generation"
             )
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.accelerator.num_processes:
+            raise ConfigError(
+                f"{path}: written by {saved_world} processes, this run has {self.accelerator.num_processes}; "
+                f"exact resume needs the same world size (the weights alone load anywhere: bgpt eval/predict)"
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
-        missing = set(ckpt.trainable_state(unwrapped)) - set(ckpt.load_weights(path))
+        weights = ckpt.load_weights(path)
+        missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(weights)
         if missing:
             raise ConfigError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...; was the model config changed?")
-        unwrapped.load_state_dict(ckpt.load_weights(path), strict=False)
         saved = torch.load(path / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.zero_stage is None:
+            unwrapped.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(saved["optimizer"])
+        else:
+            if not (path / ckpt.ZERO_DIR).is_dir():
+                raise ConfigError(f"{path}: not a DeepSpeed checkpoint; resume it with the strategy that wrote it")
+            self.model.load_checkpoint(
+                str(path / ckpt.ZERO_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+            )
         self.scheduler.load_state_dict(saved["scheduler"])
         rank = torch.load(path / f"rank-{self.accelerator.process_index}.pt", weights_only=False)
         ckpt.set_rng_state(rank["rng"])
@@ -187,33 +273,68 @@ class Trainer:
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
         self.log(f"resumed from {path} at step {self.state.step}")
 
+    # -- stop requests (preemption) -------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        """SIGUSR1 / SIGTERM (Slurm's preemption warning, `kill`) ask for a checkpoint and a clean exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request(signum, frame) -> None:
+            self.stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request)
+
+    def _stop_now(self) -> bool:
+        """A signal to any rank, or the run's stop file, stops every rank at the same step."""
+        local = self.stop_requested or (self.accelerator.is_main_process and (self.run / STOP_FILE).exists())
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> bool:
         """Validate on the main process; keep the best weights; True when patience ran out."""
         stop = False
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            metrics = evaluate_model(
-                model, Path(self.cfg.data.path), "valid", self.cfg.eval, self.cfg.model.max_len, self.accelerator.device
-            )
-            score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
-            record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
-            with open(self.run / "valid_metrics.jsonl", "a") as f:
-                f.write(json.dumps({**record, "valid": metrics}) + "\n")
-            if score > self.state.best_metric:
-                self.state.best_metric, self.state.best_step, self.state.evals_since_best = score, self.state.step, 0
-                best_state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "valid": metrics}
-                ckpt.save_best(self.run, ckpt.trainable_state(model), best_state)
-            else:
-                self.state.evals_since_best += 1
-            patience = self.cfg.train.patience
-            stop = patience > 0 and self.state.evals_since_best >= patience
-            self.log(
-                f"step {self.state.step}: valid ndcg@10 {score:.4f} hr@10 {metrics.get('hr@10', 0):.4f} "
-                f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
-            )
+        model = self.accelerator.unwrap_model(self.model)
+        # ZeRO-3: the weights to keep if this is the best validation yet are gathered by every rank.
+        weights = self.trainable_weights() if self.zero_stage == 3 else None
+        with self._full_parameters(model):
+            if self.accelerator.is_main_process:
+                stop = self._validate_main(model, weights)
         flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _full_parameters(self, model):
+        """Under ZeRO-3 every rank gathers the full parameters (collective); otherwise a no-op."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+    def _validate_main(self, model, weights: dict | None) -> bool:
+        """Evaluate on the validation split, log it, keep the best weights; True when patience ran out."""
+        metrics = evaluate_model(
+            model, Path(self.cfg.data.path), "valid", self.cfg.eval, self.cfg.model.max_len, self.accelerator.device
+        )
+        score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
+        record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
+        with open(self.run / "valid_metrics.jsonl", "a") as f:
+            f.write(json.dumps({**record, "valid": metrics}) + "\n")
+        if score > self.state.best_metric:
+            self.state.best_metric, self.state.best_step, self.state.evals_since_best = score, self.state.step, 0
+            best_state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "valid": metrics}
+            ckpt.save_best(self.run, weights if weights is not None else ckpt.trainable_state(model), best_state)
+        else:
+            self.state.evals_since_best += 1
+        patience = self.cfg.train.patience
+        self.log(
+            f"step {self.state.step}: valid ndcg@10 {score:.4f} hr@10 {metrics.get('hr@10', 0):.4f} "
+            f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
+        )
+        return patience > 0 and self.state.evals_since_best >= patience
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -224,17 +345,19 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process, unit="step")
         done = self.state.step >= self.total_steps
         last_eval = self.state.step
+        step_loss = torch.zeros((), device=acc.device)
         while not done:
             for batch in self.loader:
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 with acc.accumulate(self.model):
                     out = self.model(batch)
                     acc.backward(out["loss"])
-                    if acc.sync_gradients and train.clip_grad > 0:
+                    if acc.sync_gradients and train.clip_grad > 0 and self.zero_stage is None:
                         acc.clip_grad_norm_(self.model.parameters(), train.clip_grad)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 window_tokens += int(out["targets"])
+                step_loss += out["loss"].detach() / self.grad_accum
                 if not acc.sync_gradients:
                     continue
                 self.scheduler.step()
@@ -242,20 +365,21 @@ class Trainer:
                 self.state.seconds = time.perf_counter() - started
                 bar.update(1)
                 if self.state.step % train.log_every == 0:
-                    tokens = int(acc.reduce(torch.tensor(window_tokens, device=acc.device), reduction="sum"))
-                    self.state.tokens += tokens
-                    rate = tokens / max(1e-9, time.perf_counter() - window_start)
+                    self._log_step(step_loss, window_tokens, window_start, bar)
                     window_tokens, window_start = 0, time.perf_counter()
-                    lr = self.scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{out['loss'].item():.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
-                    acc.log({"loss": out["loss"].item(), "tokens_per_s": rate, "lr": lr}, step=self.state.step)
+                step_loss = torch.zeros((), device=acc.device)
                 out_of_time = train.max_minutes is not None and self.state.seconds > 60 * train.max_minutes
                 done = self.state.step >= self.total_steps or out_of_time
                 if (train.eval_every and self.state.step % train.eval_every == 0) or done:
                     last_eval = self.state.step
                     done = self.validate() or done
-                if self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0:
+                saved = self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0
+                if saved:
                     self.save()
+                if not done and self._stop_now():
+                    self._stop_on_request(window_tokens, saved)
+                    bar.close()
+                    return self.state
                 if done:
                     break
         self.state.tokens += int(acc.reduce(torch.tensor(window_tokens, device=acc.device), reduction="sum"))
@@ -264,3 +388,30 @@ class Trainer:
         self.save()
         bar.close()
         return self.state
+
+    def _log_step(self, step_loss: torch.Tensor, window_tokens: int, window_start: float, bar) -> None:
+        """Loss of the last optimizer step averaged over every rank and micro batch; tokens/s since the
+        last log line. Written to ``train_log.jsonl`` and the progress bar (and TensorBoard)."""
+        acc = self.accelerator
+        loss = float(acc.reduce(step_loss.reshape(1), reduction="mean").item())
+        tokens = int(acc.reduce(torch.tensor(window_tokens, device=acc.device), reduction="sum"))
+        self.state.tokens += tokens
+        rate = tokens / max(1e-9, time.perf_counter() - window_start)
+        lr = self.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
+        acc.log({"loss": loss, "tokens_per_s": rate, "lr": lr}, step=self.state.step)
+        if acc.is_main_process:
+            record = {"step": self.state.step, "loss": loss, "lr": lr, "tokens_per_s": round(rate, 1)}
+            with open(self.run / LOG_FILE, "a") as f:
+                f.write(json.dumps({**record, "seconds": round(self.state.seconds, 2)}) + "\n")
+
+    def _stop_on_request(self, window_tokens: int, saved: bool) -> None:
+        """Checkpoint (unless this step was just saved) and leave the loop; the run resumes from here."""
+        acc = self.accelerator
+        self.state.tokens += int(acc.reduce(torch.tensor(window_tokens, device=acc.device), reduction="sum"))
+        if not saved:
+            self.save()
+        if acc.is_main_process:
+            (self.run / STOP_FILE).unlink(missing_ok=True)
+        self.preempted = True
+        self.log(f"stop requested: checkpoint at step {self.state.step} saved; resume with the same command")

@@ -76,13 +76,16 @@ def train_run(run: Path, cfg, log=print) -> dict:
         trainer.resume(resume_from)
     started = time.perf_counter()
     state = trainer.fit()
-    accelerator.end_training()
+    if trainer.preempted:
+        accelerator.end_training()  # also closes the process group
+        return {"stopped_at_step": state.step, "resume": "run the same command again"}
     metrics = {}
     if accelerator.is_main_process:
         metrics = evaluate_run(run, "test", log=log)
         metrics["train"] = {**state.to_dict(), "wall_seconds_this_process": round(time.perf_counter() - started, 1)}
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return metrics
 
 

@@ -1,0 +1,171 @@
+"""A real two-node Slurm cluster on this host, for tests: Debian's slurm-wlm and munge.
+
+Both node names (n1, n2) run a ``slurmd`` on this machine at 127.0.0.1 with their own ports;
+``slurmctld`` runs beside them. Everything (config, state, spool, logs) lives in a temporary
+folder; teardown cancels the jobs, waits until the queue drains and stops the daemons.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class ClusterUnavailable(Exception):
+    """Slurm cannot be installed or started here (not root, no apt-get, no network)."""
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ClusterUnavailable("slurm-wlm and munge are missing and cannot be installed (needs root + apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise ClusterUnavailable(f"apt-get install slurm-wlm munge failed: {done.stderr[-500:]}")
+
+
+def _munge_running() -> bool:
+    return subprocess.run(["munge", "-n"], capture_output=True).returncode == 0
+
+
+def start_munge() -> subprocess.Popen | None:
+    if _munge_running():
+        return None
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    os.chmod("/run/munge", 0o755)
+    proc = subprocess.Popen(["munged", "--force", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        if _munge_running():
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise ClusterUnavailable("munged did not start")
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        self.munge: subprocess.Popen | None = None
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def write_config(self) -> None:
+        host = socket.gethostname()
+        ctld_port, d1, d2 = _free_ports(3)
+        for sub in ("state", "spool/n1", "spool/n2", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        r = self.root
+        self.conf.write_text(
+            f"""ClusterName=bgpt-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+CredType=cred/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.%n.pid
+SlurmctldLogFile={r}/logs/slurmctld.log
+SlurmdLogFile={r}/logs/slurmd.%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobAcctGatherType=jobacct_gather/none
+MailProg=/bin/true
+ReturnToService=2
+MinJobAge=60
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={d1} CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2} CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+        )
+
+    def _daemon(self, *cmd: str) -> None:
+        with open(self.root / "logs" / f"{cmd[0]}-{len(self.procs)}.out", "w") as log:
+            self.procs.append(subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT))
+
+    def start(self) -> Cluster:
+        ensure_installed()
+        self.munge = start_munge()
+        self.write_config()
+        self._daemon("slurmctld", "-D", "-i", "-f", str(self.conf))
+        time.sleep(1)
+        for node in ("n1", "n2"):
+            self._daemon("slurmd", "-D", "-N", node, "-f", str(self.conf))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split()
+            if out[:2] == ["idle", "2"]:
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ClusterUnavailable(f"the Slurm nodes did not come up; see {self.root / 'logs'}")
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=120)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr}")
+        return done
+
+    def job_state(self, job: str) -> str:
+        out = self.run("scontrol", "show", "job", job, check=False).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "GONE"
+
+    def wait_for(self, job: str, states: set[str], timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_state(job)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job} never reached {states}; last state {self.job_state(job)}")
+
+    def stop(self) -> None:
+        self.run("scancel", "--full", "--user", "root", check=False)
+        deadline = time.time() + 60
+        while time.time() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+            time.sleep(0.5)
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.munge is not None:
+            self.munge.terminate()

@@ -52,16 +52,47 @@ class StreamConfig:
     """Check each shard's sha256 against the manifest when it is read."""
     pad_to_max_len: bool = False
     """Pad every batch to max_len + 1 positions (static shapes) instead of its longest window."""
+    focus_new: bool = False
+    """Incremental training: only windows holding the newest generation's events, and only those
+    events as targets (the older events before them are context), plus the replay sample."""
+    replay_fraction: float = 0.0
+    """With focus_new: this share of users (a seeded hash of the user) also train on all their
+    windows and targets, so the model keeps what it knew."""
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.batch_size < 1:
             raise DataError("max_len and batch_size must be >= 1")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            raise DataError("replay_fraction must be between 0 and 1")
         if self.split not in SPLIT_NAMES:
             raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
 
 
 def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([abs(int(k)) for k in keys])
+
+
+def collate_windows(users: list[int], windows: list[np.ndarray], width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) tensors of SEQ_DTYPE windows; ``mask`` marks real events, ``has_value``
+    those with a value, ``targets`` the positions that count as prediction targets."""
+    width = width or max(len(w) for w in windows)
+    batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
+    mask = np.zeros((len(windows), width), dtype=bool)
+    for i, w in enumerate(windows):
+        batch[i, : len(w)] = w
+        mask[i, : len(w)] = True
+    has_value = mask & np.isfinite(batch["value"])
+    return {
+        "items": torch.from_numpy(batch["item"].astype(np.int64)),
+        "times": torch.from_numpy(batch["ts"].copy()),
+        "types": torch.from_numpy(batch["type"].astype(np.int64)),
+        "values": torch.from_numpy(np.where(has_value, batch["value"], 0).astype(np.float32)),
+        "has_value": torch.from_numpy(has_value),
+        "new": torch.from_numpy(batch["new"].astype(bool)),
+        "mask": torch.from_numpy(mask),
+        "targets": torch.from_numpy(mask.copy()),
+        "users": torch.tensor(users, dtype=torch.int64),
+    }
 
 
 class ShardDataset(IterableDataset):
@@ -102,17 +133,34 @@ class ShardDataset(IterableDataset):
             self.indexes.append(index)
             current = np.ones(len(index), bool) if last_gen is None else last_gen[index["uidx"]] == shard.generation
             self._current.append(current)
-            counts.append(self._windows(index, current))
+            counts.append(self._windows(index, current, shard.generation == self._latest))
         return counts
+
+    @property
+    def _latest(self) -> int:
+        return int(self.manifest["generation"])
+
+    def replayed(self, uidx: np.ndarray | int) -> np.ndarray:
+        """Users in the replay sample: a seeded hash of the user index below replay_fraction."""
+        u = np.asarray(uidx, dtype=np.uint64)
+        h = (u * np.uint64(0x9E3779B97F4A7C15) + np.uint64(self.cfg.seed * 7919 + 1)) & np.uint64(0xFFFFFFFF)
+        return h.astype(np.float64) / 2**32 < self.cfg.replay_fraction
 
     def current_rows(self, shard: int) -> np.ndarray:
         """Rows of a shard's index holding a user's current sequence (False where a later generation supersedes it)."""
         return self._current[shard]
 
-    def _windows(self, index: np.ndarray, current: np.ndarray) -> np.ndarray:
+    def _windows(self, index: np.ndarray, current: np.ndarray, latest: bool = True) -> np.ndarray:
         if self.cfg.split == "train":
             usable = index["n_train"].astype(np.int64)
             n = np.where(usable >= 2, -(-(usable - 1) // self.cfg.max_len), 0)
+            if self.cfg.focus_new:
+                # New events come last in time, so held-out (valid/test) events are taken to be new
+                # first; windows are cut from the end, so the first k cover the new training events.
+                held_out = (index["n_events"] - index["n_train"]).astype(np.int64)
+                new_train = np.clip(index["n_new"].astype(np.int64) - held_out, 0, np.maximum(usable - 1, 0))
+                new_windows = -(-new_train // self.cfg.max_len) if latest else np.zeros_like(n)
+                n = np.where(self.replayed(index["uidx"]), n, np.minimum(n, new_windows))
         elif self.cfg.split == "valid":
             n = index["n_valid"].astype(np.int64)
         else:
@@ -185,24 +233,12 @@ class ShardDataset(IterableDataset):
         return uidx, events[max(0, target - length) : target + 1]
 
     def collate(self, users: list[int], windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Right-padded (B, T) tensors; ``mask`` marks real events, ``has_value`` those with a value."""
-        width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else max(len(w) for w in windows)
-        batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
-        mask = np.zeros((len(windows), width), dtype=bool)
-        for i, w in enumerate(windows):
-            batch[i, : len(w)] = w
-            mask[i, : len(w)] = True
-        has_value = mask & np.isfinite(batch["value"])
-        return {
-            "items": torch.from_numpy(batch["item"].astype(np.int64)),
-            "times": torch.from_numpy(batch["ts"].copy()),
-            "types": torch.from_numpy(batch["type"].astype(np.int64)),
-            "values": torch.from_numpy(np.where(has_value, batch["value"], 0).astype(np.float32)),
-            "has_value": torch.from_numpy(has_value),
-            "new": torch.from_numpy(batch["new"].astype(bool)),
-            "mask": torch.from_numpy(mask),
-            "users": torch.tensor(users, dtype=torch.int64),
-        }
+        width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else None
+        batch = collate_windows(users, windows, width)
+        if self.cfg.focus_new and self.cfg.split == "train":
+            replay = torch.from_numpy(self.replayed(np.array(users)))[:, None]
+            batch["targets"] &= batch["new"] | replay
+        return batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -246,11 +282,15 @@ class StreamLoader:
     def __iter__(self):
         self.dataset.set_epoch(self.epoch)
         self.dataset.skip_batches = self.batches
+        # A private generator: creating a DataLoader iterator draws a worker base seed, and from the
+        # global RNG that draw would shift dropout masks after a resume (which starts a new iterator).
+        generator = torch.Generator().manual_seed(self.dataset.cfg.seed * 1_000_003 + self.epoch)
         loader = DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            generator=generator,
         )
         for batch in loader:
             self.batches += 1

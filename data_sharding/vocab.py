@@ -126,7 +126,9 @@ def _codes(
         con.unregister("known_codes")
     else:
         con.execute("DROP VIEW known_codes")
-    return int(con.execute(f"SELECT coalesce(max(code) + 1, {next_code}) FROM {table}").fetchall()[0][0])
+    # Every known id counts, not only those seen in the new events: the touched users' histories
+    # (read back from earlier generations) hold any of them.
+    return int(con.execute(f"SELECT greatest(coalesce(max(code) + 1, 0), {next_code}) FROM {table}").fetchall()[0][0])
 
 
 def finalize_codes(counts: np.ndarray, num_known: int, min_count: int) -> np.ndarray:

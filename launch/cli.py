@@ -145,6 +145,9 @@ TRAIN_SHORTCUTS = {
     "batch_size": ("train", "micro_batch_size"),
     "seed": ("train", "seed"),
     "num_workers": ("data", "num_workers"),
+    "resume": ("checkpoint", "resume"),
+    "checkpoint_every": ("checkpoint", "every_steps"),
+    "checkpoint_minutes": ("checkpoint", "every_minutes"),
 }
 
 
@@ -172,6 +175,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="micro batch size per device")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int, help="data loader workers per process")
+    p.add_argument(
+        "--resume", help="auto (latest valid checkpoint of --out; the default), none, or a checkpoint folder"
+    )
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every N optimizer steps")
+    p.add_argument("--checkpoint-minutes", type=float, metavar="MIN", help="checkpoint every M minutes")
     p.set_defaults(func=_run_train, accepts_overrides=True)
 
 
@@ -192,6 +200,48 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     metrics = train_run(Path(args.out), cfg)
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
+    return 0
+
+
+def _add_retrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="continue a run on the next data generation (new events + replay, grown item tables)",
+        description="Incremental retraining from RUN's latest checkpoint on DIR's newest generation, into a "
+        "new run folder. Config fields can be overridden with --section.field=value.",
+    )
+    p.add_argument("--run", required=True, metavar="RUN", help="the run to continue (left unchanged)")
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="the dataset with the new generation (bgpt shard --append)"
+    )
+    p.add_argument("--out", required=True, metavar="NEW", help="the new run folder (resumed when it has checkpoints)")
+    p.add_argument("--replay-fraction", type=float, help="share of users whose whole history trains again (0.1)")
+    p.add_argument("--epochs", type=int, help="passes over the new events (default 1)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--lr", type=float)
+    p.set_defaults(func=_run_retrain, accepts_overrides=True)
+
+
+def _run_retrain(args: argparse.Namespace) -> int:
+    from launch.configs import merge, parse_overrides
+    from trainer.retrain import retrain
+
+    shortcuts: dict[str, dict] = {}
+    for flag, (section, key) in {
+        "replay_fraction": ("data", "replay_fraction"),
+        "epochs": ("train", "epochs"),
+        "max_steps": ("train", "max_steps"),
+        "max_minutes": ("train", "max_minutes"),
+        "lr": ("train", "lr"),
+    }.items():
+        if getattr(args, flag) is not None:
+            shortcuts.setdefault(section, {})[key] = getattr(args, flag)
+    metrics = retrain(
+        Path(args.run), Path(args.data), Path(args.out), merge(shortcuts, parse_overrides(args.overrides))
+    )
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
     return 0
@@ -278,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from launch import cluster_cli
 
-    for add in (_add_synth, _add_shard, _add_inspect, _add_train, _add_eval, _add_baseline, _add_predict):
+    for add in (_add_synth, _add_shard, _add_inspect, _add_train, _add_retrain, _add_eval, _add_baseline, _add_predict):
         add(sub)
     for add in (cluster_cli.add_launch, cluster_cli.add_plan, cluster_cli.add_slurm):
         add(sub)

@@ -3,6 +3,7 @@ consolidated ZeRO-3 checkpoints, stop-on-signal with resume, the launch files an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import shard, write_lines
@@ -228,3 +231,56 @@ def test_plan_command_counts_a_real_backbone(tmp_path):
     assert totals == sorted(totals, reverse=True)
     # 2 blocks x 64 scratch GPT-2 (+ 1,000 x 64 item table) trains in full.
     assert rows[0]["parameters_trainable"] == rows[0]["parameters_total"] > 64_000
+
+
+def _kill_after_step(cmd: list[str], log: Path, step: int) -> None:
+    """Start ``cmd`` and SIGKILL it and all its descendants once ``step`` is logged."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < step):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    # Every process at once, as a machine failure would: torchrun starts its workers in their own
+    # sessions, so the process group alone would miss them.
+    family = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *family]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_sigkill_then_resume_gives_bit_identical_weights(strategy, small_data, tmp_path):
+    """Checkpoints every 4 steps; SIGKILL every process at a random step past the first checkpoint;
+    the same command resumes (rank RNG, data position, optimizer shards) and ends bit-identical."""
+    if strategy != "ddp":
+        pytest.importorskip("deepspeed")
+    extra = {"checkpoint.every_steps": 4, "checkpoint.keep_last": 5, "model.dropout": 0.1}
+
+    def command(run: Path) -> list[str]:
+        launch = ["launch", "--nproc", "2", "--strategy", strategy, "--master-port", str(free_port())]
+        return [sys.executable, "-m", "launch.cli", *launch, "--", *train_args(small_data, run, 1, steps=16, **extra)]
+
+    straight = tmp_path / "straight"
+    done = subprocess.run(command(straight), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    kill_at = int(os.environ.get("BGPT_TEST_KILL_AT", np.random.default_rng().integers(6, 14)))
+    _kill_after_step(command(killed), killed / "train_log.jsonl", kill_at)
+    assert not (killed / "metrics.json").exists()
+    resumed_from = ckpt.latest_valid(killed)
+    assert resumed_from is not None and 4 <= int(resumed_from.name[5:]) <= kill_at
+    done = subprocess.run(
+        command(killed), cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {resumed_from}" in done.stdout + done.stderr, (kill_at, done.stdout[-2000:])
+    a = load_file(str(ckpt.step_dir(straight, 16) / ckpt.WEIGHTS))
+    b = load_file(str(ckpt.step_dir(killed, 16) / ckpt.WEIGHTS))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, kill_at, resumed_from.name)

@@ -208,3 +208,18 @@ def test_sigkill_at_any_point_of_an_append_leaves_a_loadable_dataset(tmp_path, s
     assert 1 in outcomes  # at least one kill landed mid-run
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # a rerun completes
     assert load_manifest(out)["generation"] in (2, 3)
+
+
+def test_append_whose_new_events_touch_only_some_known_items(tmp_path):
+    """Regression: the returning user's history holds known ids the new events never mention."""
+    from data_sharding.stream import iter_sequences
+
+    head = "user,item,ts"
+    first = write_lines(tmp_path / "a.csv", [head] + [f"u1,i{k},{1_600_000_000 + k}" for k in range(10)])
+    second = write_lines(tmp_path / "b.csv", [head, "u1,i0,1700000000"])
+    out = tmp_path / "out"
+    shard([first], out)
+    manifest = shard([second], out, append=True)
+    assert manifest["generation"] == 2 and manifest["vocab"]["num_items"] == 13
+    (events,) = [e for _, e in iter_sequences(out)]
+    assert len(events) == 11 and sorted(set(events["item"].tolist())) == list(range(3, 13))

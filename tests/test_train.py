@@ -1,6 +1,7 @@
 """Training end to end on CPU: a tiny model learns, resume is exact, bad configs are refused."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def tiny_config(data, **train):
     return build_config(
         {
             "data": {"path": str(data), "num_workers": 0},
-            "model": {"backbone": "scratch", "hidden_size": 32, "num_heads": 2, "num_layers": 1, "dropout": 0.0},
+            "model": {"backbone": "scratch", "hidden_size": 32, "num_heads": 2, "num_layers": 1, "dropout": 0.1},
             "train": {"micro_batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "eval_every": 0, "log_every": 5, **train},
             "heads": {"type_weight": 0.5},
             "checkpoint": {"every_steps": 10, "keep_last": 5},
@@ -108,3 +109,38 @@ def test_a_run_refuses_data_with_another_vocabulary(tmp_path, cyclic_data, datas
         load_run_model(run, data=dataset)
     with pytest.raises(ConfigError, match="not a run folder"):
         load_run_model(tmp_path)
+
+
+def test_sigkill_while_writing_checkpoints_leaves_the_previous_one_loadable(tmp_path):
+    """A process writes checkpoints back to back; SIGKILL lands at random moments of a write."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from trainer import checkpoint as ckpt\n"
+        "run = Path(sys.argv[1])\n"
+        "w = {'w': torch.randn(512, 1024)}\n"
+        "for step in range(1, 10_000):\n"
+        "    ckpt.write_checkpoint(ckpt.step_dir(run, step), w, {'opt': torch.randn(256, 1024)}, [{}],"
+        " {'step': step, 'vocab_version': 'v'})\n"
+        "    ckpt.prune(run, 2)\n"
+    )
+    rng = np.random.default_rng(0)
+    for attempt in range(4):
+        run = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", script, str(run)], cwd=Path(__file__).resolve().parent.parent)
+        while not ckpt.checkpoints(run):
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = ckpt.latest_valid(run, log=lambda *a: None)
+        assert latest is not None and ckpt.verify(latest) is None
+        assert ckpt.load_weights(latest)["w"].shape == (512, 1024)
+        assert ckpt.read_state(latest)["step"] == int(latest.name[5:])

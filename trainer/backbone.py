@@ -77,23 +77,27 @@ def _keep_first_layers(model: nn.Module, num_layers: int | None) -> None:
         config.layer_types = config.layer_types[:num_layers]
 
 
-def load_pretrained(path: str | Path, num_layers: int | None) -> Backbone:
-    """The base model of a local Hugging Face causal-LM directory (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX...)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(path: str | Path, num_layers: int | None, weights: bool = True) -> Backbone:
+    """The base model of a local Hugging Face causal-LM directory (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX...).
+    ``weights=False``: the same architecture, randomly initialised (and then trained in full)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ConfigError(
             f"unknown backbone {str(path)!r}: use {SMOLLM2}, scratch, or a local Hugging Face model directory"
         )
-    causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if weights:
+        causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        causal = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     base = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.base_model
     _keep_first_layers(base, num_layers)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tokenizer = None
-    return Backbone(base, causal.config.hidden_size, True, tokenizer, base.get_input_embeddings())
+    return Backbone(base, causal.config.hidden_size, weights, tokenizer, base.get_input_embeddings())
 
 
 def build_scratch(

@@ -36,12 +36,14 @@ class CheckpointConfig:
 
     every_steps: int = 500
     """Save every N optimizer steps (0: only at the end and on a signal)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last checkpoint (0: off)."""
     keep_last: int = 2
     resume: str = "auto"
     """auto (latest valid checkpoint of the run, if any), none, or a checkpoint folder."""
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.keep_last < 1:
+        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_last < 1:
             raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
 
 

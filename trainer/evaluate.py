@@ -89,14 +89,22 @@ def _last_history_index(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1) - 2  # the position just before the held-out (last) event
 
 
-@torch.no_grad()
 def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
     """Full-ranking metrics of ``model`` (a BehaviorGPT) on the ``split`` events of ``data``."""
+    return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, cfg: EvalConfig, device: torch.device, known_items: int | None = None) -> dict:
+    """Full-ranking metrics over collated windows that each end at the event to predict (the last
+    real position); the model sees only the events before it. A reserved target id (e.g. UNK for
+    an item the model never saw) can never be ranked: it counts as a miss. ``known_items``: only
+    ids below it may be recommended (a model evaluated on a catalogue grown after it trained)."""
     was_training = model.training
     model.eval()
     table = model.items.table()
     metrics = RankingMetrics(cfg.ks, model.num_items)
-    for batch in eval_loader(data, split, max_len, cfg.batch_size):
+    for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         pos = _last_history_index(batch["mask"])
         rows = torch.arange(len(pos), device=device)
@@ -105,6 +113,8 @@ def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int,
         history["mask"][rows, pos + 1] = False  # the model must not see the event it predicts
         hidden = model.hidden_states(history, table)[rows, pos]  # (B, H)
         scores = model.heads.item_scores(hidden, table)
+        if known_items is not None:
+            scores[:, known_items:] = float("-inf")
         if cfg.exclude_seen:
             seen = torch.where(history["mask"], history["items"], torch.zeros_like(history["items"]))
             scores.scatter_(1, seen, float("-inf"))

@@ -49,9 +49,8 @@ def load_backbone(cfg: ModelConfig) -> backbones.Backbone:
         return backbones.build_scratch(
             cfg.scratch_family, cfg.num_layers or 2, cfg.hidden_size, cfg.num_heads, cfg.max_len + 1, cfg.dropout
         )
-    if cfg.backbone == backbones.SMOLLM2:
-        return backbones.load_pretrained(backbones.smollm2_dir(), cfg.num_layers)
-    return backbones.load_pretrained(cfg.backbone, cfg.num_layers)
+    path = backbones.smollm2_dir() if cfg.backbone == backbones.SMOLLM2 else cfg.backbone
+    return backbones.load_pretrained(path, cfg.num_layers, cfg.pretrained_weights)
 
 
 def _backbone_text(titles: list[str | None], backbone: backbones.Backbone) -> torch.Tensor:

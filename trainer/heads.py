@@ -127,9 +127,15 @@ class MultiTaskHeads(nn.Module):
 
     def losses(self, h: torch.Tensor, batch: dict[str, torch.Tensor], table: torch.Tensor) -> dict[str, torch.Tensor]:
         """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it."""
-        valid = batch["mask"][:, 1:]
-        hv = h[valid]  # (N, H)
+        # Positions whose next event is a training target (incremental runs: only the new events
+        # and the replay sample; otherwise every real event).
+        valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
         out: dict[str, torch.Tensor] = {"targets": valid.sum()}
+        empty = not bool(valid.any())
+        if empty:  # no target in this batch (possible in incremental runs): one dummy row, weight 0,
+            valid = torch.zeros_like(valid)  # so every head stays in the graph (DDP needs that)
+            valid[0, 0] = True
+        hv = h[valid]  # (N, H)
         total = torch.zeros((), device=h.device)
         if self.cfg.item_weight > 0:
             out["item"] = self.item_loss(hv, batch["items"][:, 1:][valid], table)
@@ -150,7 +156,7 @@ class MultiTaskHeads(nn.Module):
             err = (self.value_head(hv).squeeze(-1) - values) ** 2 * has_value
             out["value"] = err.sum() / has_value.sum().clamp(min=1)
             total = total + self.cfg.value_weight * out["value"]
-        out["loss"] = total
+        out["loss"] = total * 0.0 if empty else total
         return out
 
     @staticmethod

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -41,6 +42,11 @@ class DataConfig:
     """DataLoader worker processes per rank reading shards."""
     generations: str = "state"
     """state (every user's latest sequence), latest (the newest generation only) or a generation number."""
+    focus_new: bool = False
+    """Train only on the newest generation's events (with their history as context) plus a replay
+    sample; set by `bgpt retrain`."""
+    replay_fraction: float = 0.1
+    """With focus_new: share of users whose whole history is replayed alongside the new events."""
 
 
 @dataclass
@@ -74,6 +80,9 @@ class TrainConfig:
     """Stop after this many validations without a better valid NDCG@10 (0: never)."""
     log_every: int = 10
     tensorboard: bool = False
+    init_from: str | None = None
+    """A checkpoint folder whose trainable weights start this run (item and event-type tables grown
+    for new ids, old rows unchanged); the optimizer and schedule start fresh (a warm restart)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.grad_accum < 1:
@@ -114,6 +123,19 @@ def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
         return 1.0
 
     return factor
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Main-process-only work on CPU (validation) while the other ranks wait: torchrun gives each
+    process one thread, so borrow the idle cores for the duration."""
+    before = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def uses_deepspeed() -> bool:
@@ -170,6 +192,8 @@ class Trainer:
             batch_size=train.micro_batch_size,
             seed=train.seed,
             generations=run_cfg.data.generations,
+            focus_new=run_cfg.data.focus_new,
+            replay_fraction=run_cfg.data.replay_fraction if run_cfg.data.focus_new else 0.0,
         )
         dataset = ShardDataset(data, stream_cfg, accelerator.process_index, accelerator.num_processes)
         self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers)
@@ -203,6 +227,7 @@ class Trainer:
         )
         self.stop_requested = False
         self.preempted = False
+        self._last_save = time.perf_counter()
         self._install_signal_handlers()
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -229,6 +254,7 @@ class Trainer:
             self.model.save_checkpoint(str(tmp / ckpt.ZERO_DIR), tag="state", exclude_frozen_parameters=True)
         weights = self.trainable_weights()
         acc.wait_for_everyone()
+        self._last_save = time.perf_counter()
         if acc.is_main_process:
             state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "world_size": acc.num_processes}
             optimizer = {"scheduler": self.scheduler.state_dict()}
@@ -298,27 +324,31 @@ class Trainer:
         """Validate on the main process; keep the best weights; True when patience ran out."""
         stop = False
         model = self.accelerator.unwrap_model(self.model)
-        # ZeRO-3: the weights to keep if this is the best validation yet are gathered by every rank.
+        # ZeRO-3: parameters are partitioned, so every rank runs the (identical) evaluation and
+        # the forward passes gather them collectively; the weights kept if this is the best
+        # validation yet are gathered by every rank too.
         weights = self.trainable_weights() if self.zero_stage == 3 else None
-        with self._full_parameters(model):
-            if self.accelerator.is_main_process:
-                stop = self._validate_main(model, weights)
+        metrics = None
+        if self.zero_stage == 3:
+            import deepspeed
+
+            # The item table is read outside any module's forward in evaluation: gather it.
+            with deepspeed.zero.GatheredParameters([model.items.ids.weight], modifier_rank=None):
+                metrics = self._evaluate_valid(model)
+        elif self.accelerator.is_main_process:
+            with all_cores():
+                metrics = self._evaluate_valid(model)
+        if self.accelerator.is_main_process:
+            stop = self._record_validation(model, metrics, weights)
         flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def _full_parameters(self, model):
-        """Under ZeRO-3 every rank gathers the full parameters (collective); otherwise a no-op."""
-        if self.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
+    def _evaluate_valid(self, model) -> dict:
+        cfg = self.cfg
+        return evaluate_model(model, Path(cfg.data.path), "valid", cfg.eval, cfg.model.max_len, self.accelerator.device)
 
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-    def _validate_main(self, model, weights: dict | None) -> bool:
-        """Evaluate on the validation split, log it, keep the best weights; True when patience ran out."""
-        metrics = evaluate_model(
-            model, Path(self.cfg.data.path), "valid", self.cfg.eval, self.cfg.model.max_len, self.accelerator.device
-        )
+    def _record_validation(self, model, metrics: dict, weights: dict | None) -> bool:
+        """Log the validation metrics, keep the best weights; True when patience ran out."""
         score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
         record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
         with open(self.run / "valid_metrics.jsonl", "a") as f:
@@ -373,7 +403,7 @@ class Trainer:
                 if (train.eval_every and self.state.step % train.eval_every == 0) or done:
                     last_eval = self.state.step
                     done = self.validate() or done
-                saved = self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0
+                saved = self._checkpoint_due()
                 if saved:
                     self.save()
                 if not done and self._stop_now():
@@ -386,8 +416,34 @@ class Trainer:
         if last_eval != self.state.step:
             self.validate()
         self.save()
+        self._write_resources()
         bar.close()
         return self.state
+
+    def _write_resources(self) -> None:
+        """``RUN/resources.json``: peak memory of every rank (process RSS; GPU memory on CUDA)."""
+        from accelerate.utils import gather_object
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        ranks = gather_object([{"rank": self.accelerator.process_index, "peak_rss_gib": rss, "peak_gpu_gib": gpu}])
+        if self.accelerator.is_main_process:
+            strategy = f"zero{self.zero_stage}" if self.zero_stage is not None else "ddp"
+            record = {"world_size": self.accelerator.num_processes, "strategy": strategy, "ranks": ranks}
+            (self.run / "resources.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``every_steps`` steps, or ``every_minutes`` after the last save (the main process's
+        clock decides, so every rank saves at the same step)."""
+        every = self.cfg.checkpoint
+        due = bool(every.every_steps) and self.state.step % every.every_steps == 0
+        if every.every_minutes and not due:
+            late = time.perf_counter() - self._last_save > 60 * every.every_minutes
+            flag = torch.tensor(
+                [1.0 if late and self.accelerator.is_main_process else 0.0], device=self.accelerator.device
+            )
+            due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return due
 
     def _log_step(self, step_loss: torch.Tensor, window_tokens: int, window_start: float, bar) -> None:
         """Loss of the last optimizer step averaged over every rank and micro batch; tokens/s since the

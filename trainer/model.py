@@ -30,6 +30,9 @@ class ModelConfig:
     """smollm2-135m (pretrained, offline), scratch (a small config), or a local Hugging Face model directory."""
     num_layers: int | None = None
     """Keep the first N blocks (pretrained) or build N blocks (scratch; default 2)."""
+    pretrained_weights: bool = True
+    """False: a pretrained backbone's exact architecture with random weights, all of them trained
+    (the from-scratch control when asking whether pretraining helps)."""
     scratch_family: str = "gpt2"
     """Architecture of scratch backbones: gpt2 (learned positions, dropout everywhere) or llama."""
     hidden_size: int = 64

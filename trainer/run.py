@@ -20,7 +20,7 @@ from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_model
 from trainer.factory import build_model, parameter_counts
-from trainer.loop import Trainer, make_accelerator
+from trainer.loop import Trainer, all_cores, make_accelerator
 
 CONFIG = "config.yaml"
 # Sections that define the network: a run cannot resume with different values.
@@ -66,6 +66,14 @@ def train_run(run: Path, cfg, log=print) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
+    if resume_from is None and cfg.train.init_from:
+        from trainer.retrain import grow_and_load
+
+        source = Path(cfg.train.init_from)
+        problem = ckpt.verify(source)
+        if problem:
+            raise ConfigError(f"train.init_from {source}: {problem}")
+        grow_and_load(model, source, log if accelerator.is_main_process else _quiet)
     trainable, total = parameter_counts(model)
     if accelerator.is_main_process:
         log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
@@ -79,9 +87,16 @@ def train_run(run: Path, cfg, log=print) -> dict:
     if trainer.preempted:
         accelerator.end_training()  # also closes the process group
         return {"stopped_at_step": state.step, "resume": "run the same command again"}
+    if trainer.zero_stage == 3:
+        # Training is over: the test model below is built in one process, so transformers must not
+        # partition it with deepspeed.zero.Init (a collective the other ranks would never join).
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     metrics = {}
     if accelerator.is_main_process:
-        metrics = evaluate_run(run, "test", log=log)
+        with all_cores():
+            metrics = evaluate_run(run, "test", log=log)
         metrics["train"] = {**state.to_dict(), "wall_seconds_this_process": round(time.perf_counter() - started, 1)}
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()

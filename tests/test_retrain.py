@@ -131,3 +131,22 @@ def test_retrain_refuses_what_it_cannot_continue(generations, tmp_path):
     with pytest.raises(ConfigError, match="retrain on generation 2 first"):
         retrain(parent, data, root / "c", {}, **QUIET)
     assert not (root / "c" / "config.yaml").exists()  # nothing written for a refused retrain
+
+
+def test_an_interrupted_retrain_resumes_instead_of_starting_over(generations):
+    root, data, second = generations
+    parent = root / "parent"
+    train_run(parent, tiny(data, max_steps=10), **QUIET)
+    shard([second], data, append=True)
+    out = root / "retrained"
+    out.mkdir()
+    (out / "STOP").touch()  # what the Slurm script's preemption trap does
+    overrides = {"train": {"max_steps": 8}, "checkpoint": {"every_steps": 0}}
+    stopped = retrain(parent, data, out, overrides, **QUIET)
+    assert stopped["stopped_at_step"] == 1
+    first = ckpt.latest_valid(out)
+    messages: list[str] = []
+    metrics = retrain(parent, data, out, overrides, log=messages.append)
+    assert any(f"resumed from {first} at step 1" in m for m in messages)
+    assert not any(m.startswith("grew ") for m in messages)  # not re-initialised from the parent
+    assert ckpt.read_state(ckpt.latest_valid(out))["step"] == 8 and metrics["count"] > 0

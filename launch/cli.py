@@ -299,38 +299,101 @@ def _run_baseline(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-K next items for users of the run's data")
-    p.add_argument("--run", required=True, metavar="RUN")
-    p.add_argument("--users", required=True, help="user ids, comma separated")
+    p = sub.add_parser(
+        "predict",
+        help="top-K next items per user (Parquet with --out, or printed for --users)",
+        description="Top-K next items (and next event type / time / value when those heads exist) from each "
+        "user's latest events: all users of --data (default: the run's own data), the named --users, or the "
+        "histories in a raw --events file.",
+    )
+    p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN", help="a run folder or an export")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR", help="sharded dataset (default: the run's own)")
+    source.add_argument("--events", metavar="FILE", help="raw events file (csv, tsv, parquet, jsonl, movielens)")
+    p.add_argument("--format", default="auto", help="format of --events (default: by extension)")
+    p.add_argument("--users", help="only these user ids, comma separated (printed with titles without --out)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--exclude-seen", action="store_true")
+    p.add_argument("--exclude-seen", action="store_true", help="never recommend items in the history")
+    p.add_argument("--out", metavar="FILE.parquet", help="write predictions here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of the backbone")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from trainer.predict import recommend, user_histories
-    from trainer.run import load_run_model
+    from trainer.export import load_inference
+    from trainer.predict import histories_from_data, histories_from_events, predict, write_predictions
 
-    model, cfg, info = load_run_model(Path(args.run))
-    users = [u.strip() for u in args.users.split(",") if u.strip()]
-    histories = user_histories(Path(cfg.data.path), users, cfg.model.max_len)
-    for user, recs in recommend(model, histories, args.k, args.exclude_seen).items():
-        last = [info.titles[i] or info.items[i] for i in histories[user]["item"][-3:]]
-        print(f"{user}  (recently: {' | '.join(last)})")
-        for rank, (item, score) in enumerate(recs, 1):
-            title = info.titles[item] or ""
-            print(f"  {rank:>2}. {info.items[item]:<12} {score:8.3f}  {title}")
+    if args.k < 1:
+        raise BgptError("--k must be >= 1")
+    run = Path(args.run)
+    model = load_inference(run, args.quantize)
+    users = [u.strip() for u in args.users.split(",") if u.strip()] if args.users else None
+    if args.events:
+        histories = histories_from_events(Path(args.events), model, args.format)
+        if users is not None:
+            histories = (h for h in histories if h.user in set(users))
+    else:
+        data = args.data
+        if data is None:
+            if not (run / "config.yaml").exists():
+                raise BgptError(f"{run} is an export: pass --data DIR or --events FILE")
+            from trainer.run import load_run_config
+
+            data = load_run_config(run).data.path
+        histories = histories_from_data(Path(data), model, users)
+    if args.out:
+        stats = write_predictions(model, histories, Path(args.out), args.k, args.exclude_seen, args.batch_size)
+        print(json.dumps({"out": args.out, **stats}))
+        return 0
+    if users is None:
+        raise BgptError("pass --out FILE.parquet (every user) or --users to print a few")
+    histories = list(histories)
+    for h, record in zip(histories, predict(model, histories, args.k, args.exclude_seen), strict=True):
+        last = [model.titles[i] or model.items[i] for i in h.items[-3:]]
+        print(f"{h.user}  (recently: {' | '.join(last)})")
+        for rank, (item, score) in enumerate(zip(record["items"], record["scores"], strict=True), 1):
+            title = model.titles[model.item_index[item]] or ""
+            print(f"  {rank:>2}. {item:<12} {score:8.3f}  {title}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a self-contained model directory for serving and plain transformers")
+    p.add_argument("--run", required=True, metavar="RUN")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the backbone weights")
+    p.add_argument("--quantize", choices=("int8",), help="serve with dynamic int8 quantization")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export (atomically)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_run
+
+    meta = export_run(Path(args.run), Path(args.out), args.merge_lora, args.quantize, args.overwrite)
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("version", "merged_lora", "quantize")}}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgpt", description="behavior-gpt: next-behaviour prediction with LMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    from launch import cluster_cli
+    from launch import cluster_cli, serve_cli
 
-    for add in (_add_synth, _add_shard, _add_inspect, _add_train, _add_retrain, _add_eval, _add_baseline, _add_predict):
+    for add in (
+        _add_synth,
+        _add_shard,
+        _add_inspect,
+        _add_train,
+        _add_retrain,
+        _add_eval,
+        _add_baseline,
+        _add_predict,
+        _add_export,
+    ):
         add(sub)
-    for add in (cluster_cli.add_launch, cluster_cli.add_plan, cluster_cli.add_slurm):
+    for add in (cluster_cli.add_launch, cluster_cli.add_plan, cluster_cli.add_slurm, serve_cli.add_serve):
         add(sub)
     return parser
 

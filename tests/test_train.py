@@ -5,43 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shard, write_lines
+from conftest import NUM_ITEMS, tiny_config
 from safetensors.torch import load_file
 
-from launch.configs import build_config
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig, evaluate_popularity
 from trainer.loop import Trainer
 from trainer.run import evaluate_run, train_run
-
-NUM_ITEMS = 12
-
-
-@pytest.fixture(scope="module")
-def cyclic_data(tmp_path_factory):
-    """Every user walks the catalogue in order (next item = current + 1 mod 12): perfectly learnable."""
-    root = tmp_path_factory.mktemp("cyclic")
-    rows = ["user,item,ts,event_type"]
-    for u in range(48):
-        for t in range(10):
-            item = (u + t) % NUM_ITEMS
-            rows.append(f"u{u},i{item},{1_600_000_000 + 60 * t},{'buy' if item >= 6 else 'view'}")
-    shard([write_lines(root / "e.csv", rows)], root / "data")
-    return root / "data"
-
-
-def tiny_config(data, **train):
-    return build_config(
-        {
-            "data": {"path": str(data), "num_workers": 0},
-            "model": {"backbone": "scratch", "hidden_size": 32, "num_heads": 2, "num_layers": 1, "dropout": 0.1},
-            "train": {"micro_batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "eval_every": 0, "log_every": 5, **train},
-            "heads": {"type_weight": 0.5},
-            "checkpoint": {"every_steps": 10, "keep_last": 5},
-            "eval": {"ks": [1, 10]},
-        }
-    )
 
 
 def test_a_tiny_model_overfits_a_tiny_set_and_beats_popularity(tmp_path, cyclic_data):

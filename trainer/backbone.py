@@ -118,6 +118,9 @@ def build_scratch(
             attn_pdrop=dropout,
             bos_token_id=None,
             eos_token_id=None,
+            # GPT-2's default "gelu_new" is the same tanh approximation written as Python tensor
+            # ops: 4-7x slower on CPU than PyTorch's fused kernel (measured), for equal values.
+            activation_function="gelu_pytorch_tanh",
         )
         model = GPT2Model(config)
     elif family == "llama":

@@ -58,7 +58,9 @@ class RankingMetrics:
 
     def add(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         self.ranks.append(target_ranks(scores, targets).cpu().numpy())
-        top = torch.topk(scores, max(self.ks), dim=1).indices.cpu().numpy()
+        # K may exceed a small catalogue: every real item is then in the top K.
+        k_max = min(max(self.ks), scores.shape[1] - NUM_RESERVED_ITEMS)
+        top = torch.topk(scores, k_max, dim=1).indices.cpu().numpy()
         for k in self.ks:
             self.top[k][top[:, :k].ravel()] = True
 

@@ -1,59 +1,165 @@
-"""Top-K next items for users, from their latest sequences in the shards."""
+"""Batch prediction: top-K next items (and next event type / time / value when those heads exist)
+for users, from the latest events in shards or in a raw events file, written to Parquet."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
 from data_sharding import shards
+from data_sharding.ingest import InputConfig, stage_file
 from data_sharding.stream import iter_sequences
 from trainer.errors import ConfigError
+from trainer.inference import InferenceModel
 
 
-def user_histories(data: Path, users: list[str], max_len: int) -> dict[str, np.ndarray]:
-    """Latest events (up to max_len) of the named users, read from the shards."""
+@dataclass
+class History:
+    """One user's latest events as model ids, oldest first."""
+
+    user: str
+    items: np.ndarray
+    types: np.ndarray
+    times: np.ndarray
+
+
+def histories_from_data(data: Path, model: InferenceModel, users: list[str] | None = None) -> Iterator[History]:
+    """Latest events of every user (or the named ones) in a sharded dataset, all generations merged.
+
+    Items the model does not know (added by a later ``--append`` generation) are left out."""
     manifest = shards.load_manifest(data)
     table = pq.read_table(data / manifest["vocab"]["files"]["users"], columns=["uidx", "user"])
-    index = dict(zip(table["user"].to_pylist(), table["uidx"].to_pylist(), strict=True))
-    unknown = [u for u in users if u not in index]
-    if unknown:
-        raise ConfigError(f"unknown users {unknown[:5]} (not in {data})")
-    wanted = {index[u]: u for u in users}
-    found = {}
+    names = dict(zip(table["uidx"].to_pylist(), table["user"].to_pylist(), strict=True))
+    wanted = None
+    if users is not None:
+        index = {name: uidx for uidx, name in names.items()}
+        unknown = [u for u in users if u not in index]
+        if unknown:
+            raise ConfigError(f"unknown users {unknown[:5]} (not in {data})")
+        wanted = {index[u] for u in users}
     for uidx, events in iter_sequences(data):
-        if uidx in wanted:
-            found[wanted[uidx]] = events[-max_len:]
-    return found
+        if wanted is not None and uidx not in wanted:
+            continue
+        events = events[events["item"] < model.num_items][-model.max_len :]
+        if len(events):
+            yield History(
+                names[uidx], events["item"].astype(np.int64), events["type"].astype(np.int64), events["ts"].copy()
+            )
 
 
-@torch.no_grad()
-def recommend(model, histories: dict[str, np.ndarray], k: int, exclude_seen: bool = False) -> dict[str, list]:
-    """user -> [(item id, score), ...] best first."""
-    users = list(histories)
-    width = max(len(histories[u]) for u in users)
-    items = torch.zeros(len(users), width, dtype=torch.long)
-    times = torch.zeros(len(users), width, dtype=torch.long)
-    types = torch.zeros(len(users), width, dtype=torch.long)
-    mask = torch.zeros(len(users), width, dtype=torch.bool)
-    for row, user in enumerate(users):
-        events = histories[user]
-        n = len(events)
-        items[row, :n] = torch.from_numpy(events["item"].astype(np.int64))
-        times[row, :n] = torch.from_numpy(events["ts"].astype(np.int64))
-        types[row, :n] = torch.from_numpy(events["type"].astype(np.int64))
+def histories_from_events(path: Path, model: InferenceModel, fmt: str = "auto", log=print) -> Iterator[History]:
+    """Histories from a raw events file (any format ``bgpt shard`` reads), ordered by time per user.
+
+    Rows that fail validation and events of unknown items or types are skipped and counted."""
+    con = duckdb.connect()
+    src = stage_file(con, 0, str(path), InputConfig(paths=[str(path)], format=fmt))
+    bad = con.execute(f"SELECT count(*) FROM {src.table} WHERE reason IS NOT NULL").fetchall()[0][0]
+    con.register("vocab_items", pa.table({"item": model.items, "iid": np.arange(model.num_items)}))
+    con.register("vocab_types", pa.table({"event_type": model.event_types, "tid": np.arange(len(model.event_types))}))
+    rel = con.execute(
+        f"SELECT e.user, v.iid, t.tid, e.ts FROM {src.table} e "
+        "JOIN vocab_items v ON v.item = e.item AND v.iid >= 3 JOIN vocab_types t ON t.event_type = e.event_type "
+        "WHERE e.reason IS NULL ORDER BY e.user, e.ts, e.rowid"
+    ).to_arrow_table()
+    total = con.execute(f"SELECT count(*) FROM {src.table} WHERE reason IS NULL").fetchall()[0][0]
+    if bad or total - rel.num_rows:
+        log(f"{path}: skipped {bad} invalid rows and {total - rel.num_rows} events of unknown items or types")
+    users = rel["user"].to_numpy(zero_copy_only=False)
+    cols = [rel[c].to_numpy() for c in ("iid", "tid", "ts")]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
+    ends = np.r_[starts[1:], len(users)]
+    for start, end in zip(starts, ends, strict=True):
+        start = max(start, end - model.max_len)
+        yield History(str(users[start]), *(c[start:end].astype(np.int64) for c in cols))
+
+
+def _batch(model: InferenceModel, histories: list[History]) -> tuple[torch.Tensor, ...]:
+    width = max(len(h.items) for h in histories)
+    shape = (len(histories), width)
+    items, types, times = (torch.zeros(shape, dtype=torch.int64) for _ in range(3))
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row, h in enumerate(histories):
+        n = len(h.items)
+        items[row, :n] = torch.from_numpy(h.items)
+        types[row, :n] = torch.from_numpy(h.types)
+        times[row, :n] = torch.from_numpy(h.times)
         mask[row, :n] = True
-    batch = {"items": items, "times": times, "types": types, "mask": mask}
-    table = model.items.table()
-    last = mask.sum(1) - 1
-    hidden = model.hidden_states(batch, table)[torch.arange(len(users)), last]
-    scores = model.heads.item_scores(hidden, table)
-    if exclude_seen:
-        scores.scatter_(1, items, float("-inf"))
-    top = torch.topk(scores, k, dim=1)
-    return {
-        user: list(zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True))
-        for row, user in enumerate(users)
-    }
+    return items, types, times, mask
+
+
+def predict(
+    model: InferenceModel, histories: list[History], k: int, exclude_seen: bool = False
+) -> list[dict[str, object]]:
+    """One record per history: user, items, scores (best first) and the side predictions."""
+    hidden = model.encode(*_batch(model, histories))
+    exclude = [h.items.tolist() for h in histories] if exclude_seen else None
+    top, scores = model.top_k(hidden, k, exclude)
+    side = model.side_predictions(hidden)
+    records = []
+    for row, h in enumerate(histories):
+        keep = np.isfinite(scores[row])  # fewer than k items left after exclusions
+        record: dict[str, object] = {
+            "user": h.user,
+            "items": [model.items[i] for i in top[row][keep]],
+            "scores": scores[row][keep].astype(np.float32).tolist(),
+        }
+        if "next_event_type" in side:
+            record["next_event_type"] = model.event_types[int(side["next_event_type"][row])]
+        for key in ("next_event_seconds", "next_value"):
+            if key in side:
+                record[key] = float(side[key][row])
+        records.append(record)
+    return records
+
+
+def _chunks(histories: Iterator[History], size: int) -> Iterator[list[History]]:
+    chunk: list[History] = []
+    for history in histories:
+        chunk.append(history)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_predictions(
+    model: InferenceModel,
+    histories: Iterator[History],
+    out: Path,
+    k: int,
+    exclude_seen: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Predict for every history and write Parquet (written beside ``out`` and renamed at the end)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = None
+    users = 0
+    started = time.perf_counter()
+    bar = tqdm(desc="predict", unit="user", disable=not progress)
+    try:
+        for chunk in _chunks(histories, batch_size):
+            table = pa.Table.from_pylist(predict(model, chunk, k, exclude_seen))
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            users += len(chunk)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ConfigError("no user has a history the model can read: nothing to predict")
+    tmp.rename(out)
+    seconds = time.perf_counter() - started
+    return {"users": users, "seconds": round(seconds, 3), "users_per_s": round(users / max(seconds, 1e-9), 1)}

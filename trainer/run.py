@@ -116,13 +116,26 @@ def load_run_config(run: Path):
     return build_config(yaml.safe_load((run / CONFIG).read_text()))
 
 
+def weights_source(run: Path, weights: str = "best", log=print) -> Path:
+    """The folder whose weights a trained run is used with: ``best/`` (the best validation score),
+    else the latest valid checkpoint; an error when neither verifies."""
+    best = run / "best"
+    if weights == "best" and best.exists():
+        problem = ckpt.verify(best)
+        if problem is None:
+            return best
+        log(f"skipping {best}: {problem}")
+    source = ckpt.latest_valid(run, log)
+    if source is None:
+        raise ConfigError(f"{run}: no valid weights to load (train first, or the checkpoints are corrupt)")
+    return source
+
+
 def load_run_model(run: Path, data: Path | None = None, weights: str = "best", log=print):
     """(model in eval mode, config, dataset info) of a trained run, with its best (or latest) weights."""
     cfg = load_run_config(run)
     data = Path(data or cfg.data.path)
-    source = run / "best" if weights == "best" and (run / "best").exists() else ckpt.latest_valid(run, log)
-    if source is None or ckpt.verify(source) is not None:
-        raise ConfigError(f"{run}: no valid weights to load (train first, or the checkpoints are corrupt)")
+    source = weights_source(run, weights, log)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
     state = ckpt.read_state(source)
     if state.get("vocab_version") not in (None, info.vocab_version):

@@ -1,0 +1,226 @@
+"""The recommender behind the HTTP API: stored histories, per-user key/value caches, hot reload.
+
+A request reads ``self.current`` once and uses that (model, caches) pair to the end, so a reload
+that swaps in a new pair never mixes two models inside one request, and no request fails
+during the swap. Caches belong to their model and are dropped with it.
+
+Cached windows: a user's cache holds the key/values of their latest window of events. An
+appended event costs one backbone step. A window may grow to ``max_len`` events (the longest
+the model was trained on); the event after that re-encodes the latest ``max_len - slack``
+events, and the next ``slack`` events are again single steps. With ``slack = 0`` every
+prediction sees exactly the last ``max_len`` events (a full re-encode per event once a user has
+that many); the default keeps 80-100% of the window and re-encodes once every ``slack`` events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from serving.store import Event, HistoryStore
+from trainer.errors import ConfigError
+from trainer.export import load_inference, source_signature
+from trainer.inference import CachedState, InferenceModel
+
+log = logging.getLogger("bgpt.serve")
+
+
+@dataclass
+class ServiceConfig:
+    source: Path
+    """A run folder or an export directory."""
+    state: Path
+    """SQLite file with the users' histories."""
+    history_size: int | None = None
+    """Events kept per user (default: the model's max_len)."""
+    cache_users: int = 4096
+    """Users whose key/value caches are kept in memory (least recently used are dropped)."""
+    slack: int | None = None
+    """Events a cached window may lag behind a full re-encode (default max_len // 5)."""
+    reload_seconds: float = 5.0
+    """How often to look for a newer checkpoint or export (0: never)."""
+    quantize: str | None = None
+    threads: int = 1
+    durability: str = "normal"
+
+
+@dataclass
+class Loaded:
+    """A model and the caches computed with it."""
+
+    model: InferenceModel
+    signature: str | None
+    loaded_at: float = field(default_factory=time.time)
+    caches: OrderedDict[str, CachedState] = field(default_factory=OrderedDict)
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as asked (unknown item or type, bad history): a 4xx."""
+
+
+class Recommender:
+    def __init__(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.current = self._load()
+        model = self.current.model
+        self.slack = model.max_len // 5 if cfg.slack is None else cfg.slack
+        if not 0 <= self.slack < model.max_len:
+            raise ConfigError(f"--slack {self.slack}: must be in [0, max_len={model.max_len})")
+        self.store = HistoryStore(cfg.state, cfg.history_size or model.max_len, cfg.durability)
+        self.reloads = 0
+        self.reload_failures = 0
+        self.events_total = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _load(self) -> Loaded:
+        signature = source_signature(self.cfg.source)
+        model = load_inference(self.cfg.source, self.cfg.quantize, log=log.warning)
+        return Loaded(model, signature)
+
+    # ----- hot reload ------------------------------------------------------------------------
+    def start_watching(self) -> None:
+        if self.cfg.reload_seconds > 0 and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="bgpt-reload", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        self.store.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.cfg.reload_seconds):
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Load the newer weights if the source changed; the old model serves until the new one is ready."""
+        try:
+            signature = source_signature(self.cfg.source)
+        except OSError:
+            return False
+        if signature is None or signature == self.current.signature:
+            return False
+        try:
+            loaded = self._load()
+        except Exception as e:  # a half-visible or corrupt new version: keep serving the old one
+            self.reload_failures += 1
+            log.warning("reload of %s failed, still serving %s: %s", self.cfg.source, self.current.model.version, e)
+            return False
+        self.current = loaded  # one reference swap: requests already running finish on the old pair
+        self.reloads += 1
+        log.info("serving %s", loaded.model.version)
+        return True
+
+    # ----- ids -------------------------------------------------------------------------------
+    @staticmethod
+    def _ids(model: InferenceModel, events: list[Event]) -> tuple[list[int], list[int], list[int]]:
+        try:
+            items = model.item_ids([e.item for e in events])
+            types = model.type_ids([e.event_type for e in events])
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
+        return items, types, [e.ts for e in events]
+
+    # ----- writes ----------------------------------------------------------------------------
+    def add_events(self, user: str, events: list[Event]) -> int:
+        """Validate, persist, then advance the user's cached window (if cached) one step per event."""
+        loaded = self.current
+        items, types, times = self._ids(loaded.model, events)  # nothing is stored if any is unknown
+        names = loaded.model.event_types
+        length = self.store.append(user, [Event(e.item, names[t], e.ts) for e, t in zip(events, types, strict=True)])
+        self.events_total += len(events)
+        state = loaded.caches.get(user)
+        if state is not None:
+            if min(times) < state.last_time:  # out of order: the window must be rebuilt
+                del loaded.caches[user]
+            else:
+                for item, etype, ts in zip(items, types, times, strict=True):
+                    state = self._advance(loaded.model, user, state, item, etype, ts)
+                loaded.caches[user] = state
+                loaded.caches.move_to_end(user)
+        return length
+
+    def _advance(self, model: InferenceModel, user: str, state: CachedState, item: int, etype: int, ts: int):
+        if state.length < model.max_len:
+            return model.append(state, item, etype, ts)
+        keep = model.max_len - self.slack
+        history = self.store.history(user)[-keep:]
+        return model.start(*self._ids(model, history))
+
+    # ----- reads -----------------------------------------------------------------------------
+    def _state(self, loaded: Loaded, user: str, history: list[Event]) -> CachedState:
+        state = loaded.caches.get(user)
+        if state is not None:
+            self.cache_hits += 1
+            loaded.caches.move_to_end(user)
+            return state
+        self.cache_misses += 1
+        state = loaded.model.start(*self._ids(loaded.model, history))
+        loaded.caches[user] = state
+        while len(loaded.caches) > self.cfg.cache_users:
+            loaded.caches.popitem(last=False)
+        return state
+
+    def recommend(
+        self,
+        user: str | None,
+        history: list[Event] | None,
+        k: int,
+        exclude_seen: bool = False,
+        event_types: list[str] | None = None,
+    ) -> dict:
+        """Top-k for a stored user (their cached window) or for a history given in the request.
+
+        ``event_types``: read only the history's events of these types (encoded afresh, uncached)."""
+        loaded = self.current
+        model = loaded.model
+        stored = history is None
+        if stored:
+            history = self.store.history(user)
+            if not history:
+                raise LookupError(f"user {user!r} has no events; POST /v1/events first or send a history")
+        if event_types is not None:
+            try:
+                wanted = {model.event_types[t] for t in model.type_ids(event_types)}
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+            single = model.event_types[1] if len(model.event_types) == 2 else None
+            history = [e for e in history if (e.event_type or single) in wanted]
+            if not history:
+                raise RequestError(f"no events of types {event_types} in the history")
+        if stored and event_types is None:
+            hidden = self._state(loaded, user, history).hidden
+        else:
+            hidden = model.start(*self._ids(model, history)).hidden
+        exclude = None
+        if exclude_seen:
+            exclude = [sorted({model.item_index[e.item] for e in history if e.item in model.item_index})]
+        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude)
+        side = model.side_predictions(hidden.unsqueeze(0))
+        out = {
+            "user": user,
+            "model_version": model.version,
+            "items": [
+                {"item": model.items[i], "score": round(float(s), 6), "title": model.titles[i]}
+                for i, s in zip(top[0], scores[0], strict=True)
+                if s > float("-inf")  # fewer than k items left after exclusions
+            ],
+            "history_length": len(history),
+        }
+        if "next_event_type" in side:
+            out["next_event_type"] = model.event_types[int(side["next_event_type"][0])]
+        for key in ("next_event_seconds", "next_value"):
+            if key in side:
+                out[key] = round(float(side[key][0]), 4)
+        return out

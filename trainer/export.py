@@ -1,0 +1,219 @@
+"""Self-contained model exports, and loading a model for inference from a run or an export.
+
+An export directory holds::
+
+    export.json            format, version, source run/step, vocab version, event types, heads
+    backbone/              the backbone as a Hugging Face model (config.json + model.safetensors):
+                           LoRA merged when --merge-lora; `AutoModel.from_pretrained` loads it
+    adapter.safetensors    LoRA weights kept apart (only without --merge-lora)
+    behavior.safetensors   item table (text/attributes folded in), event-type and time-gap
+                           embeddings, next-type/time/value heads
+    items.parquet          item id and title per model id (row i is id i)
+
+``--quantize int8`` is recorded in export.json and applied when the export is loaded (dynamic
+quantization of the backbone's linear layers): the stored weights stay fp32, so the same export
+can be served both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data_sharding import shards
+from trainer import checkpoint as ckpt
+from trainer.errors import ConfigError
+from trainer.inference import InferenceModel, merge_lora
+
+EXPORT_FORMAT = 1
+EXPORT_META = "export.json"
+QUANTIZE = ("int8",)
+
+
+def _unload_lora(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Remove LoRA layers without merging them; returns their weights (keys relative to ``module``)."""
+    adapter = {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
+
+    def strip(m: nn.Module) -> None:
+        for name, child in list(m.named_children()):
+            if hasattr(child, "get_base_layer") and hasattr(child, "merge"):
+                setattr(m, name, child.get_base_layer())
+            else:
+                strip(child)
+
+    strip(module)
+    return adapter
+
+
+def _run_version(run: Path, source: Path) -> str:
+    state = ckpt.read_state(source)
+    return f"{run.resolve().name}@{source.name}:step-{state['step']}"
+
+
+def load_run(run: Path, log=print) -> InferenceModel:
+    """A trained run's best (else latest valid) weights in inference form."""
+    from trainer.run import load_run_model, weights_source
+
+    source = weights_source(run, "best", log)
+    model, cfg, info = load_run_model(run, log=log)
+    manifest = shards.load_manifest(Path(cfg.data.path))
+    return InferenceModel.from_model(model, info, manifest["vocab"]["event_types"], _run_version(run, source))
+
+
+def source_signature(path: Path) -> str | None:
+    """Changes whenever the weights a run or export would load change (for hot reload); None when
+    nothing loadable is there yet."""
+    meta = path / EXPORT_META
+    if meta.exists():
+        stat = meta.stat()
+        return f"export:{stat.st_mtime_ns}:{stat.st_ino}"
+    from trainer.run import weights_source
+
+    try:
+        source = weights_source(path, "best", log=lambda *_: None)
+    except ConfigError:
+        return None
+    stat = (source / ckpt.META).stat()
+    return f"run:{source}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
+def load_inference(path: Path, quantize: str | None = None, log=print) -> InferenceModel:
+    """An export directory or a run folder -> InferenceModel (int8 when asked or when exported so)."""
+    path = Path(path)
+    if (path / EXPORT_META).exists():
+        model = load_export(path)
+    elif (path / "config.yaml").exists():
+        model = load_run(path, log)
+    else:
+        raise ConfigError(f"{path}: neither a run folder (config.yaml) nor an export ({EXPORT_META})")
+    if quantize not in (None, *QUANTIZE):
+        raise ConfigError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    if quantize and not model.quantized:
+        model.quantize()
+    return model
+
+
+def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = None, overwrite: bool = False) -> dict:
+    """Write the export of ``run`` to ``out`` atomically (assembled beside it, then renamed)."""
+    if quantize not in (None, *QUANTIZE):
+        raise ConfigError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out or pass --overwrite")
+    from trainer.run import load_run_model, weights_source
+
+    source = weights_source(run, "best")
+    model, cfg, info = load_run_model(run)
+    manifest = shards.load_manifest(Path(cfg.data.path))
+    inference = InferenceModel.from_model(
+        copy.deepcopy(model) if not merge else model, info, manifest["vocab"]["event_types"], _run_version(run, source)
+    )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lora = None
+    if merge:
+        backbone = inference.backbone
+    else:
+        backbone = model.backbone  # still holds its LoRA layers
+        adapter = _unload_lora(backbone)
+        if adapter:
+            save_file(adapter, str(tmp / "adapter.safetensors"))
+            lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": sorted(_lora_targets(adapter))}
+    backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+    weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
+    for name, head in inference.heads.items():
+        weights[f"{name}_head.weight"] = head.weight
+        weights[f"{name}_head.bias"] = head.bias
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "behavior.safetensors"))
+    pq.write_table(pa.table({"item": inference.items, "title": inference.titles}), tmp / "items.parquet")
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": inference.version,
+        "source_run": str(run.resolve()),
+        "source_weights": str(source.resolve()),
+        "vocab_version": info.vocab_version,
+        "event_types": inference.event_types,
+        "max_len": inference.max_len,
+        "heads": sorted(inference.heads),
+        "merged_lora": merge or lora is None,
+        "lora": lora,
+        "quantize": quantize,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with open(tmp / EXPORT_META, "w") as f:  # written last: an export without it is incomplete
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def _lora_targets(adapter: dict[str, torch.Tensor]) -> set[str]:
+    # keys look like layers.0.self_attn.q_proj.lora_A.default.weight
+    return {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapter}
+
+
+def load_export(path: Path) -> InferenceModel:
+    """An export directory -> InferenceModel (LoRA merged at load when it was kept apart)."""
+    from transformers import AutoModel
+
+    meta_path = path / EXPORT_META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{meta_path}: unreadable export metadata ({e})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{path}: export format {meta.get('format')} (this version reads {EXPORT_FORMAT})")
+    try:
+        backbone = AutoModel.from_pretrained(path / "backbone", dtype=torch.float32)
+        weights = load_file(str(path / "behavior.safetensors"))
+        items = pq.read_table(path / "items.parquet")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: incomplete or corrupt export ({e})") from None
+    if meta.get("lora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = meta["lora"]
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"])
+        backbone = inject_adapter_in_model(config, backbone)
+        missing = backbone.load_state_dict(load_file(str(path / "adapter.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise ConfigError(f"{path}/adapter.safetensors does not fit the backbone: {missing.unexpected_keys[:3]}")
+        merge_lora(backbone)
+    types = nn.Embedding.from_pretrained(weights["types"], freeze=True)
+    gaps = nn.Embedding.from_pretrained(weights["gaps"], freeze=True)
+    heads = {}
+    for name in meta["heads"]:
+        weight, bias = weights[f"{name}_head.weight"], weights[f"{name}_head.bias"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict({"weight": weight, "bias": bias})
+        heads[name] = head
+    model = InferenceModel(
+        backbone,
+        weights["item_table"],
+        types,
+        gaps,
+        heads,
+        items["item"].to_pylist(),
+        items["title"].to_pylist(),
+        meta["event_types"],
+        meta["max_len"],
+        meta["version"],
+    )
+    if meta.get("quantize") == "int8":
+        model.quantize()
+    return model

@@ -1,0 +1,230 @@
+"""A trained model in inference form: encode histories, append one event with the key/value cache,
+score the catalogue.
+
+Training keeps an item *encoder* (id table + projected text + attributes) and LoRA adapters; at
+inference both are folded once: the item table is computed and frozen, LoRA is merged into the
+backbone's weights. The same object serves batch prediction, the HTTP service and exports, so
+every path scores exactly alike.
+
+Windows follow training: a history is its last ``max_len`` events, left-aligned (the oldest
+event sits at position 0 and has time gap 0). :meth:`InferenceModel.append` extends a cached
+window by one event in one backbone step; when the window is full it is re-encoded (see
+:class:`trainer.inference.CachedState`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.errors import ConfigError
+from trainer.heads import time_bucket
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every peft LoRA layer into its base weight and put the plain layer back in its place."""
+    for name, child in list(module.named_children()):
+        if hasattr(child, "merge") and hasattr(child, "get_base_layer"):
+            child.merge()
+            setattr(module, name, child.get_base_layer())
+        else:
+            merge_lora(child)
+    return module
+
+
+def conv1d_to_linear(module: nn.Module) -> nn.Module:
+    """GPT-2's ``Conv1D`` (weight stored in x out) -> ``nn.Linear``, so dynamic quantization sees it."""
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "Conv1D":
+            weight = child.weight.detach()
+            linear = nn.Linear(weight.shape[0], weight.shape[1])
+            with torch.no_grad():
+                linear.weight.copy_(weight.T)
+                linear.bias.copy_(child.bias.detach())
+            setattr(module, name, linear)
+        else:
+            conv1d_to_linear(child)
+    return module
+
+
+def quantize_int8(backbone: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of the backbone's linear layers (weights int8, activations
+    quantized on the fly); embeddings, norms and the item table stay fp32."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(conv1d_to_linear(backbone), {nn.Linear}, dtype=torch.qint8)
+
+
+@dataclass
+class CachedState:
+    """One user's encoded window: the backbone's key/value cache, the hidden state after its
+    last event, and what the next event's time gap is measured from."""
+
+    cache: object
+    hidden: torch.Tensor
+    """(H,) state after the window's last event: what the next-item scores are computed from."""
+    length: int
+    """Events in the window (positions the cache holds)."""
+    last_time: int
+
+
+class InferenceModel:
+    """Frozen item table + backbone + heads, with the vocabulary to map external ids."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        item_table: torch.Tensor,
+        type_embedding: nn.Embedding,
+        gap_embedding: nn.Embedding,
+        heads: dict[str, nn.Linear],
+        items: list[str],
+        titles: list[str | None],
+        event_types: list[str],
+        max_len: int,
+        version: str,
+    ) -> None:
+        self.backbone = backbone.eval()
+        self.item_table = item_table.detach().float().contiguous()
+        self.types = type_embedding.eval()
+        self.gaps = gap_embedding.eval()
+        self.heads = {k: v.eval() for k, v in heads.items()}
+        self.items = items
+        self.titles = titles
+        self.item_index = {item: i for i, item in enumerate(items) if i >= NUM_RESERVED_ITEMS}
+        self.event_types = event_types
+        self.type_index = {name: i for i, name in enumerate(event_types) if i > 0}
+        self.max_len = max_len
+        self.time_buckets = gap_embedding.num_embeddings
+        self.version = version
+        self.quantized = False
+
+    @classmethod
+    def from_model(cls, model, info, event_types: list[str], version: str) -> InferenceModel:
+        """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
+        with torch.no_grad():
+            table = model.items.table().detach().clone()
+        heads = {
+            name: getattr(model.heads, f"{name}_head")
+            for name in ("type", "time", "value")
+            if getattr(model.heads, f"{name}_head") is not None
+        }
+        backbone = merge_lora(model.backbone)
+        return cls(
+            backbone,
+            table,
+            model.types,
+            model.gaps,
+            heads,
+            list(info.items),
+            list(info.titles),
+            event_types,
+            model.cfg.max_len,
+            version,
+        )
+
+    @property
+    def num_items(self) -> int:
+        return self.item_table.shape[0]
+
+    def quantize(self) -> InferenceModel:
+        self.backbone = quantize_int8(self.backbone)
+        self.quantized = True
+        return self
+
+    # ----- ids -------------------------------------------------------------------------------
+    def item_ids(self, items: list[str]) -> list[int]:
+        """External item ids -> model ids; unknown ones raise ConfigError naming them."""
+        unknown = [i for i in items if i not in self.item_index]
+        if unknown:
+            raise ConfigError(f"unknown items {unknown[:5]} (not in the model's vocabulary {self.version})")
+        return [self.item_index[i] for i in items]
+
+    def type_ids(self, types: list[str | None]) -> list[int]:
+        """Event type names -> ids; None means the only type when there is just one."""
+        out = []
+        for name in types:
+            if name is None:
+                if len(self.event_types) != 2:
+                    raise ConfigError(f"event_type is required: the model knows {self.event_types[1:]}")
+                out.append(1)
+            elif name not in self.type_index:
+                raise ConfigError(f"unknown event type {name!r}; the model knows {self.event_types[1:]}")
+            else:
+                out.append(self.type_index[name])
+        return out
+
+    # ----- encoding --------------------------------------------------------------------------
+    def _embed(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        return self.item_table[items] + self.types(types) + self.gaps(time_bucket(gaps, self.time_buckets))
+
+    @torch.inference_mode()
+    def encode(self, items: torch.Tensor, types: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-aligned windows -> (B, H) hidden state after each window's last event."""
+        gaps = torch.zeros_like(times)
+        gaps[:, 1:] = times[:, 1:] - times[:, :-1]
+        x = self._embed(items, types, gaps) * mask.unsqueeze(-1)
+        hidden = self.backbone(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        return hidden[torch.arange(len(items)), mask.sum(1) - 1]
+
+    @torch.inference_mode()
+    def start(self, items: list[int], types: list[int], times: list[int]) -> CachedState:
+        """Encode one history (its last ``max_len`` events) and keep the key/value cache."""
+        items, types, times = items[-self.max_len :], types[-self.max_len :], times[-self.max_len :]
+        t = torch.tensor(times, dtype=torch.int64)
+        gaps = torch.zeros_like(t)
+        gaps[1:] = t[1:] - t[:-1]
+        x = self._embed(torch.tensor(items), torch.tensor(types), gaps).unsqueeze(0)
+        out = self.backbone(inputs_embeds=x, use_cache=True)
+        return CachedState(out.past_key_values, out.last_hidden_state[0, -1], len(items), int(times[-1]))
+
+    @torch.inference_mode()
+    def append(self, state: CachedState, item: int, etype: int, time: int) -> CachedState:
+        """One new event through the backbone on top of the cached window (one position of work)."""
+        gap = torch.tensor([[time - state.last_time]], dtype=torch.int64)
+        x = self._embed(torch.tensor([[item]]), torch.tensor([[etype]]), gap)
+        out = self.backbone(inputs_embeds=x, past_key_values=state.cache, use_cache=True)
+        return CachedState(out.past_key_values, out.last_hidden_state[0, -1], state.length + 1, int(time))
+
+    # ----- predictions -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended."""
+        scores = hidden @ self.item_table.T
+        scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
+        return scores
+
+    @torch.inference_mode()
+    def top_k(
+        self, hidden: torch.Tensor, k: int, exclude: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(B, H) -> (indices, scores) each (B, k), best first; ``exclude``: ids never recommended per row."""
+        scores = self.scores(hidden)
+        if exclude:
+            for row, ids in enumerate(exclude):
+                if ids:
+                    scores[row, ids] = float("-inf")
+        k = min(k, self.num_items - NUM_RESERVED_ITEMS)
+        top = torch.topk(scores, k, dim=1)
+        return top.indices.numpy(), top.values.numpy()
+
+    @torch.inference_mode()
+    def side_predictions(self, hidden: torch.Tensor) -> dict[str, np.ndarray]:
+        """Next event type (name index), seconds to the next event (bucket midpoint) and value, when
+        those heads exist."""
+        out: dict[str, np.ndarray] = {}
+        if "type" in self.heads:
+            logits = self.heads["type"](hidden)
+            logits[:, 0] = float("-inf")  # padding is not an event type
+            out["next_event_type"] = logits.argmax(1).numpy()
+        if "time" in self.heads:
+            bucket = self.heads["time"](hidden).argmax(1).double()
+            # bucket b covers log2(s + 1) in [b, b + 1): report the geometric middle of that range.
+            out["next_event_seconds"] = (torch.pow(2.0, bucket + 0.5) - 1).numpy()
+        if "value" in self.heads:
+            out["next_value"] = self.heads["value"](hidden).squeeze(-1).numpy()
+        return out

@@ -126,6 +126,23 @@ def evaluate_batches(model, batches, cfg: EvalConfig, device: torch.device, know
     return metrics.result()
 
 
+@torch.no_grad()
+def evaluate_inference(model, data: Path, split: str, cfg: EvalConfig) -> dict:
+    """The same protocol for an :class:`trainer.inference.InferenceModel` (an export, int8 or not)."""
+    metrics = RankingMetrics(cfg.ks, model.num_items)
+    for batch in eval_loader(data, split, model.max_len, cfg.batch_size):
+        pos = _last_history_index(batch["mask"])
+        rows = torch.arange(len(pos))
+        targets = batch["items"][rows, pos + 1]
+        mask = batch["mask"].clone()
+        mask[rows, pos + 1] = False
+        scores = model.scores(model.encode(batch["items"], batch["types"], batch["times"], mask))
+        if cfg.exclude_seen:
+            scores.scatter_(1, torch.where(mask, batch["items"], torch.zeros_like(batch["items"])), float("-inf"))
+        metrics.add(scores, targets)
+    return metrics.result()
+
+
 def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) -> None:
     heads = model.heads
     if heads.type_head is not None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from data_sharding import shards
+from data_sharding import shards, storage
 
 
 def summary(root: Path) -> dict:
     """Key facts of the dataset at ``root`` (from its manifest, users table and shard indexes)."""
     manifest = shards.load_manifest(root)
-    users = pq.read_table(root / manifest["vocab"]["files"]["users"], columns=["n_events"])
+    users = storage.read_parquet(root, manifest["vocab"]["files"]["users"], columns=["n_events"])
     lengths = users["n_events"].to_numpy()
     lengths = lengths[lengths > 0]
     gens = []

@@ -44,6 +44,9 @@ class ShardConfig:
     overwrite: bool = False
     """Replace an existing dataset in ``out``."""
     events_per_shard: int = 2_000_000
+    shard_multiple: int = 1
+    """The shard count is rounded up to a multiple of this (ranks x loader workers of the training
+    job), so each reader streams whole shards of about the same size."""
     min_item_count: int = 1
     """Items with fewer (de-duplicated) events are left out of the vocabulary, with their events."""
     max_bad_fraction: float = 0.01
@@ -58,6 +61,8 @@ class ShardConfig:
             raise DataError("--out is required")
         if self.events_per_shard < 1:
             raise DataError("--events-per-shard must be >= 1")
+        if self.shard_multiple < 1:
+            raise DataError("--shard-multiple must be >= 1")
         if self.min_item_count < 1:
             raise DataError("--min-item-count must be >= 1")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -209,6 +214,7 @@ def _build_generation(
         logs = [str(root / g["events_log"]) for g in manifest["generations"]] if manifest else []
         total_rows = _stream_size(con, prev_users)
         num_shards = max(1, math.ceil(total_rows / cfg.events_per_shard))
+        num_shards = math.ceil(num_shards / cfg.shard_multiple) * cfg.shard_multiple
         con.execute(
             f"CREATE OR REPLACE TABLE user_shards AS SELECT user, uidx, n, "
             f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"

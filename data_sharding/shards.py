@@ -199,13 +199,16 @@ class ShardInfo:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def load_manifest(root: Path) -> dict:
-    """Read ``root/manifest.json``; clear errors for a missing, corrupt or newer-schema manifest."""
-    path = Path(root) / MANIFEST
-    if not path.exists():
-        raise ShardError(f"{root}: no {MANIFEST}; not a dataset written by `bgpt shard`")
+def load_manifest(root: Path | str) -> dict:
+    """Read ``root/manifest.json`` (a folder or an fsspec URL); clear errors for a missing, corrupt
+    or newer-schema manifest."""
+    from data_sharding import storage
+
+    path = storage.join(root, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(root, MANIFEST))
+    except FileNotFoundError:
+        raise ShardError(f"{root}: no {MANIFEST}; not a dataset written by `bgpt shard`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from None
     version = manifest.get("schema_version")

@@ -19,15 +19,15 @@ DataLoader workers are served round-robin, so on resume the worker roles are rot
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_sharding import shards
+from data_sharding import shards, storage
 from data_sharding.errors import DataError, ShardError
 from data_sharding.shards import SPLIT_NAMES
 
@@ -102,7 +102,7 @@ class ShardDataset(IterableDataset):
         super().__init__()
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
-        self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
+        self.root, self.cfg, self.rank, self.world_size = storage.as_root(root), cfg, rank, world_size
         self.manifest = shards.load_manifest(self.root)
         self.shards = shards.manifest_shards(self.manifest, "all" if cfg.generations == "state" else cfg.generations)
         self._counts = self._window_counts()
@@ -116,16 +116,15 @@ class ShardDataset(IterableDataset):
         """Windows per index row of every shard (0 for superseded or too short users)."""
         last_gen = None
         if self.cfg.generations == "state":
-            users = pq.read_table(self.root / self.manifest["vocab"]["files"]["users"])
+            users = storage.read_parquet(self.root, self.manifest["vocab"]["files"]["users"])
             last_gen = np.zeros(int(users["uidx"].to_numpy().max()) + 1 if users.num_rows else 0, np.int32)
             last_gen[users["uidx"].to_numpy()] = users["last_generation"].to_numpy()
         self.indexes = []
         self._current = []
         counts = []
         for shard in self.shards:
-            path = self.root / shard.index
             try:
-                index = np.load(path, allow_pickle=False)
+                index = np.load(io.BytesIO(storage.read_bytes(self.root, shard.index)), allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise ShardError(f"shard index {shard.index}: unreadable ({e})") from None
             if index.dtype != shards.INDEX_DTYPE or len(index) != shard.users:
@@ -209,11 +208,10 @@ class ShardDataset(IterableDataset):
     # -- reading --------------------------------------------------------------------------------
     def _load_shard(self, s: int) -> bytes:
         info = self.shards[s]
-        path = self.root / info.name
         try:
-            data = path.read_bytes()
+            data = storage.read_bytes(self.root, info.name)
         except OSError as e:
-            raise ShardError(f"shard {info.name}: cannot read ({e.strerror})") from None
+            raise ShardError(f"shard {info.name}: cannot read ({e.strerror or e})") from None
         if len(data) != info.bytes:
             raise ShardError(f"shard {info.name}: {len(data)} bytes, manifest says {info.bytes} (truncated?)")
         if self.cfg.verify and hashlib.sha256(data).hexdigest() != info.sha256:

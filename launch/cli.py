@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_sharding import storage
 from data_sharding.errors import BgptError
 
 
@@ -54,6 +55,13 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--min-item-count", type=int, default=1)
     p.add_argument("--events-per-shard", type=int, default=2_000_000)
+    p.add_argument(
+        "--shard-multiple",
+        type=int,
+        default=1,
+        help="make the shard count a multiple of this: training ranks x loader workers, so every reader "
+        "streams whole shards (e.g. 16 for 8 GPUs x 2 workers)",
+    )
     p.add_argument("--split", default="loo", help="loo (leave-one-out) or time")
     p.add_argument("--valid-start", help="with --split time: start of the validation period (ISO 8601)")
     p.add_argument("--test-start", help="with --split time: start of the test period (ISO 8601)")
@@ -91,6 +99,7 @@ def _run_shard(args: argparse.Namespace) -> int:
         append=args.append,
         overwrite=args.overwrite,
         events_per_shard=args.events_per_shard,
+        shard_multiple=args.shard_multiple,
         min_item_count=args.min_item_count,
         max_bad_fraction=args.max_bad_fraction,
         memory_limit=args.memory_limit,
@@ -291,7 +300,7 @@ def _run_baseline(args: argparse.Namespace) -> int:
     from trainer.evaluate import EvalConfig, evaluate_popularity
     from trainer.factory import dataset_info
 
-    data = Path(args.data)
+    data = storage.as_root(args.data)
     cfg = EvalConfig(ks=_ks(args.k), exclude_seen=args.exclude_seen)
     metrics = evaluate_popularity(data, args.split, cfg, dataset_info(data).num_items)
     print(json.dumps({"baseline": args.kind, "split": args.split, **metrics}))
@@ -341,7 +350,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             from trainer.run import load_run_config
 
             data = load_run_config(run).data.path
-        histories = histories_from_data(Path(data), model, users)
+        histories = histories_from_data(storage.as_root(data), model, users)
     if args.out:
         stats = write_predictions(model, histories, Path(args.out), args.k, args.exclude_seen, args.batch_size)
         print(json.dumps({"out": args.out, **stats}))

@@ -223,3 +223,11 @@ def test_append_whose_new_events_touch_only_some_known_items(tmp_path):
     assert manifest["generation"] == 2 and manifest["vocab"]["num_items"] == 13
     (events,) = [e for _, e in iter_sequences(out)]
     assert len(events) == 11 and sorted(set(events["item"].tolist())) == list(range(3, 13))
+
+
+def test_shard_multiple_rounds_the_shard_count_up_for_the_readers(tmp_path, synth_log):
+    events, _ = synth_log
+    manifest = shard([events], tmp_path / "ds", events_per_shard=4_000, shard_multiple=6)
+    count = len(manifest["generations"][0]["shards"])
+    assert count % 6 == 0 and count == 12  # 8 by size, rounded up to a multiple of 6
+    assert manifest["totals"]["events"] == sum(s["events"] for s in manifest["generations"][0]["shards"])

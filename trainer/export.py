@@ -66,7 +66,7 @@ def load_run(run: Path, log=print) -> InferenceModel:
 
     source = weights_source(run, "best", log)
     model, cfg, info = load_run_model(run, log=log)
-    manifest = shards.load_manifest(Path(cfg.data.path))
+    manifest = shards.load_manifest(cfg.data.path)
     return InferenceModel.from_model(model, info, manifest["vocab"]["event_types"], _run_version(run, source))
 
 
@@ -113,7 +113,7 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
 
     source = weights_source(run, "best")
     model, cfg, info = load_run_model(run)
-    manifest = shards.load_manifest(Path(cfg.data.path))
+    manifest = shards.load_manifest(cfg.data.path)
     inference = InferenceModel.from_model(
         copy.deepcopy(model) if not merge else model, info, manifest["vocab"]["event_types"], _run_version(run, source)
     )

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from data_sharding import shards
+from data_sharding import shards, storage
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
@@ -32,7 +31,7 @@ class DatasetInfo:
 
 def dataset_info(data: Path) -> DatasetInfo:
     manifest = shards.load_manifest(data)
-    items = pq.read_table(data / manifest["vocab"]["files"]["items"])
+    items = storage.read_parquet(data, manifest["vocab"]["files"]["items"])
     return DatasetInfo(
         vocab_version=manifest["vocab"]["version"],
         num_items=manifest["vocab"]["num_items"],

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_sharding import storage
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
@@ -186,7 +187,7 @@ class Trainer:
         self.vocab_version = vocab_version
         self.state = TrainState()
         train = run_cfg.train
-        data = Path(run_cfg.data.path)
+        data = storage.as_root(run_cfg.data.path)
         stream_cfg = StreamConfig(
             max_len=run_cfg.model.max_len,
             batch_size=train.micro_batch_size,
@@ -345,7 +346,9 @@ class Trainer:
 
     def _evaluate_valid(self, model) -> dict:
         cfg = self.cfg
-        return evaluate_model(model, Path(cfg.data.path), "valid", cfg.eval, cfg.model.max_len, self.accelerator.device)
+        return evaluate_model(
+            model, storage.as_root(cfg.data.path), "valid", cfg.eval, cfg.model.max_len, self.accelerator.device
+        )
 
     def _record_validation(self, model, metrics: dict, weights: dict | None) -> bool:
         """Log the validation metrics, keep the best weights; True when patience ran out."""

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_sharding import shards
+from data_sharding import shards, storage
 from data_sharding.ingest import InputConfig, stage_file
 from data_sharding.stream import iter_sequences
 from trainer.errors import ConfigError
@@ -37,7 +37,7 @@ def histories_from_data(data: Path, model: InferenceModel, users: list[str] | No
 
     Items the model does not know (added by a later ``--append`` generation) are left out."""
     manifest = shards.load_manifest(data)
-    table = pq.read_table(data / manifest["vocab"]["files"]["users"], columns=["uidx", "user"])
+    table = storage.read_parquet(data, manifest["vocab"]["files"]["users"], columns=["uidx", "user"])
     names = dict(zip(table["uidx"].to_pylist(), table["user"].to_pylist(), strict=True))
     wanted = None
     if users is not None:

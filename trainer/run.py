@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_sharding import shards
+from data_sharding import shards, storage
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_model
@@ -40,7 +40,7 @@ def _check_compatible(run: Path, cfg_dict: dict) -> None:
 
 def train_run(run: Path, cfg, log=print) -> dict:
     """Train (or resume) the run in ``run``; return the test metrics of the best validated weights."""
-    data = Path(cfg.data.path)
+    data = storage.as_root(cfg.data.path)
     manifest = shards.load_manifest(data)
     accelerator = make_accelerator(cfg.train, run)
     cfg_dict = dataclasses.asdict(cfg)
@@ -134,7 +134,7 @@ def weights_source(run: Path, weights: str = "best", log=print) -> Path:
 def load_run_model(run: Path, data: Path | None = None, weights: str = "best", log=print):
     """(model in eval mode, config, dataset info) of a trained run, with its best (or latest) weights."""
     cfg = load_run_config(run)
-    data = Path(data or cfg.data.path)
+    data = storage.as_root(data or cfg.data.path)
     source = weights_source(run, weights, log)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
     state = ckpt.read_state(source)
@@ -158,5 +158,7 @@ def evaluate_run(
         exclude_seen=cfg.eval.exclude_seen if exclude_seen is None else exclude_seen,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate_model(model.to(device), Path(cfg.data.path), split, eval_cfg, cfg.model.max_len, device)
+    metrics = evaluate_model(
+        model.to(device), storage.as_root(cfg.data.path), split, eval_cfg, cfg.model.max_len, device
+    )
     return {"split": split, "run": str(run), "exclude_seen": eval_cfg.exclude_seen, **metrics}

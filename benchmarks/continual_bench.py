@@ -165,7 +165,7 @@ def probe_windows(users, items, times, end: int, data: Path, max_len: int, repla
     return windows
 
 
-def evaluate(run: Path, data: Path, windows: list[np.ndarray]) -> dict:
+def evaluate(run: Path, data: Path, windows: list[np.ndarray], ranks: bool = False) -> dict:
     """The run's latest weights on the current catalogue: items it never trained on are unknown
     to it (UNK in histories, a miss as targets, never recommended)."""
     cfg = load_run_config(run)
@@ -176,8 +176,31 @@ def evaluate(run: Path, data: Path, windows: list[np.ndarray]) -> dict:
     for w in windows:
         w["item"] = np.where(w["item"] < known, w["item"], 1)
     batches = (collate_windows(list(range(len(chunk))), chunk) for chunk in _chunks(windows, 256))
-    metrics = evaluate_batches(model, batches, EvalConfig(ks=[10]), torch.device("cpu"), known_items=known)
-    return {k: metrics[k] for k in ("hr@10", "ndcg@10", "mrr", "count")}
+    metrics = evaluate_batches(model, batches, EvalConfig(ks=[10]), torch.device("cpu"), known_items=known, ranks=ranks)
+    return {k: metrics[k] for k in ("hr@10", "ndcg@10", "mrr", "count", "ranks") if k in metrics}
+
+
+def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, samples: int = 2000, seed: int = 0) -> dict:
+    """95% interval of NDCG@10(a) - NDCG@10(b) over users resampled with replacement (paired)."""
+    gain = lambda r: np.where(r < 10, 1 / np.log2(r + 2), 0.0)  # noqa: E731
+    diff = gain(ranks_a) - gain(ranks_b)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(samples)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": round(float(diff.mean()), 5), "ci95": [round(float(low), 5), round(float(high), 5)]}
+
+
+def measure_significance(work: Path, data: Path, users, items, times, spans) -> dict:
+    """Paired bootstrap on the last evaluation period: incremental vs stale and vs full retrain."""
+    a, b = spans[4]
+    windows = eval_windows(users, items, times, a, b, data, 50)
+    ranks = {name: evaluate(work / f"run_{name}", data, [w.copy() for w in windows], ranks=True)["ranks"]
+             for name in ("inc3", "full3", "base")}  # fmt: skip
+    return {
+        "users": len(windows),
+        "incremental_minus_stale": paired_bootstrap(ranks["inc3"], ranks["base"]),
+        "incremental_minus_full": paired_bootstrap(ranks["inc3"], ranks["full3"]),
+    }
 
 
 def _chunks(seq: list, size: int):
@@ -197,6 +220,15 @@ def measure_forgetting(work: Path, data: Path, users, items, times, spans, repla
         out[key] = {"ndcg@10": metrics["ndcg@10"], "hr@10": metrics["hr@10"]}
     out["relative_drop"] = round(1 - out["inc3"]["ndcg@10"] / max(1e-9, out["base"]["ndcg@10"]), 4)
     return out
+
+
+def significance_line(sig: dict) -> str:
+    s, f = sig["incremental_minus_stale"], sig["incremental_minus_full"]
+    return (
+        f"Paired bootstrap over the {sig['users']} users of the last period (2,000 resamples), NDCG@10 "
+        f"difference [95% interval]: incremental - stale {s['difference']:+.4f} [{s['ci95'][0]:+.4f}, "
+        f"{s['ci95'][1]:+.4f}]; incremental - full {f['difference']:+.4f} [{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}]."
+    )
 
 
 def forgetting_line(forgetting: dict) -> str:
@@ -324,13 +356,18 @@ def update_forgetting(args: argparse.Namespace) -> None:
     )
     result.pop("forgetting_ndcg@10", None)
     result["forgetting"] = forgetting
+    result["significance_last_period"] = measure_significance(work, work / "data", users, items, times, periods(times))
     result["metrics"]["forgetting_relative_drop"] = forgetting["relative_drop"]
     result["forgetting_command"] = "python benchmarks/continual_bench.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = (RESULTS / f"{name}.md").read_text().splitlines()
+    md = [line for line in md if not line.startswith("Paired bootstrap")]
     md = [forgetting_line(forgetting) if line.startswith("Forgetting") else line for line in md]
+    md.insert(md.index(forgetting_line(forgetting)) + 1, "")
+    md.insert(md.index(forgetting_line(forgetting)) + 2, significance_line(result["significance_last_period"]))
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
     print(forgetting_line(forgetting))
+    print(significance_line(result["significance_last_period"]))
 
 
 def plot(series: list[dict], path: Path, dataset: str) -> None:

@@ -97,7 +97,9 @@ def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int,
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches, cfg: EvalConfig, device: torch.device, known_items: int | None = None) -> dict:
+def evaluate_batches(
+    model, batches, cfg: EvalConfig, device: torch.device, known_items: int | None = None, ranks: bool = False
+) -> dict:
     """Full-ranking metrics over collated windows that each end at the event to predict (the last
     real position); the model sees only the events before it. A reserved target id (e.g. UNK for
     an item the model never saw) can never be ranked: it counts as a miss. ``known_items``: only
@@ -123,7 +125,10 @@ def evaluate_batches(model, batches, cfg: EvalConfig, device: torch.device, know
         metrics.add(scores, targets)
         _add_side_metrics(model, metrics, hidden, batch, rows, pos)
     model.train(was_training)
-    return metrics.result()
+    result = metrics.result()
+    if ranks:  # 0-based rank of every target, in batch order (for paired significance tests)
+        result["ranks"] = np.concatenate(metrics.ranks) if metrics.ranks else np.empty(0, np.int64)
+    return result
 
 
 @torch.no_grad()

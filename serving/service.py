@@ -79,6 +79,7 @@ class Recommender:
         self.events_total = 0
         self.cache_hits = 0
         self.cache_misses = 0
+        self._failed: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -109,12 +110,13 @@ class Recommender:
             signature = source_signature(self.cfg.source)
         except OSError:
             return False
-        if signature is None or signature == self.current.signature:
+        if signature is None or signature in (self.current.signature, self._failed):
             return False
         try:
             loaded = self._load()
-        except Exception as e:  # a half-visible or corrupt new version: keep serving the old one
+        except Exception as e:  # a corrupt new version: keep serving the old one, retry when it changes
             self.reload_failures += 1
+            self._failed = signature
             log.warning("reload of %s failed, still serving %s: %s", self.cfg.source, self.current.model.version, e)
             return False
         self.current = loaded  # one reference swap: requests already running finish on the old pair

@@ -236,3 +236,20 @@ def test_hot_reload_under_load_fails_no_request(runs, tmp_path):
         srv.stop()
     assert versions == {first["version"], second["version"]}
     assert len(statuses) > 20 and set(statuses) == {200}
+
+
+def test_a_broken_new_version_is_counted_and_the_old_model_keeps_serving(runs, tmp_path):
+    export = tmp_path / "export"
+    first = export_run(runs[0], export)
+    service = Recommender(ServiceConfig(export, tmp_path / "s.sqlite", reload_seconds=0))
+    assert not service.reload_if_changed()  # nothing changed
+    meta = json.loads((export / "export.json").read_text())
+    time.sleep(0.01)
+    (export / "export.json").write_text(json.dumps({**meta, "format": 99}))
+    assert not service.reload_if_changed() and service.reload_failures == 1
+    assert not service.reload_if_changed() and service.reload_failures == 1  # not retried until it changes
+    assert service.current.model.version == first["version"]
+    assert service.recommend(None, events("i2"), 1)["items"][0]["item"] == "i3"
+    second = export_run(runs[1], export, overwrite=True)
+    assert service.reload_if_changed() and service.current.model.version == second["version"]
+    service.stop()

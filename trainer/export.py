@@ -71,20 +71,19 @@ def load_run(run: Path, log=print) -> InferenceModel:
 
 
 def source_signature(path: Path) -> str | None:
-    """Changes whenever the weights a run or export would load change (for hot reload); None when
-    nothing loadable is there yet."""
+    """Changes whenever the weights a run or export would load change (for hot reload): cheap
+    (file metadata only; checksums are verified when the weights are loaded). None when nothing
+    loadable is there yet."""
     meta = path / EXPORT_META
     if meta.exists():
         stat = meta.stat()
         return f"export:{stat.st_mtime_ns}:{stat.st_ino}"
-    from trainer.run import weights_source
-
-    try:
-        source = weights_source(path, "best", log=lambda *_: None)
-    except ConfigError:
-        return None
-    stat = (source / ckpt.META).stat()
-    return f"run:{source}:{stat.st_mtime_ns}:{stat.st_ino}"
+    for candidate in [path / "best", *reversed(ckpt.checkpoints(path))]:
+        done = candidate / ckpt.META  # written last: a folder without it is still being written
+        if done.exists():
+            stat = done.stat()
+            return f"run:{candidate.name}:{stat.st_mtime_ns}:{stat.st_ino}"
+    return None
 
 
 def load_inference(path: Path, quantize: str | None = None, log=print) -> InferenceModel:

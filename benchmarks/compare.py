@@ -23,7 +23,7 @@ GOALS = {
     "ml1m": "MovieLens-1M users 1-2999, leave-one-out, full ranking: popularity, the from-scratch SASRec-size "
     "model and the best configuration side by side",
     "llm_vs_scratch": "does the pretrained SmolLM2 backbone (LoRA, first blocks) beat the same architecture "
-    "trained from random weights, with and without item text, on the same data and time budget?",
+    "trained from random weights, with and without item text, on the same data and training steps?",
 }
 
 

@@ -96,7 +96,13 @@ def throughput(strategies, steps: int) -> list[dict]:
     rows = []
     for strategy, nproc in strategies:
         out = WORK / "runs" / f"speed_{strategy}_{nproc}"
-        args = [*common(data_dir, steps), "--num-layers", "4", "--train.micro_batch_size=8"]
+        args = [
+            *common(data_dir, steps),
+            "--num-layers",
+            "4",
+            "--model.pretrained_weights=true",
+            "--train.micro_batch_size=8",
+        ]
         wall = run(strategy, nproc, args, out)
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         rate = statistics.median(r["tokens_per_s"] for r in log[3:])

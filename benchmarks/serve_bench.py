@@ -158,7 +158,7 @@ def ensure_runs() -> None:
         )
     if not (RUNS["smollm2"] / "config.yaml").exists():
         subprocess.run(
-            [*BGPT, "train", "--data", str(DATA), "--out", str(RUNS["smollm2"]), "--num-layers", "4",
+            [*BGPT, "train", "--data", str(DATA), "--out", str(RUNS["smollm2"]), "--num-layers", "4", "--model.pretrained_weights=true",
              "--max-steps", "20", "--batch-size", "16", "--train.eval_every=0", "--model.item_attributes=false"],
             check=True, cwd=REPO,
         )  # fmt: skip

@@ -36,12 +36,12 @@ CONFIGS = {
         128,
     ),
     "smollm2_4_layers_lora": (
-        ModelConfig(num_layers=4, item_attributes=False),
+        ModelConfig(num_layers=4, pretrained_weights=True, item_attributes=False),
         HeadsConfig(type_weight=0, time_weight=0, value_weight=0),
         32,
     ),
     "smollm2_30_layers_lora": (
-        ModelConfig(item_attributes=False),
+        ModelConfig(num_layers=None, pretrained_weights=True, item_attributes=False),
         HeadsConfig(type_weight=0, time_weight=0, value_weight=0),
         16,
     ),

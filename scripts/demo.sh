@@ -18,7 +18,7 @@ $bgpt shard --input "$out/raw/events.csv" --items "$out/raw/items.csv" --out "$o
 $bgpt inspect "$out/data" --verify | tail -1
 
 echo "== 3/6 fine-tune SmolLM2-135M (first 2 blocks) with LoRA for 3 minutes =="
-$bgpt train --data "$out/data" --out "$out/run" --num-layers 2 --max-minutes 3 --batch-size 32 \
+$bgpt train --data "$out/data" --out "$out/run" --num-layers 2 --model.pretrained_weights=true --max-minutes 3 --batch-size 32 \
     --train.eval_every=0 --train.lr=2e-3
 
 echo "== 4/6 test split: model vs popularity (full ranking over all items) =="

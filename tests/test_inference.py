@@ -56,7 +56,9 @@ def lora_run(tmp_path_factory, cyclic_data):
     )
     LlamaForCausalLM(config).save_pretrained(root / "llama")
     train_run(
-        root / "run", run_config(cyclic_data, backbone=str(root / "llama"), item_text="none"), log=lambda *a: None
+        root / "run",
+        run_config(cyclic_data, backbone=str(root / "llama"), item_text="none", pretrained_weights=True),
+        log=lambda *a: None,
     )
     return root / "run"
 

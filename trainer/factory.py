@@ -100,7 +100,12 @@ def item_features(
     features = ItemFeatures()
     mode = cfg.item_text
     if mode == "auto":
-        mode = "backbone" if backbone.pretrained and backbone.tokenizer is not None else "none"
+        if backbone.pretrained and backbone.tokenizer is not None:
+            mode = "backbone"
+        elif cfg.backbone != "scratch" and any(info.titles):
+            mode = "minilm"
+        else:
+            mode = "none"
     if mode != "none" and any(info.titles):
         path = cache / f"item_text-{mode}-{info.vocab_version}.npy" if cache else None
         if path is not None and path.exists():

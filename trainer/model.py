@@ -28,11 +28,13 @@ class ModelConfig:
 
     backbone: str = "smollm2-135m"
     """smollm2-135m (pretrained, offline), scratch (a small config), or a local Hugging Face model directory."""
-    num_layers: int | None = None
-    """Keep the first N blocks (pretrained) or build N blocks (scratch; default 2)."""
-    pretrained_weights: bool = True
-    """False: a pretrained backbone's exact architecture with random weights, all of them trained
-    (the from-scratch control when asking whether pretraining helps)."""
+    num_layers: int | None = 2
+    """Keep the first N blocks of the backbone (None: all of them); scratch backbones build N."""
+    pretrained_weights: bool = False
+    """True: start from the backbone's pretrained weights and train LoRA adapters (or everything
+    with lora.full_finetune). False (default): the backbone's exact architecture, randomly
+    initialised and trained in full. On MovieLens-1M, same data and steps, the random-init arm
+    won by a wide margin with and without item text (benchmarks/results/llm_vs_scratch.md)."""
     scratch_family: str = "gpt2"
     """Architecture of scratch backbones: gpt2 (learned positions, dropout everywhere) or llama."""
     hidden_size: int = 64
@@ -44,7 +46,9 @@ class ModelConfig:
     max_len: int = 50
     """Longest history the model reads (positions)."""
     item_text: str = "auto"
-    """Item text features: auto (backbone tokens for pretrained backbones, else none), backbone, minilm, none."""
+    """Item text features: backbone (mean of the backbone's token embeddings of the title), minilm
+    (all-MiniLM-L6-v2 sentence vectors), none; auto = backbone with pretrained weights, minilm for
+    a randomly initialised model architecture (its token table means nothing), none for scratch."""
     item_attributes: bool = True
     """Add learned embeddings of item attributes (category, brand, genres) when the items table has them."""
     time_buckets: int = 32

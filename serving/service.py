@@ -86,6 +86,7 @@ class Recommender:
     def _load(self) -> Loaded:
         signature = source_signature(self.cfg.source)
         model = load_inference(self.cfg.source, self.cfg.quantize, log=log.warning)
+        model.warmup()  # before it takes traffic (also before a hot swap)
         return Loaded(model, signature)
 
     # ----- hot reload ------------------------------------------------------------------------

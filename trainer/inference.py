@@ -190,6 +190,16 @@ class InferenceModel:
         out = self.backbone(inputs_embeds=x, past_key_values=state.cache, use_cache=True)
         return CachedState(out.past_key_values, out.last_hidden_state[0, -1], state.length + 1, int(time))
 
+    def warmup(self) -> None:
+        """Run every code path once (full window, short window, one cached step, scoring), so the
+        first real request does not pay for one-time kernel and allocator set-up."""
+        n = self.max_len
+        items = [NUM_RESERVED_ITEMS + i % max(1, self.num_items - NUM_RESERVED_ITEMS) for i in range(n)]
+        for length in (n, 1):
+            state = self.start(items[:length], [1] * length, list(range(length)))
+            self.top_k(state.hidden[None], 10)
+        self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
+
     # ----- predictions -----------------------------------------------------------------------
     @torch.inference_mode()
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,13 @@ def bench_model(name: str, threads: int, seconds: float, tmp: Path) -> dict:
             for i, (u, ev) in ((i, active[i % len(active)]) for i in range(n))
         ]
         results["event_open_c8"] = asyncio.run(open_loop(port, appends, rate, 8))
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("bgpt_gc_max_seconds{"):
+                    generation = line.split('"')[1]
+                    results["events"][f"gc_max_ms_gen{generation}"] = round(float(line.split()[-1]) * 1000, 2)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import gc
+import time
 from collections import defaultdict
 
 # Seconds; fine-grained below 50 ms where the latency goals are.
@@ -14,6 +16,19 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.buckets: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
         self.sums: dict[str, float] = defaultdict(float)
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self.gc_max = [0.0, 0.0, 0.0]
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        """Time every garbage-collector pass: a full collection stalls every request in flight."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._gc_started
+        self.gc_seconds[info["generation"]] += seconds
+        self.gc_max[info["generation"]] = max(self.gc_max[info["generation"]], seconds)
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests[(method, path, status)] += 1
@@ -46,6 +61,16 @@ class Metrics:
             "# TYPE bgpt_model_info gauge",
             f"bgpt_model_info{{{labels}}} 1",
         ]
+        lines += [
+            "# HELP bgpt_gc_seconds_total Time in Python garbage collection by generation.",
+            "# TYPE bgpt_gc_seconds_total counter",
+        ]
+        lines += [f'bgpt_gc_seconds_total{{generation="{g}"}} {s:.6f}' for g, s in enumerate(self.gc_seconds)]
+        lines += [
+            "# HELP bgpt_gc_max_seconds Longest single collection by generation.",
+            "# TYPE bgpt_gc_max_seconds gauge",
+        ]
+        lines += [f'bgpt_gc_max_seconds{{generation="{g}"}} {s:.6f}' for g, s in enumerate(self.gc_max)]
         for name, (help_text, value) in gauges.items():
             kind = "counter" if name.endswith("_total") else "gauge"
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]

@@ -151,21 +151,19 @@ class Recommender:
         self.events_total += len(events)
         state = loaded.caches.get(user)
         if state is not None:
-            if min(times) < state.last_time:  # out of order: the window must be rebuilt
+            order = sorted(range(len(events)), key=times.__getitem__)  # the store orders by time too
+            if times[order[0]] < state.last_time:  # out of order: the window must be rebuilt
                 del loaded.caches[user]
-            else:
-                for item, etype, ts in zip(items, types, times, strict=True):
-                    state = self._advance(loaded.model, user, state, item, etype, ts)
+            elif state.length + len(events) <= loaded.model.max_len:  # one backbone step per event
+                for i in order:
+                    state = loaded.model.append(state, items[i], types[i], times[i])
                 loaded.caches[user] = state
                 loaded.caches.move_to_end(user)
+            else:  # the window would outgrow max_len: re-encode its latest max_len - slack events
+                window = self.store.history(user)[-(loaded.model.max_len - self.slack) :]
+                loaded.caches[user] = loaded.model.start(*self._ids(loaded.model, window))
+                loaded.caches.move_to_end(user)
         return length
-
-    def _advance(self, model: InferenceModel, user: str, state: CachedState, item: int, etype: int, ts: int):
-        if state.length < model.max_len:
-            return model.append(state, item, etype, ts)
-        keep = model.max_len - self.slack
-        history = self.store.history(user)[-keep:]
-        return model.start(*self._ids(model, history))
 
     # ----- reads -----------------------------------------------------------------------------
     def _state(self, loaded: Loaded, user: str, history: list[Event]) -> CachedState:

@@ -55,6 +55,13 @@ def test_cached_windows_match_a_fresh_encoding_of_the_window_they_claim(runs, tm
         if slack == 0:  # always exactly the last max_len events
             assert state.length == min(n, model.max_len)
     assert service.recommend("u", None, 1)["items"][0]["item"] == "i3"  # ... i14 % 12 = i2 -> i3
+    # a batch of events, out of order within itself, crossing the window boundary
+    batch = events(*[f"i{i % 12}" for i in range(15, 19)], start=1_600_000_000_000 + 60_000 * 15)
+    service.add_events("u", [batch[2], batch[0], batch[3], batch[1]])
+    state = service.current.caches["u"]
+    fresh = model.start(*service._ids(model, service.store.history("u")[-state.length :]))
+    torch.testing.assert_close(state.hidden, fresh.hidden, atol=1e-5, rtol=1e-5)
+    assert service.store.history("u")[-1].item == "i6" and state.last_time == batch[3].ts
     service.stop()
 
 

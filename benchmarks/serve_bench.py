@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--models", default="small,smollm2")
     parser.add_argument("--seconds", type=float, default=10.0, help="per load level")
     parser.add_argument("--threads", default="small=1,smollm2=1", help="torch threads in the server, per model")
+    parser.add_argument("--name", default="serving", help="results file name")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_runs()
@@ -351,7 +352,7 @@ def write_results(results: dict, args: argparse.Namespace) -> None:
         "details": results,
     }
     results_dir = REPO / "benchmarks" / "results"
-    (results_dir / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# serving: `bgpt serve` on loopback, load generator on the same 2 cores",
         "",
@@ -383,7 +384,7 @@ def write_results(results: dict, args: argparse.Namespace) -> None:
         lines.append(
             f"| {name} | {ev['event_cached_p50_ms']} | {ev['event_reencode_p50_ms']} | {ev['event_cache_speedup']}x |"
         )
-    (results_dir / "serving.md").write_text("\n".join(lines) + "\n")
+    (results_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

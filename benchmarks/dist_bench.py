@@ -120,6 +120,8 @@ def memory(strategies, steps: int) -> list[dict]:
         out = WORK / "runs" / f"memory_{strategy}_{nproc}"
         args = [
             *common(data_dir, steps),
+            "--model.pretrained_weights=true",  # full fine-tuning of all 30 pretrained blocks
+            "--model.num_layers=none",
             "--full-finetune",
             "--train.micro_batch_size=4",
             "--train.global_batch_size=8",

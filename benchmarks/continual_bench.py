@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,9 +124,9 @@ def eval_windows(
         first.setdefault(users[n], n)
     if targets is not None:
         first = targets
-    history: dict[str, list[int]] = {}
-    for n in range(0, max(first.values(), default=0) + 1 if targets is not None else start):
-        if targets is None or n < first.get(users[n], -1):
+    history: dict[str, list[int]] = {}  # each user's rows before the one to predict
+    for n in range(max(first.values(), default=0)):
+        if n < first.get(users[n], -1):
             history.setdefault(users[n], []).append(n)
     windows = []
     for user, n in first.items():
@@ -361,11 +362,11 @@ def update_forgetting(args: argparse.Namespace) -> None:
     result["forgetting_command"] = "python benchmarks/continual_bench.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = (RESULTS / f"{name}.md").read_text().splitlines()
+    # Replace the forgetting paragraph and the significance one after it (rerunning changes nothing).
+    sig = significance_line(result["significance_last_period"])
     md = [line for line in md if not line.startswith("Paired bootstrap")]
-    md = [forgetting_line(forgetting) if line.startswith("Forgetting") else line for line in md]
-    md.insert(md.index(forgetting_line(forgetting)) + 1, "")
-    md.insert(md.index(forgetting_line(forgetting)) + 2, significance_line(result["significance_last_period"]))
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    md = [f"{forgetting_line(forgetting)}\n\n{sig}" if line.startswith("Forgetting") else line for line in md]
+    (RESULTS / f"{name}.md").write_text(re.sub(r"\n{3,}", "\n\n", "\n".join(md) + "\n"))
     print(forgetting_line(forgetting))
     print(significance_line(result["significance_last_period"]))
 

@@ -87,8 +87,18 @@ def eval_loader(data: Path, split: str, max_len: int, batch_size: int) -> Stream
     return StreamLoader(ShardDataset(data, cfg))
 
 
-def _last_history_index(mask: torch.Tensor) -> torch.Tensor:
-    return mask.sum(dim=1) - 2  # the position just before the held-out (last) event
+def _held_out(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, pos, targets, history mask) of windows that end at the event to predict: ``pos`` is
+    the position just before it, and the mask hides it so the model cannot see what it predicts."""
+    pos = batch["mask"].sum(dim=1) - 2
+    rows = torch.arange(len(pos), device=pos.device)
+    mask = batch["mask"].clone()
+    mask[rows, pos + 1] = False
+    return rows, pos, batch["items"][rows, pos + 1], mask
+
+
+def _exclude_seen(scores: torch.Tensor, items: torch.Tensor, mask: torch.Tensor) -> None:
+    scores.scatter_(1, torch.where(mask, items, torch.zeros_like(items)), float("-inf"))
 
 
 def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
@@ -110,18 +120,13 @@ def evaluate_batches(
     metrics = RankingMetrics(cfg.ks, model.num_items)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        pos = _last_history_index(batch["mask"])
-        rows = torch.arange(len(pos), device=device)
-        targets = batch["items"][rows, pos + 1]
-        history = {k: v.clone() for k, v in batch.items()}
-        history["mask"][rows, pos + 1] = False  # the model must not see the event it predicts
-        hidden = model.hidden_states(history, table)[rows, pos]  # (B, H)
+        rows, pos, targets, mask = _held_out(batch)
+        hidden = model.hidden_states({**batch, "mask": mask}, table)[rows, pos]  # (B, H)
         scores = model.heads.item_scores(hidden, table)
         if known_items is not None:
             scores[:, known_items:] = float("-inf")
         if cfg.exclude_seen:
-            seen = torch.where(history["mask"], history["items"], torch.zeros_like(history["items"]))
-            scores.scatter_(1, seen, float("-inf"))
+            _exclude_seen(scores, batch["items"], mask)
         metrics.add(scores, targets)
         _add_side_metrics(model, metrics, hidden, batch, rows, pos)
     model.train(was_training)
@@ -136,14 +141,10 @@ def evaluate_inference(model, data: Path, split: str, cfg: EvalConfig) -> dict:
     """The same protocol for an :class:`trainer.inference.InferenceModel` (an export, int8 or not)."""
     metrics = RankingMetrics(cfg.ks, model.num_items)
     for batch in eval_loader(data, split, model.max_len, cfg.batch_size):
-        pos = _last_history_index(batch["mask"])
-        rows = torch.arange(len(pos))
-        targets = batch["items"][rows, pos + 1]
-        mask = batch["mask"].clone()
-        mask[rows, pos + 1] = False
+        _, _, targets, mask = _held_out(batch)
         scores = model.scores(model.encode(batch["items"], batch["types"], batch["times"], mask))
         if cfg.exclude_seen:
-            scores.scatter_(1, torch.where(mask, batch["items"], torch.zeros_like(batch["items"])), float("-inf"))
+            _exclude_seen(scores, batch["items"], mask)
         metrics.add(scores, targets)
     return metrics.result()
 

@@ -33,7 +33,7 @@ from torch import nn
 from data_sharding import shards
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
-from trainer.inference import InferenceModel, merge_lora
+from trainer.inference import InferenceModel, merge_lora, strip_lora
 
 EXPORT_FORMAT = 1
 EXPORT_META = "export.json"
@@ -43,31 +43,31 @@ QUANTIZE = ("int8",)
 def _unload_lora(module: nn.Module) -> dict[str, torch.Tensor]:
     """Remove LoRA layers without merging them; returns their weights (keys relative to ``module``)."""
     adapter = {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
-
-    def strip(m: nn.Module) -> None:
-        for name, child in list(m.named_children()):
-            if hasattr(child, "get_base_layer") and hasattr(child, "merge"):
-                setattr(m, name, child.get_base_layer())
-            else:
-                strip(child)
-
-    strip(module)
+    strip_lora(module, merge=False)
     return adapter
 
 
-def _run_version(run: Path, source: Path) -> str:
-    state = ckpt.read_state(source)
-    return f"{run.resolve().name}@{source.name}:step-{state['step']}"
+def _check_quantize(quantize: str | None) -> None:
+    if quantize not in (None, *QUANTIZE):
+        raise ConfigError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+
+
+def _load_trained(run: Path, log=print):
+    """(training model, config, dataset info, weights folder, event type names, version) of a run;
+    the weights folder is chosen and checksummed once."""
+    from trainer.run import load_run_model, weights_source
+
+    source = weights_source(run, "best", log)
+    model, cfg, info = load_run_model(run, log=log, source=source)
+    event_types = shards.load_manifest(cfg.data.path)["vocab"]["event_types"]
+    version = f"{run.resolve().name}@{source.name}:step-{ckpt.read_state(source)['step']}"
+    return model, cfg, info, source, event_types, version
 
 
 def load_run(run: Path, log=print) -> InferenceModel:
     """A trained run's best (else latest valid) weights in inference form."""
-    from trainer.run import load_run_model, weights_source
-
-    source = weights_source(run, "best", log)
-    model, cfg, info = load_run_model(run, log=log)
-    manifest = shards.load_manifest(cfg.data.path)
-    return InferenceModel.from_model(model, info, manifest["vocab"]["event_types"], _run_version(run, source))
+    model, _, info, _, event_types, version = _load_trained(run, log)
+    return InferenceModel.from_model(model, info, event_types, version)
 
 
 def source_signature(path: Path) -> str | None:
@@ -95,8 +95,7 @@ def load_inference(path: Path, quantize: str | None = None, log=print) -> Infere
         model = load_run(path, log)
     else:
         raise ConfigError(f"{path}: neither a run folder (config.yaml) nor an export ({EXPORT_META})")
-    if quantize not in (None, *QUANTIZE):
-        raise ConfigError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    _check_quantize(quantize)
     if quantize and not model.quantized:
         model.quantize()
     return model
@@ -104,18 +103,11 @@ def load_inference(path: Path, quantize: str | None = None, log=print) -> Infere
 
 def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = None, overwrite: bool = False) -> dict:
     """Write the export of ``run`` to ``out`` atomically (assembled beside it, then renamed)."""
-    if quantize not in (None, *QUANTIZE):
-        raise ConfigError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZE)}")
+    _check_quantize(quantize)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose a new --out or pass --overwrite")
-    from trainer.run import load_run_model, weights_source
-
-    source = weights_source(run, "best")
-    model, cfg, info = load_run_model(run)
-    manifest = shards.load_manifest(cfg.data.path)
-    inference = InferenceModel.from_model(
-        copy.deepcopy(model) if not merge else model, info, manifest["vocab"]["event_types"], _run_version(run, source)
-    )
+    model, cfg, info, source, event_types, version = _load_trained(run)
+    inference = InferenceModel.from_model(copy.deepcopy(model) if not merge else model, info, event_types, version)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -25,15 +25,22 @@ from trainer.errors import ConfigError
 from trainer.heads import time_bucket
 
 
-def merge_lora(module: nn.Module) -> nn.Module:
-    """Fold every peft LoRA layer into its base weight and put the plain layer back in its place."""
+def strip_lora(module: nn.Module, merge: bool = True) -> nn.Module:
+    """Put every peft LoRA layer's plain base layer back in its place, after folding the adapter
+    into the base weight (``merge``) or dropping it."""
     for name, child in list(module.named_children()):
         if hasattr(child, "merge") and hasattr(child, "get_base_layer"):
-            child.merge()
+            if merge:
+                child.merge()
             setattr(module, name, child.get_base_layer())
         else:
-            merge_lora(child)
+            strip_lora(child, merge)
     return module
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every peft LoRA layer into its base weight and put the plain layer back in its place."""
+    return strip_lora(module, merge=True)
 
 
 def conv1d_to_linear(module: nn.Module) -> nn.Module:

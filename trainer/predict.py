@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_sharding import shards, storage
 from data_sharding.ingest import InputConfig, stage_file
-from data_sharding.stream import iter_sequences
+from data_sharding.stream import collate_windows, iter_sequences
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel
 
@@ -82,25 +82,22 @@ def histories_from_events(path: Path, model: InferenceModel, fmt: str = "auto", 
         yield History(str(users[start]), *(c[start:end].astype(np.int64) for c in cols))
 
 
-def _batch(model: InferenceModel, histories: list[History]) -> tuple[torch.Tensor, ...]:
-    width = max(len(h.items) for h in histories)
-    shape = (len(histories), width)
-    items, types, times = (torch.zeros(shape, dtype=torch.int64) for _ in range(3))
-    mask = torch.zeros(shape, dtype=torch.bool)
-    for row, h in enumerate(histories):
-        n = len(h.items)
-        items[row, :n] = torch.from_numpy(h.items)
-        types[row, :n] = torch.from_numpy(h.types)
-        times[row, :n] = torch.from_numpy(h.times)
-        mask[row, :n] = True
-    return items, types, times, mask
+def _batch(histories: list[History]) -> tuple[torch.Tensor, ...]:
+    """(items, types, times, mask) of the histories, padded like training windows."""
+    windows = []
+    for h in histories:
+        w = np.zeros(len(h.items), dtype=shards.SEQ_DTYPE)
+        w["item"], w["type"], w["ts"] = h.items, h.types, h.times
+        windows.append(w)
+    batch = collate_windows(list(range(len(windows))), windows)
+    return batch["items"], batch["types"], batch["times"], batch["mask"]
 
 
 def predict(
     model: InferenceModel, histories: list[History], k: int, exclude_seen: bool = False
 ) -> list[dict[str, object]]:
     """One record per history: user, items, scores (best first) and the side predictions."""
-    hidden = model.encode(*_batch(model, histories))
+    hidden = model.encode(*_batch(histories))
     exclude = [h.items.tolist() for h in histories] if exclude_seen else None
     top, scores = model.top_k(hidden, k, exclude)
     side = model.side_predictions(hidden)

@@ -131,11 +131,12 @@ def weights_source(run: Path, weights: str = "best", log=print) -> Path:
     return source
 
 
-def load_run_model(run: Path, data: Path | None = None, weights: str = "best", log=print):
-    """(model in eval mode, config, dataset info) of a trained run, with its best (or latest) weights."""
+def load_run_model(run: Path, data: Path | None = None, weights: str = "best", log=print, source: Path | None = None):
+    """(model in eval mode, config, dataset info) of a trained run, with its best (or latest) weights,
+    or those of ``source`` when the caller has already chosen (and verified) the folder."""
     cfg = load_run_config(run)
     data = storage.as_root(data or cfg.data.path)
-    source = weights_source(run, weights, log)
+    source = source or weights_source(run, weights, log)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
     state = ckpt.read_state(source)
     if state.get("vocab_version") not in (None, info.vocab_version):

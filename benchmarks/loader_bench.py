@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_bench import REPO, machine  # noqa: E402
+from shard_bench import REPO, machine, write_results  # noqa: E402
 
 DATA = REPO / "bench_data" / "shards_synth_10m"
 SECONDS = 20.0
@@ -72,8 +72,6 @@ def main() -> None:
         "metrics": metrics,
         "goal": "the loader alone must deliver more target tokens/s than training consumes",
     }
-    results_dir = REPO / "benchmarks" / "results"
-    (results_dir / "loader.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# loader: streaming loader alone vs training consumption (2 CPU cores)",
         "",
@@ -87,7 +85,7 @@ def main() -> None:
         lines.append(f"| {source} | {workers} | {r['samples_per_s']} | {r['tokens_per_s']} | {r['first_batch_s']} |")
     lines += ["", "Training consumption (benchmarks/results/train_speed.json, same machine):", ""]
     lines += ["| config | tokens/s |", "|---|---|"] + [f"| {k} | {v} |" for k, v in consumption.items()]
-    (results_dir / "loader.md").write_text("\n".join(lines) + "\n")
+    write_results("loader", out, lines)
     print("\n".join(lines))
 
 

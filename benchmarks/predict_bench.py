@@ -12,7 +12,6 @@ Writes benchmarks/results/predict.json and predict.md.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import BGPT, DATA, RUNS, ensure_runs  # noqa: E402
-from shard_bench import REPO, machine  # noqa: E402
+from shard_bench import REPO, machine, write_results  # noqa: E402
 
 
 def directory_mib(path: Path) -> float:
@@ -89,8 +88,6 @@ def main() -> None:
         "goal": "report users/s of batch prediction, and the accuracy change and speed-up of int8 dynamic "
         "quantization on CPU (no threshold set by the issue)",
     }
-    results_dir = REPO / "benchmarks" / "results"
-    (results_dir / "predict.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# predict: batch prediction and int8 exports (2 CPU cores)",
         "",
@@ -106,7 +103,7 @@ def main() -> None:
             f"| {name} | {quant} | {r['users_per_s']} | {r['single_p50_ms']} | {r['hr@10']} | {r['ndcg@10']} | "
             f"{r['export_mib']} |"
         )
-    (results_dir / "predict.md").write_text("\n".join(lines) + "\n")
+    write_results("predict", out, lines)
     print("\n".join(lines))
 
 

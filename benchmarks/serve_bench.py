@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_bench import REPO, machine  # noqa: E402
+from shard_bench import REPO, machine, write_results  # noqa: E402
 
 BGPT = [sys.executable, "-m", "launch.cli"]
 DATA = REPO / "bench_data" / "shards_ml1m"
@@ -323,10 +323,10 @@ def main() -> None:
     tmp = REPO / "bench_data" / "serve_state"
     tmp.mkdir(parents=True, exist_ok=True)
     results = {m: bench_model(m, int(threads[m]), args.seconds, tmp) for m in args.models.split(",")}
-    write_results(results, args)
+    report(results, args)
 
 
-def write_results(results: dict, args: argparse.Namespace) -> None:
+def report(results: dict, args: argparse.Namespace) -> None:
     metrics: dict[str, float] = {}
     if "small" in results:
         worst = max((results["small"][f"history_open_c{c}"] for c in (1, 8, 32)), key=lambda r: r["p99_ms"])
@@ -351,8 +351,6 @@ def write_results(results: dict, args: argparse.Namespace) -> None:
         "concurrency (1, 8, 32) of the small model's open-loop history requests at 200 requests/s",
         "details": results,
     }
-    results_dir = REPO / "benchmarks" / "results"
-    (results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# serving: `bgpt serve` on loopback, load generator on the same 2 cores",
         "",
@@ -384,7 +382,7 @@ def write_results(results: dict, args: argparse.Namespace) -> None:
         lines.append(
             f"| {name} | {ev['event_cached_p50_ms']} | {ev['event_reencode_p50_ms']} | {ev['event_cache_speedup']}x |"
         )
-    (results_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.name, out, lines)
     print("\n".join(lines))
 
 

@@ -29,6 +29,14 @@ SHARED = REPO.parent / "shared" / "data"
 BGPT = [sys.executable, "-m", "launch.cli"]
 
 
+def write_results(name: str, result: dict, markdown: list[str]) -> None:
+    """benchmarks/results/<name>.json (the result object) and <name>.md (the table lines)."""
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text("\n".join(markdown) + "\n")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

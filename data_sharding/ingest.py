@@ -4,7 +4,7 @@ Every input file is scanned once by DuckDB into an on-disk table holding, per ro
 event (user, item, int64 millisecond timestamp, event type, value), the row's position in its
 file, and, for rows that fail validation, the reason and the raw text. Rows DuckDB's reader
 itself rejects (wrong column count, undecodable bytes) are kept in its rejects table. Nothing is
-dropped silently: :func:`data_sharding.validate.collect_quarantine` gathers both kinds.
+dropped silently: :func:`data_sharding.validate.file_quarantine` gathers both kinds.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from data_sharding.errors import DataError
+from data_sharding.sequences import FILE_SHIFT, GEN_SHIFT
 
 FORMATS = ("auto", "csv", "tsv", "parquet", "jsonl", "movielens")
 # Column names recognised without a --*-col flag, in order of preference (compared case-insensitively).
@@ -277,6 +278,15 @@ def stage_file(con: duckdb.DuckDBPyConnection, index: int, path: str, cfg: Input
     if rows == 0 and rejected == 0:
         raise DataError(f"{path}: has no rows")
     return SourceFile(index, path, fmt, table, rejects, header_lines)
+
+
+def valid_events_sql(src: SourceFile, generation: int) -> str:
+    """The valid rows of one staged file with ``ord``: generation, file and record position in one int64."""
+    return (
+        f"SELECT user, item, ts, event_type, value, "
+        f"({generation}::BIGINT << {GEN_SHIFT}) | ({src.index}::BIGINT << {FILE_SHIFT}) | coalesce(rec, rowid) AS ord "
+        f"FROM {src.table} WHERE reason IS NULL"
+    )
 
 
 def _is_id_column(name: str) -> bool:

@@ -25,7 +25,9 @@ from tqdm import tqdm
 from data_sharding import ingest, sequences, shards, validate, vocab, writer
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
-from data_sharding.sequences import FILE_SHIFT, GEN_SHIFT, SplitConfig
+from data_sharding.sequences import SplitConfig
+
+ENGINES = ("duckdb", "spark")
 
 
 @dataclass
@@ -54,7 +56,14 @@ class ShardConfig:
     """DuckDB memory limit; beyond it DuckDB spills to the temporary folder."""
     threads: int | None = None
     temp_dir: str | None = None
-    """Where DuckDB spills; default: inside the generation's temporary folder."""
+    """Where DuckDB (and Spark, in local mode) spill; default: inside the generation's temporary folder."""
+    engine: str = "duckdb"
+    """duckdb (one machine) or spark (the event-sized stages run as Spark jobs; see data_sharding/spark_engine.py)."""
+    master: str | None = None
+    """Spark master URL (engine spark): local[*] by default; ignored when a Spark session already runs
+    (spark-submit)."""
+    spark_conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark settings (engine spark), e.g. {"spark.executor.memory": "8g"}."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -71,6 +80,10 @@ class ShardConfig:
             raise DataError("--append and --overwrite exclude each other")
         if not self.input.paths:
             raise DataError("--input needs at least one file")
+        if self.engine not in ENGINES:
+            raise DataError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine != "spark" and (self.master or self.spark_conf):
+            raise DataError("--master and --spark-conf only apply to --engine spark")
 
 
 class _Phases:
@@ -183,12 +196,13 @@ def _build_generation(
         ingest.check_readable(p)
     fingerprints.start()
     con = _connect(work, cfg)
+    engine = _engine(cfg, con, work)
     phase = _Phases()
     try:
-        sources = [ingest.stage_file(con, i, p, cfg.input) for i, p in enumerate(cfg.input.paths)]
+        files = engine.stage(generation)
         phase("read_validate")
         quarantine_path = out_dir / "quarantine.jsonl"
-        report = validate.collect_quarantine(con, sources, quarantine_path)
+        report = validate.write_quarantine(con, files, quarantine_path)
         phase("quarantine")
         try:
             validate.check_bad_budget(report, cfg.max_bad_fraction, root / f"rejected-g{generation:04d}.jsonl")
@@ -199,18 +213,9 @@ def _build_generation(
         has_meta = cfg.items is not None
         if has_meta:
             ingest.read_items_file(con, cfg.items, cfg.items_format, cfg.input.item_col)
-        con.execute(
-            "CREATE OR REPLACE VIEW events AS "
-            + " UNION ALL ".join(
-                f"SELECT user, item, ts, event_type, value, "
-                f"({generation}::BIGINT << {GEN_SHIFT}) | ({s.index}::BIGINT << {FILE_SHIFT}) | coalesce(rec, rowid) AS ord "
-                f"FROM {s.table} WHERE reason IS NULL"
-                for s in sources
-            )
-        )
         previous = vocab.load_vocab(root / manifest["vocab"]["dir"]) if manifest else None
         prev_users = root / manifest["vocab"]["files"]["users"] if manifest else None
-        n_item_codes, n_type_codes = vocab.create_code_tables(con, previous, prev_users, "events")
+        n_item_codes, n_type_codes = vocab.create_code_tables(con, previous, prev_users, *engine.seen_ids())
         logs = [str(root / g["events_log"]) for g in manifest["generations"]] if manifest else []
         total_rows = _stream_size(con, prev_users)
         num_shards = max(1, math.ceil(total_rows / cfg.events_per_shard))
@@ -220,10 +225,7 @@ def _build_generation(
             f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"
         )
         phase("codes")
-        query = _sorted_events_sql(logs)
-        with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
-            reader = con.sql(query).to_arrow_reader(1_000_000)
-            p1 = sequences.pass_one(reader, work, generation, n_item_codes, n_type_codes, bar)
+        p1 = engine.sorted_pass(logs, total_rows, num_shards, generation, n_item_codes, n_type_codes)
         phase("sort_dedup")
         num_known = previous.num_items if previous else vocab.NUM_RESERVED_ITEMS
         item_map = vocab.finalize_codes(p1.item_counts, num_known, cfg.min_item_count)
@@ -242,7 +244,7 @@ def _build_generation(
             "valid_ms": valid_ms,
             "test_ms": test_ms,
         }
-        written = writer.write_shards(out_dir, p1, num_shards, generation, remap)
+        written = writer.write_shards(out_dir, p1, num_shards, generation, remap, mapper=engine.map_shards)
         phase("write_shards")
         user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
         vocab_files = vocab.save_vocab(out_dir, new_vocab)
@@ -256,6 +258,7 @@ def _build_generation(
         ).fetchall()[0]
         phase("users_fingerprints")
     finally:
+        engine.close()
         con.close()
     gen_name = out_dir.name
     info = {
@@ -326,7 +329,55 @@ def _stream_size(con: duckdb.DuckDBPyConnection, prev_users: Path | None) -> int
     return int(events)
 
 
-def _sorted_events_sql(logs: list[str]) -> str:
+class DuckDBEngine:
+    """The one-machine engine: every stage in the pipeline's own DuckDB connection."""
+
+    def __init__(self, cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path) -> None:
+        self.cfg, self.con, self.work = cfg, con, work
+
+    def stage(self, generation: int) -> list[validate.FileQuarantine]:
+        """Parse and validate every input; leave the valid rows in view ``events``."""
+        sources = [ingest.stage_file(self.con, i, p, self.cfg.input) for i, p in enumerate(self.cfg.input.paths)]
+        files = [validate.file_quarantine(self.con, s) for s in sources]
+        union = " UNION ALL ".join(ingest.valid_events_sql(s, generation) for s in sources)
+        if len(sources) == 1:
+            self.con.execute(f"CREATE OR REPLACE VIEW events AS {union}")
+            return files
+        # Several files: one table of valid events, staged tables dropped. Joining and sorting a
+        # UNION ALL of many staged tables ran out of memory at 100M events in 8 files under a 3 GB
+        # limit (one table of the same rows does not; benchmarks/README.md).
+        self.con.execute(f"CREATE OR REPLACE TABLE events AS {union}")
+        for s in sources:
+            self.con.execute(f"DROP TABLE {s.table}")
+        return files
+
+    def seen_ids(self) -> tuple[str, str, str]:
+        """Relations of the distinct items, the distinct event types and (user, n) events per user."""
+        return "events", "events", "(SELECT user, count(*) AS n FROM events GROUP BY user)"
+
+    def sorted_pass(
+        self, logs: list[str], total_rows: int, num_shards: int, generation: int, n_items: int, n_types: int
+    ) -> sequences.PassOneResult:
+        """Sort events by (shard, user, time, input order) out of core and run pass one over the stream."""
+        with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
+            reader = self.con.sql(sorted_events_sql(logs)).to_arrow_reader(1_000_000)
+            return sequences.pass_one(reader, self.work, generation, n_items, n_types, bar)
+
+    map_shards = staticmethod(writer.thread_map)
+
+    def close(self) -> None:
+        pass
+
+
+def _engine(cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path):
+    if cfg.engine == "spark":
+        from data_sharding.spark_engine import SparkEngine
+
+        return SparkEngine(cfg, con, work)
+    return DuckDBEngine(cfg, con, work)
+
+
+def sorted_events_sql(logs: list[str]) -> str:
     new = (
         "SELECT u.shard, u.uidx, e.ts, e.ord, i.code AS item, t.code::SMALLINT AS type, e.value "
         "FROM events e JOIN user_shards u ON e.user = u.user JOIN item_codes i ON e.item = i.key "

@@ -65,7 +65,17 @@ def _line_numbers(records: np.ndarray, reject_lines: np.ndarray, header_lines: i
     return lines
 
 
-def _file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> pa.Table:
+@dataclass
+class FileQuarantine:
+    """One staged input file's rejected rows (file, line, reason, raw) and its number of valid rows."""
+
+    path: str
+    rows: pa.Table
+    valid_rows: int
+
+
+def file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> FileQuarantine:
+    """Both kinds of rejected rows of one staged file, by line, with the count of valid rows."""
     parts = []
     reject_lines = np.empty(0, dtype=np.int64)
     if src.rejects_table is not None:
@@ -86,22 +96,24 @@ def _file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> pa.Tabl
             lines = _line_numbers(bad["rowid"].to_numpy().astype(np.int64), reject_lines, src.header_lines)
         parts.append(pa.table([lines, bad["reason"], bad["raw"].cast(pa.string())], schema=_ROW_SCHEMA))
     table = pa.concat_tables(parts or [_ROW_SCHEMA.empty_table()]).sort_by("line")
-    return table.add_column(0, "file", pa.array([src.path] * table.num_rows, pa.string()))
+    table = table.add_column(0, "file", pa.array([src.path] * table.num_rows, pa.string()))
+    valid = con.execute(f"SELECT count(*) FROM {src.table} WHERE reason IS NULL").fetchall()[0][0]
+    return FileQuarantine(src.path, table, int(valid))
 
 
-def collect_quarantine(
-    con: duckdb.DuckDBPyConnection, sources: list[SourceFile], out_path: Path | None
+def write_quarantine(
+    con: duckdb.DuckDBPyConnection, files: list[FileQuarantine], out_path: Path | None
 ) -> QuarantineReport:
-    """Count valid and bad rows of every staged file; write the bad ones to ``out_path`` (JSONL)."""
+    """Count valid and bad rows over all files (in input order); write the bad ones to ``out_path`` (JSONL)."""
     report = QuarantineReport()
     tables = []
-    for src in sources:
-        table = _file_quarantine(con, src)
+    for fq in files:
+        table = fq.rows
         counts = Counter(table["reason"].to_pylist()) if table.num_rows else Counter()
-        report.by_file[src.path] = counts
+        report.by_file[fq.path] = counts
         report.by_reason.update(counts)
         report.bad_rows += table.num_rows
-        report.valid_rows += con.execute(f"SELECT count(*) FROM {src.table} WHERE reason IS NULL").fetchall()[0][0]
+        report.valid_rows += fq.valid_rows
         if table.num_rows:
             tables.append(table)
     if out_path is not None:

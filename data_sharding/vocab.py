@@ -68,10 +68,18 @@ def load_vocab(gen_dir: Path) -> Vocab:
 
 
 def create_code_tables(
-    con: duckdb.DuckDBPyConnection, previous: Vocab | None, previous_users: Path | None, events: str
+    con: duckdb.DuckDBPyConnection,
+    previous: Vocab | None,
+    previous_users: Path | None,
+    seen_items: str,
+    seen_types: str,
+    user_counts: str,
 ) -> tuple[int, int]:
-    """Create item_codes, type_codes and user_codes for relation ``events``.
+    """Create item_codes, type_codes and user_codes from the ids one generation's events hold.
 
+    ``seen_items`` / ``seen_types`` name relations of the distinct ``item`` / ``event_type`` values,
+    ``user_counts`` one of ``(user, n)``: events per user. Either engine computes these (DuckDB
+    in SQL, Spark in a distributed aggregation); the numbering below is the same for both.
     Returns (number of item codes, number of type codes). Known ids map to their final id.
     """
     known_items = previous.items.slice(NUM_RESERVED_ITEMS).select(["item", "id"]) if previous else None
@@ -83,20 +91,20 @@ def create_code_tables(
         else None
     )
     n_items = _codes(
-        con, "item_codes", "item", events, known_items, previous.num_items if previous else NUM_RESERVED_ITEMS
+        con, "item_codes", "item", seen_items, known_items, previous.num_items if previous else NUM_RESERVED_ITEMS
     )
     n_types = _codes(
         con,
         "type_codes",
         "event_type",
-        events,
+        seen_types,
         known_types.rename_columns(["event_type", "id"]) if known_types else None,
         previous.num_event_types if previous else NUM_RESERVED_TYPES,
     )
     known_users = f"SELECT user, uidx FROM read_parquet('{previous_users}')" if previous_users else None
     con.execute(
         f"CREATE OR REPLACE TABLE user_codes AS "
-        f"WITH seen AS (SELECT user, count(*) AS n FROM {events} GROUP BY user), "
+        f"WITH seen AS (SELECT user, n FROM {user_counts}), "
         f"known AS ({known_users or 'SELECT NULL::VARCHAR AS user, NULL::INTEGER AS uidx WHERE false'}), "
         f"start AS (SELECT coalesce(max(uidx) + 1, 0) AS s FROM known) "
         f"SELECT seen.user, seen.n, coalesce(known.uidx, (SELECT s FROM start) + "
@@ -107,7 +115,7 @@ def create_code_tables(
 
 
 def _codes(
-    con: duckdb.DuckDBPyConnection, table: str, col: str, events: str, known: pa.Table | None, next_code: int
+    con: duckdb.DuckDBPyConnection, table: str, col: str, seen: str, known: pa.Table | None, next_code: int
 ) -> int:
     if known is not None:
         con.register("known_codes", known)
@@ -117,7 +125,7 @@ def _codes(
         )
     con.execute(
         f"CREATE OR REPLACE TABLE {table} AS "
-        f"WITH seen AS (SELECT DISTINCT {col} FROM {events}) "
+        f"WITH seen AS (SELECT DISTINCT {col} FROM {seen}) "
         f"SELECT seen.{col} AS key, coalesce(k.id, {next_code} + row_number() OVER "
         f"(PARTITION BY k.id IS NULL ORDER BY {ID_ORDER.format(col='seen.' + col)}) - 1)::INTEGER AS code "
         f"FROM seen LEFT JOIN known_codes k USING ({col})"

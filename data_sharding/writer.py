@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ class _WrittenShard:
     new_events: int
 
 
-def _write_one_shard(out_dir: Path, shard: int, path: Path | None, generation: int, remap: dict) -> _WrittenShard:
+def _write_one_shard(shard: int, path: Path | None, *, out_dir: Path, generation: int, remap: dict) -> _WrittenShard:
     """Final records of one shard -> tar + index on disk; returns what the manifest and logs need."""
     rows = np.load(path) if path is not None else np.empty(0, sequences.STREAM_DTYPE)
     records, rows, dropped = sequences.final_records(rows, generation=generation, **remap)
@@ -65,27 +67,35 @@ def _write_one_shard(out_dir: Path, shard: int, path: Path | None, generation: i
     return _WrittenShard(info, uidx, lengths, dropped, len(new_rows))
 
 
+def thread_map(fn: Callable, jobs: list) -> list:
+    """Run ``fn`` over ``jobs`` two at a time (numpy, hashing and file I/O release the GIL), in order."""
+    with (
+        ThreadPoolExecutor(max_workers=2) as pool,
+        tqdm(total=len(jobs), unit="shard", desc="write shards", disable=None) as bar,
+    ):
+        futures = [pool.submit(fn, *job) for job in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            bar.update(1)
+    return results
+
+
 def write_shards(
     out_dir: Path,
     p1: sequences.PassOneResult,
     num_shards: int,
     generation: int,
     remap: dict,
+    mapper: Callable[[Callable, list], list] = thread_map,
 ) -> dict:
-    """Write every shard and its events log, two at a time (numpy, hashing and file I/O release the GIL)."""
+    """Write every shard and its events log; ``mapper(fn, jobs)`` runs ``fn(*job)`` per shard, in order.
+
+    The default runs in local threads; the Spark engine runs the same function in its executors.
+    """
     (out_dir / "events").mkdir()
-    written: list[_WrittenShard] = []
-    with (
-        ThreadPoolExecutor(max_workers=2) as pool,
-        tqdm(total=num_shards, unit="shard", desc="write shards", disable=None) as bar,
-    ):
-        jobs = [
-            pool.submit(_write_one_shard, out_dir, shard, p1.shard_files.get(shard), generation, remap)
-            for shard in range(num_shards)
-        ]
-        for job in jobs:
-            written.append(job.result())
-            bar.update(1)
+    write = partial(_write_one_shard, out_dir=out_dir, generation=generation, remap=remap)
+    written: list[_WrittenShard] = mapper(write, [(shard, p1.shard_files.get(shard)) for shard in range(num_shards)])
     return {
         "shards": [w.info for w in written],
         "rare": sum(w.rare for w in written),

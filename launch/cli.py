@@ -69,8 +69,32 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
     p.add_argument("--memory-limit", default="3GB", help="DuckDB memory limit; it spills to disk beyond it")
     p.add_argument("--threads", type=int)
-    p.add_argument("--temp-dir", help="where DuckDB spills (default: inside --out)")
+    p.add_argument("--temp-dir", help="where DuckDB (and local Spark) spill (default: inside --out)")
+    p.add_argument(
+        "--engine",
+        default="duckdb",
+        choices=("duckdb", "spark"),
+        help="duckdb: one machine; spark: the event-sized stages as Spark jobs (same output)",
+    )
+    p.add_argument("--master", help="Spark master URL with --engine spark (default local[*]; spark-submit sets it)")
+    p.add_argument(
+        "--spark-conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Spark setting with --engine spark, e.g. spark.executor.memory=8g (repeatable)",
+    )
     p.set_defaults(func=_run_shard)
+
+
+def _key_values(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BgptError(f"{flag} {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def _run_shard(args: argparse.Namespace) -> int:
@@ -105,6 +129,9 @@ def _run_shard(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         threads=args.threads,
         temp_dir=args.temp_dir,
+        engine=args.engine,
+        master=args.master,
+        spark_conf=_key_values(args.spark_conf, "--spark-conf"),
     )
     manifest = build(cfg)
     gen = manifest["generations"][-1]

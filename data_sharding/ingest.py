@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+from data_sharding import storage
 from data_sharding.errors import DataError
 from data_sharding.sequences import FILE_SHIFT, GEN_SHIFT
 
@@ -98,16 +99,20 @@ def _open_text(path: str, encoding: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
 
 
-def check_readable(path: str) -> None:
-    """Fail with a one-line error for a missing, unreadable or empty input file."""
+def check_readable(given: str) -> None:
+    """Fail with a one-line error for a missing, unreadable or empty input file (path or URL)."""
+    path = storage.local_file(given)
+    if path is None:
+        storage.check_remote_input(given)
+        return
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{given}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a file")
+        raise DataError(f"{given}: is a directory, expected a file")
     if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: permission denied")
+        raise DataError(f"{given}: permission denied")
     if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{given}: file is empty")
 
 
 def read_header(path: str, fmt: str) -> list[str]:

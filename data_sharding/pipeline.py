@@ -8,7 +8,6 @@ leaves the previous manifest and every earlier generation untouched and loadable
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import duckdb
 import pyarrow as pa
 from tqdm import tqdm
 
-from data_sharding import ingest, sequences, shards, validate, vocab, writer
+from data_sharding import ingest, sequences, shards, storage, validate, vocab, writer
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
 from data_sharding.sequences import SplitConfig
@@ -99,14 +98,6 @@ class _Phases:
         self._last = now
 
 
-def _fingerprint(path: str) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
 class _Fingerprints(threading.Thread):
     """Hashes the inputs in the background (hashlib releases the GIL) while DuckDB reads them."""
 
@@ -116,8 +107,8 @@ class _Fingerprints(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.result = [_fingerprint(p) for p in self.paths]
-        except OSError as e:
+            self.result = [storage.fingerprint_input(p) for p in self.paths]
+        except (OSError, DataError) as e:
             self.error = e
 
 
@@ -212,7 +203,8 @@ def _build_generation(
             raise
         has_meta = cfg.items is not None
         if has_meta:
-            ingest.read_items_file(con, cfg.items, cfg.items_format, cfg.input.item_col)
+            items = storage.fetch_input(cfg.items, work / "inputs", len(cfg.input.paths))
+            ingest.read_items_file(con, items, cfg.items_format, cfg.input.item_col)
         previous = vocab.load_vocab(root / manifest["vocab"]["dir"]) if manifest else None
         prev_users = root / manifest["vocab"]["files"]["users"] if manifest else None
         n_item_codes, n_type_codes = vocab.create_code_tables(con, previous, prev_users, *engine.seen_ids())
@@ -315,7 +307,7 @@ def _build_generation(
 
 def _options(cfg: ShardConfig) -> dict:
     options = dataclasses.asdict(cfg)
-    options["input"]["paths"] = [os.path.abspath(p) for p in cfg.input.paths]
+    options["input"]["paths"] = [p if storage.is_url(p) else os.path.abspath(p) for p in cfg.input.paths]
     return options
 
 
@@ -337,8 +329,14 @@ class DuckDBEngine:
 
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
         """Parse and validate every input; leave the valid rows in view ``events``."""
-        sources = [ingest.stage_file(self.con, i, p, self.cfg.input) for i, p in enumerate(self.cfg.input.paths)]
-        files = [validate.file_quarantine(self.con, s) for s in sources]
+        sources, files = [], []
+        for i, given in enumerate(self.cfg.input.paths):
+            local = storage.fetch_input(given, self.work / "inputs", i)
+            try:
+                sources.append(ingest.stage_file(self.con, i, local, self.cfg.input))
+            except DataError as e:
+                raise DataError(str(e).replace(local, given)) from None
+            files.append(validate.file_quarantine(self.con, sources[-1]).named(given))
         union = " UNION ALL ".join(ingest.valid_events_sql(s, generation) for s in sources)
         if len(sources) == 1:
             self.con.execute(f"CREATE OR REPLACE VIEW events AS {union}")

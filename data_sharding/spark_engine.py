@@ -25,6 +25,7 @@ copied to object storage as is. Executors need this package installed (or shippe
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_sharding import ingest, sequences, validate
+from data_sharding import ingest, sequences, storage, validate
 from data_sharding.errors import DataError
 
 _COUNTS_SCHEMA = "kind string, key long, count long"
@@ -129,17 +130,19 @@ def _stage_file_task(
     driver raises the same one-line DataError the one-machine engine would (and Spark does not
     retry a file that cannot be read).
     """
-    index, path = job
+    index, given = job
+    scratch = Path(tempfile.mkdtemp(prefix="bgpt-input-"))
     con = duckdb.connect()
     try:
+        path = storage.fetch_input(given, scratch, index)
         con.execute(f"SET threads = {max(1, min(threads, os.cpu_count() or 1))}")
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute("SET preserve_insertion_order = true")
         try:
             src = ingest.stage_file(con, index, path, cfg)
         except DataError as e:
-            return index, str(e), 0
-        fq = validate.file_quarantine(con, src)
+            return index, str(e).replace(path, given), 0
+        fq = validate.file_quarantine(con, src).named(given)
         events = Path(staged) / f"events-{index:06d}.parquet"
         tmp = events.with_suffix(".tmp")
         con.execute(
@@ -150,6 +153,7 @@ def _stage_file_task(
         return index, None, fq.valid_rows
     finally:
         con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _NoProgress:
@@ -190,7 +194,7 @@ class SparkEngine:
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
         staged = self.work / "staged"
         staged.mkdir()
-        jobs = [(i, os.path.abspath(p)) for i, p in enumerate(self.cfg.input.paths)]
+        jobs = [(i, p if storage.is_url(p) else os.path.abspath(p)) for i, p in enumerate(self.cfg.input.paths)]
         task = partial(
             _stage_file_task,
             cfg=self.cfg.input,
@@ -203,15 +207,12 @@ class SparkEngine:
         results = _spark_map(self.spark, task, [(job,) for job in jobs])
         for (index, path), (_, error, _) in zip(jobs, results, strict=True):
             if error:
+                # Name files as the user gave them, like the one-machine engine does.
                 raise DataError(error.replace(path, self.cfg.input.paths[index]))
         files = []
         for (index, path), (_, _, valid) in zip(jobs, results, strict=True):
             rows = pq.read_table(staged / f"quarantine-{index:06d}.parquet")
-            # Name files as the user gave them, like the one-machine engine does.
-            given = self.cfg.input.paths[index]
-            if given != path:
-                rows = rows.set_column(0, "file", pa.array([given] * rows.num_rows, pa.string()))
-            files.append(validate.FileQuarantine(given, rows, valid))
+            files.append(validate.FileQuarantine(path, rows, valid).named(self.cfg.input.paths[index]))
         parts = [str(staged / f"events-{index:06d}.parquet") for index, _ in jobs]
         self.events = self.spark.read.schema(_schema_ddl(_STAGED_SCHEMA)).parquet(*parts)
         return files
@@ -257,7 +258,8 @@ class SparkEngine:
             )
         )
         if logs:
-            history = read(*logs).join(users.select("uidx", "shard"), "uidx")
+            files = sorted(f for pattern in logs for f in glob.glob(pattern))
+            history = read(*files).join(users.select("uidx", "shard"), "uidx")
             new = new.unionByName(history.select(*new.columns))
         # One partition per shard on average (hashing puts some shards together, leaves some empty).
         ordered = new.repartition(num_shards, "shard").sortWithinPartitions("shard", "uidx", "ts", "ord")

@@ -2,15 +2,18 @@
 ``gs://``, ``hdfs://``, ``memory://`` ...; the backends come from fsspec and its plugins such as
 s3fs and gcsfs, installed separately).
 
-Only the read side goes through here: the manifest, vocab tables, shard indexes and shards that
-training, evaluation and prediction stream. ``bgpt shard`` writes a local folder (atomic
-renames need a real file system); publish it to object storage with any copy tool, the dataset
-is position independent (every path in the manifest is relative).
+Read through here: ``bgpt shard``'s input files (fetched to local scratch once, by the process
+that parses them: the driver with DuckDB, each task with Spark) and the manifest, vocab tables,
+shard indexes and shards that training, evaluation and prediction stream. ``bgpt shard`` writes
+a local folder (atomic renames need a real file system); publish it to object storage with any
+copy tool, the dataset is position independent (every path in the manifest is relative).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 from pathlib import Path
 
 from data_sharding.errors import DataError
@@ -67,3 +70,52 @@ def read_parquet(root: Root, rel: str, columns: list[str] | None = None):
     if not is_url(root):
         return pq.read_table(join(root, rel), columns=columns)
     return pq.read_table(io.BytesIO(read_bytes(root, rel)), columns=columns)
+
+
+def local_file(value: str) -> str | None:
+    """The local path behind a plain path or a ``file://`` URL; None for any other URL."""
+    if not is_url(value):
+        return value
+    if value.startswith("file://"):
+        return value[len("file://") :]
+    return None
+
+
+def check_remote_input(url: str) -> None:
+    """One-line errors for a missing, directory or empty input behind a URL."""
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        raise DataError(f"{url}: no such file")
+    if fs.isdir(path):
+        raise DataError(f"{url}: is a directory, expected a file")
+    if fs.size(path) == 0:
+        raise DataError(f"{url}: file is empty")
+
+
+def fetch_input(value: str, scratch: Path, index: int) -> str:
+    """A local path to read input ``value`` from: itself when local, else a copy in ``scratch``.
+
+    The copy keeps the file's name (its extension tells the format)."""
+    local = local_file(value)
+    if local is not None:
+        return local
+    fs, path = _fs(value)
+    scratch.mkdir(parents=True, exist_ok=True)
+    dest = scratch / f"{index:06d}-{Path(path).name}"
+    fs.get(path, str(dest))
+    return str(dest)
+
+
+def fingerprint_input(value: str) -> dict:
+    """Path (absolute, or the URL as given), size and sha256 of an input file."""
+    digest = hashlib.sha256()
+    local = local_file(value)
+    if local is not None:
+        opener, name, size = open(local, "rb"), os.path.abspath(local), os.path.getsize(local)  # noqa: SIM115
+    else:
+        fs, path = _fs(value)
+        opener, name, size = fs.open(path, "rb"), value, fs.size(path)
+    with opener as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return {"path": name, "bytes": int(size), "sha256": digest.hexdigest()}

@@ -73,6 +73,13 @@ class FileQuarantine:
     rows: pa.Table
     valid_rows: int
 
+    def named(self, given: str) -> FileQuarantine:
+        """The same rows under the file name the user gave (a URL, a relative path)."""
+        if given == self.path:
+            return self
+        rows = self.rows.set_column(0, "file", pa.array([given] * self.rows.num_rows, pa.string()))
+        return FileQuarantine(given, rows, self.valid_rows)
+
 
 def file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> FileQuarantine:
     """Both kinds of rejected rows of one staged file, by line, with the count of valid rows."""

@@ -78,11 +78,30 @@ def test_spark_and_duckdb_engines_write_identical_generations(tmp_path, synth_lo
         {"user_id": "u2", "timestamp": 1_700_000_000, "event_type": "view"},
     ]
     new = write_lines(tmp_path / "new.jsonl", [json.dumps(r) for r in rows] + ["{not json"])
-    duck, spark = build_both(tmp_path, "data", [new], append=True, events_per_shard=4_000, max_bad_fraction=0.5)
+    # Through a file:// URL for Spark's tasks to fetch.
+    duck = shard([new], tmp_path / "duckdb" / "data", append=True, events_per_shard=4_000, max_bad_fraction=0.5)
+    spark = shard(
+        [f"file://{new}"],
+        tmp_path / "spark" / "data",
+        append=True,
+        events_per_shard=4_000,
+        max_bad_fraction=0.5,
+        **SPARK,
+    )
+    spark["generations"][1]["quarantine"]["by_file"] = {
+        str(new): v for v in spark["generations"][1]["quarantine"]["by_file"].values()
+    }
     assert comparable(duck) == comparable(spark)
     counts = duck["generations"][1]["counts"]
     assert counts["quarantined"] == 2 and counts["duplicates"] == 1 and counts["new_items"] == 1
-    assert tree(tmp_path / "duckdb" / "data" / "g0002") == tree(tmp_path / "spark" / "data" / "g0002")
+    duck_tree, spark_tree = (tree(tmp_path / engine / "data" / "g0002") for engine in ("duckdb", "spark"))
+    assert duck_tree.pop("quarantine.jsonl") != spark_tree.pop("quarantine.jsonl")  # names the file as given
+    assert duck_tree == spark_tree
+    quarantine = (tmp_path / "spark" / "data" / "g0002" / "quarantine.jsonl").read_text()
+    assert (
+        quarantine.replace(f"file://{new}", str(new))
+        == (tmp_path / "duckdb" / "data" / "g0002" / "quarantine.jsonl").read_text()
+    )
     spark_root = tmp_path / "spark" / "data"
     assert verify_dataset(spark_root, load_manifest(spark_root)) == []
 

@@ -3,10 +3,10 @@
 import fsspec
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import shard, tiny_config
 
 from data_sharding import shards
-from data_sharding.errors import ShardError
+from data_sharding.errors import DataError, ShardError
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer.run import train_run
 
@@ -54,3 +54,24 @@ def test_a_corrupt_shard_behind_a_url_is_named(dataset):
 def test_training_reads_its_data_from_a_url(tmp_path, cyclic_data):
     metrics = train_run(tmp_path / "run", tiny_config(f"file://{cyclic_data}", max_steps=10), log=lambda *a: None)
     assert metrics["count"] > 0 and (tmp_path / "run" / "data_manifest.json").exists()
+
+
+def test_shard_reads_its_inputs_from_urls(tmp_path, synth_log):
+    """Events and items behind URLs (fsspec's in-memory backend: no local path) shard to the same bytes."""
+    events, items = synth_log
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/raw/events.csv", events.read_bytes())
+    fs.pipe("/raw/items.csv", items.read_bytes())
+    local = shard([events], tmp_path / "local", items=str(items), events_per_shard=4_000)
+    remote = shard(
+        ["memory://raw/events.csv"], tmp_path / "remote", items="memory://raw/items.csv", events_per_shard=4_000
+    )
+    assert [s["sha256"] for s in remote["generations"][0]["shards"]] == [
+        s["sha256"] for s in local["generations"][0]["shards"]
+    ]
+    source = remote["generations"][0]["sources"][0]
+    assert source["path"] == "memory://raw/events.csv"
+    assert source["sha256"] == local["generations"][0]["sources"][0]["sha256"]
+    assert not (tmp_path / "remote" / ".g0001.tmp").exists()  # the fetched copy went with the work folder
+    with pytest.raises(DataError, match="memory://raw/missing.csv: no such file"):
+        shard(["memory://raw/missing.csv"], tmp_path / "missing")

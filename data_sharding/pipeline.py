@@ -182,10 +182,8 @@ def _build_generation(
     generation: int,
     started: float,
 ) -> dict:
-    fingerprints = _Fingerprints(cfg.input.paths)
     for p in cfg.input.paths:
         ingest.check_readable(p)
-    fingerprints.start()
     con = _connect(work, cfg)
     engine = _engine(cfg, con, work)
     phase = _Phases()
@@ -241,9 +239,7 @@ def _build_generation(
         user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
         vocab_files = vocab.save_vocab(out_dir, new_vocab)
         vocab_files["users"] = _save_users(con, out_dir, prev_users, user_counts, generation)
-        fingerprints.join()
-        if fingerprints.error:
-            raise DataError(f"cannot read an input to fingerprint it: {fingerprints.error}")
+        sources = engine.fingerprints()
         totals = con.execute(
             f"SELECT count(*), coalesce(sum(n_events), 0) FROM read_parquet('{out_dir / 'users.parquet'}') "
             f"WHERE n_events > 0"
@@ -259,7 +255,7 @@ def _build_generation(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 3),
         "phase_seconds": phase.seconds,
-        "sources": fingerprints.result,
+        "sources": sources,
         "options": _options(cfg),
         "vocab_version": new_vocab.version,
         "events_log": f"{gen_name}/events/*.parquet",
@@ -326,9 +322,11 @@ class DuckDBEngine:
 
     def __init__(self, cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path) -> None:
         self.cfg, self.con, self.work = cfg, con, work
+        self._fingerprints = _Fingerprints(cfg.input.paths)
 
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
         """Parse and validate every input; leave the valid rows in view ``events``."""
+        self._fingerprints.start()
         sources, files = [], []
         for i, given in enumerate(self.cfg.input.paths):
             local = storage.fetch_input(given, self.work / "inputs", i)
@@ -362,6 +360,13 @@ class DuckDBEngine:
             return sequences.pass_one(reader, self.work, generation, n_items, n_types, bar)
 
     map_shards = staticmethod(writer.thread_map)
+
+    def fingerprints(self) -> list[dict]:
+        """Path, bytes and sha256 of every input (hashed in a thread while DuckDB parsed)."""
+        self._fingerprints.join()
+        if self._fingerprints.error:
+            raise DataError(f"cannot read an input to fingerprint it: {self._fingerprints.error}")
+        return self._fingerprints.result
 
     def close(self) -> None:
         pass

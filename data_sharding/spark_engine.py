@@ -123,12 +123,13 @@ def _local_dir(temp_dir: str | None) -> Path:
 
 def _stage_file_task(
     job: tuple[int, str], cfg: ingest.InputConfig, generation: int, staged: str, memory_limit: str, threads: int
-) -> tuple[int, str | None, int]:
+) -> tuple[int, str | None, int, dict | None]:
     """Executor side: stage one input file with DuckDB; write valid rows and rejected rows as Parquet.
 
-    Returns (file index, error message or None, valid rows). Errors come back as text so the
-    driver raises the same one-line DataError the one-machine engine would (and Spark does not
-    retry a file that cannot be read).
+    Returns (file index, error message or None, valid rows, fingerprint). Errors come back as text
+    so the driver raises the same one-line DataError the one-machine engine would (and Spark does
+    not retry a file that cannot be read). The file's sha256 is computed here too, so no single
+    machine reads every input byte.
     """
     index, given = job
     scratch = Path(tempfile.mkdtemp(prefix="bgpt-input-"))
@@ -141,7 +142,7 @@ def _stage_file_task(
         try:
             src = ingest.stage_file(con, index, path, cfg)
         except DataError as e:
-            return index, str(e).replace(path, given), 0
+            return index, str(e).replace(path, given), 0, None
         fq = validate.file_quarantine(con, src).named(given)
         events = Path(staged) / f"events-{index:06d}.parquet"
         tmp = events.with_suffix(".tmp")
@@ -150,7 +151,7 @@ def _stage_file_task(
         )
         tmp.replace(events)
         pq.write_table(fq.rows, Path(staged) / f"quarantine-{index:06d}.parquet")
-        return index, None, fq.valid_rows
+        return index, None, fq.valid_rows, storage.fingerprint_input(given, path)
     finally:
         con.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -189,6 +190,7 @@ class SparkEngine:
         self.cfg, self.con, self.work = cfg, con, work.resolve()
         self.spark = session(cfg.master, cfg.spark_conf, cfg.temp_dir, _spark_memory(cfg.memory_limit))
         self.events = None
+        self._fingerprints: list[dict] = []
 
     # -- stage: one task per input file -------------------------------------------------------
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
@@ -205,12 +207,13 @@ class SparkEngine:
             threads=max(1, self.spark.sparkContext.defaultParallelism // len(jobs)),
         )
         results = _spark_map(self.spark, task, [(job,) for job in jobs])
-        for (index, path), (_, error, _) in zip(jobs, results, strict=True):
+        for (index, path), (_, error, _, _) in zip(jobs, results, strict=True):
             if error:
                 # Name files as the user gave them, like the one-machine engine does.
                 raise DataError(error.replace(path, self.cfg.input.paths[index]))
         files = []
-        for (index, path), (_, _, valid) in zip(jobs, results, strict=True):
+        self._fingerprints = [r[3] for r in results]
+        for (index, path), (_, _, valid, _) in zip(jobs, results, strict=True):
             rows = pq.read_table(staged / f"quarantine-{index:06d}.parquet")
             files.append(validate.FileQuarantine(path, rows, valid).named(self.cfg.input.paths[index]))
         parts = [str(staged / f"events-{index:06d}.parquet") for index, _ in jobs]
@@ -285,6 +288,10 @@ class SparkEngine:
     # -- one task per shard ---------------------------------------------------------------------
     def map_shards(self, fn, jobs: list) -> list:
         return _spark_map(self.spark, fn, jobs)
+
+    def fingerprints(self) -> list[dict]:
+        """Path, bytes and sha256 of every input, as the staging tasks computed them."""
+        return self._fingerprints
 
     def close(self) -> None:
         # The session stays up for later builds in this process (starting a JVM costs seconds);

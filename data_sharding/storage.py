@@ -106,10 +106,16 @@ def fetch_input(value: str, scratch: Path, index: int) -> str:
     return str(dest)
 
 
-def fingerprint_input(value: str) -> dict:
-    """Path (absolute, or the URL as given), size and sha256 of an input file."""
+def fingerprint_input(value: str, fetched: str | None = None) -> dict:
+    """Path (absolute, or the URL as given), size and sha256 of an input file; ``fetched``: a local
+    copy of it to hash instead of reading the URL again."""
     digest = hashlib.sha256()
     local = local_file(value)
+    if local is None and fetched is not None:
+        with open(fetched, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        return {"path": value, "bytes": os.path.getsize(fetched), "sha256": digest.hexdigest()}
     if local is not None:
         opener, name, size = open(local, "rb"), os.path.abspath(local), os.path.getsize(local)  # noqa: SIM115
     else:

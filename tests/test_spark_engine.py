@@ -31,10 +31,10 @@ def tree(root):
 
 
 def comparable(manifest: dict) -> dict:
-    """The manifest without wall times, creation stamps and the engine options."""
+    """The manifest without wall times, creation stamps and the engine options (input sha256s stay)."""
     out = json.loads(json.dumps(manifest))
     for gen in out["generations"]:
-        for key in ("created", "seconds", "phase_seconds", "options", "sources"):
+        for key in ("created", "seconds", "phase_seconds", "options"):
             gen.pop(key)
     return out
 

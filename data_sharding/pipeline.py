@@ -101,13 +101,13 @@ class _Phases:
 class _Fingerprints(threading.Thread):
     """Hashes the inputs in the background (hashlib releases the GIL) while DuckDB reads them."""
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, inputs: list[tuple[str, str]]) -> None:
         super().__init__(daemon=True)
-        self.paths, self.result, self.error = paths, [], None
+        self.inputs, self.result, self.error = inputs, [], None
 
     def run(self) -> None:
         try:
-            self.result = [storage.fingerprint_input(p) for p in self.paths]
+            self.result = [storage.fingerprint_input(given, fetched) for given, fetched in self.inputs]
         except (OSError, DataError) as e:
             self.error = e
 
@@ -322,14 +322,16 @@ class DuckDBEngine:
 
     def __init__(self, cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path) -> None:
         self.cfg, self.con, self.work = cfg, con, work
-        self._fingerprints = _Fingerprints(cfg.input.paths)
+        self._fingerprints: _Fingerprints | None = None
 
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
         """Parse and validate every input; leave the valid rows in view ``events``."""
+        paths = self.cfg.input.paths
+        fetched = [storage.fetch_input(given, self.work / "inputs", i) for i, given in enumerate(paths)]
+        self._fingerprints = _Fingerprints(list(zip(paths, fetched, strict=True)))
         self._fingerprints.start()
         sources, files = [], []
-        for i, given in enumerate(self.cfg.input.paths):
-            local = storage.fetch_input(given, self.work / "inputs", i)
+        for i, (given, local) in enumerate(zip(paths, fetched, strict=True)):
             try:
                 sources.append(ingest.stage_file(self.con, i, local, self.cfg.input))
             except DataError as e:

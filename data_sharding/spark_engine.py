@@ -38,21 +38,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from data_sharding import ingest, sequences, storage, validate
 from data_sharding.errors import DataError
 
 _COUNTS_SCHEMA = "kind string, key long, count long"
-_STAGED_SCHEMA = pa.schema(
-    [
-        ("user", pa.string()),
-        ("item", pa.string()),
-        ("ts", pa.int64()),
-        ("event_type", pa.string()),
-        ("value", pa.float32()),
-        ("ord", pa.int64()),
-    ]
-)
 
 
 def _spark_memory(limit: str) -> str:
@@ -122,27 +113,28 @@ def _local_dir(temp_dir: str | None) -> Path:
 
 
 def _stage_file_task(
-    job: tuple[int, str], cfg: ingest.InputConfig, generation: int, staged: str, memory_limit: str, threads: int
-) -> tuple[int, str | None, int, dict | None]:
+    job: tuple[int, str, str], cfg: ingest.InputConfig, generation: int, staged: str, memory_limit: str, threads: int
+) -> tuple[str | None, int, dict | None]:
     """Executor side: stage one input file with DuckDB; write valid rows and rejected rows as Parquet.
 
-    Returns (file index, error message or None, valid rows, fingerprint). Errors come back as text
-    so the driver raises the same one-line DataError the one-machine engine would (and Spark does
-    not retry a file that cannot be read). The file's sha256 is computed here too, so no single
-    machine reads every input byte.
+    ``job`` is (file index, absolute path or URL to read, the name the user gave it: errors and
+    quarantine rows use that name, like the one-machine engine). Returns (error message or None,
+    valid rows, fingerprint). Errors come back as text so the driver raises the same one-line
+    DataError the one-machine engine would (and Spark does not retry a file that cannot be read).
+    The file's sha256 is computed here too, so no single machine reads every input byte.
     """
-    index, given = job
+    index, source, given = job
     scratch = Path(tempfile.mkdtemp(prefix="bgpt-input-"))
     con = duckdb.connect()
     try:
-        path = storage.fetch_input(given, scratch, index)
+        path = storage.fetch_input(source, scratch, index)
         con.execute(f"SET threads = {max(1, min(threads, os.cpu_count() or 1))}")
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute("SET preserve_insertion_order = true")
         try:
             src = ingest.stage_file(con, index, path, cfg)
         except DataError as e:
-            return index, str(e).replace(path, given), 0, None
+            return str(e).replace(path, given), 0, None
         fq = validate.file_quarantine(con, src).named(given)
         events = Path(staged) / f"events-{index:06d}.parquet"
         tmp = events.with_suffix(".tmp")
@@ -151,20 +143,15 @@ def _stage_file_task(
         )
         tmp.replace(events)
         pq.write_table(fq.rows, Path(staged) / f"quarantine-{index:06d}.parquet")
-        return index, None, fq.valid_rows, storage.fingerprint_input(given, path)
+        return None, fq.valid_rows, storage.fingerprint_input(source, path)
     finally:
         con.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-
 def _pass_one_partition(batches, work: str, generation: int, n_items: int, n_types: int):
     """Executor side: pass one over one sorted partition; yields sparse counts and the parked shards."""
-    p1 = sequences.pass_one(batches, Path(work), generation, n_items, n_types, _NoProgress())
+    p1 = sequences.pass_one(batches, Path(work), generation, n_items, n_types, tqdm(disable=True))
     item_codes = np.flatnonzero(p1.item_counts)
     type_codes = np.flatnonzero(p1.type_counts)
     shard_ids = np.array(sorted(p1.shard_files), dtype=np.int64)
@@ -196,7 +183,7 @@ class SparkEngine:
     def stage(self, generation: int) -> list[validate.FileQuarantine]:
         staged = self.work / "staged"
         staged.mkdir()
-        jobs = [(i, p if storage.is_url(p) else os.path.abspath(p)) for i, p in enumerate(self.cfg.input.paths)]
+        jobs = [(i, p if storage.is_url(p) else os.path.abspath(p), p) for i, p in enumerate(self.cfg.input.paths)]
         task = partial(
             _stage_file_task,
             cfg=self.cfg.input,
@@ -206,18 +193,16 @@ class SparkEngine:
             # Fewer files than task slots: let each file's DuckDB use the idle slots' cores.
             threads=max(1, self.spark.sparkContext.defaultParallelism // len(jobs)),
         )
-        results = _spark_map(self.spark, task, [(job,) for job in jobs])
-        for (index, path), (_, error, _, _) in zip(jobs, results, strict=True):
-            if error:
-                # Name files as the user gave them, like the one-machine engine does.
-                raise DataError(error.replace(path, self.cfg.input.paths[index]))
         files = []
-        self._fingerprints = [r[3] for r in results]
-        for (index, path), (_, _, valid, _) in zip(jobs, results, strict=True):
+        for (index, _, given), (error, valid, fingerprint) in zip(
+            jobs, _spark_map(self.spark, task, [(job,) for job in jobs]), strict=True
+        ):
+            if error:
+                raise DataError(error)
             rows = pq.read_table(staged / f"quarantine-{index:06d}.parquet")
-            files.append(validate.FileQuarantine(path, rows, valid).named(self.cfg.input.paths[index]))
-        parts = [str(staged / f"events-{index:06d}.parquet") for index, _ in jobs]
-        self.events = self.spark.read.schema(_schema_ddl(_STAGED_SCHEMA)).parquet(*parts)
+            files.append(validate.FileQuarantine(given, rows, valid))
+            self._fingerprints.append(fingerprint)
+        self.events = self.spark.read.parquet(*(str(staged / f"events-{index:06d}.parquet") for index, _, _ in jobs))
         return files
 
     # -- distinct ids, aggregated by Spark, numbered by the driver -----------------------------
@@ -297,8 +282,3 @@ class SparkEngine:
         # The session stays up for later builds in this process (starting a JVM costs seconds);
         # it ends with the process, or with spark-submit's own lifecycle.
         self.events = None
-
-
-def _schema_ddl(schema: pa.Schema) -> str:
-    names = {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float"}
-    return ", ".join(f"`{f.name}` {names[f.type]}" for f in schema)

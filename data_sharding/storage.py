@@ -107,20 +107,17 @@ def fetch_input(value: str, scratch: Path, index: int) -> str:
 
 
 def fingerprint_input(value: str, fetched: str | None = None) -> dict:
-    """Path (absolute, or the URL as given), size and sha256 of an input file; ``fetched``: a local
-    copy of it to hash instead of reading the URL again."""
-    digest = hashlib.sha256()
+    """Path (absolute, or the URL as given), size and sha256 of an input file; ``fetched``: the local
+    copy :func:`fetch_input` made of a URL, hashed instead of reading the URL again."""
     local = local_file(value)
-    if local is None and fetched is not None:
-        with open(fetched, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        return {"path": value, "bytes": os.path.getsize(fetched), "sha256": digest.hexdigest()}
     if local is not None:
         opener, name, size = open(local, "rb"), os.path.abspath(local), os.path.getsize(local)  # noqa: SIM115
+    elif fetched is not None:
+        opener, name, size = open(fetched, "rb"), value, os.path.getsize(fetched)  # noqa: SIM115
     else:
         fs, path = _fs(value)
         opener, name, size = fs.open(path, "rb"), value, fs.size(path)
+    digest = hashlib.sha256()
     with opener as f:
         while block := f.read(1 << 22):
             digest.update(block)

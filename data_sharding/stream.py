@@ -58,12 +58,17 @@ class StreamConfig:
     replay_fraction: float = 0.0
     """With focus_new: this share of users (a seeded hash of the user) also train on all their
     windows and targets, so the model keeps what it knew."""
+    include_valid: bool = False
+    """train: each user's validation events are training targets too (a final refit once the
+    schedule was chosen on validation; the valid split is then no longer held out)."""
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.batch_size < 1:
             raise DataError("max_len and batch_size must be >= 1")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise DataError("replay_fraction must be between 0 and 1")
+        if self.include_valid and self.focus_new:
+            raise DataError("include_valid (a refit on train + valid) does not combine with focus_new")
         if self.split not in SPLIT_NAMES:
             raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
 
@@ -149,9 +154,14 @@ class ShardDataset(IterableDataset):
         """Rows of a shard's index holding a user's current sequence (False where a later generation supersedes it)."""
         return self._current[shard]
 
+    def _trainable(self, index: np.ndarray) -> np.ndarray:
+        """Events per user that train: the training split, plus the validation split on a refit."""
+        usable = index["n_train"].astype(np.int64)
+        return usable + index["n_valid"].astype(np.int64) if self.cfg.include_valid else usable
+
     def _windows(self, index: np.ndarray, current: np.ndarray, latest: bool = True) -> np.ndarray:
         if self.cfg.split == "train":
-            usable = index["n_train"].astype(np.int64)
+            usable = self._trainable(index)
             n = np.where(usable >= 2, -(-(usable - 1) // self.cfg.max_len), 0)
             if self.cfg.focus_new:
                 # New events come last in time, so held-out (valid/test) events are taken to be new
@@ -225,7 +235,7 @@ class ShardDataset(IterableDataset):
             raise ShardError(f"shard {self.shards[s].name}: sample at byte {entry['offset']} disagrees with its index")
         length = self.cfg.max_len
         if self.cfg.split == "train":
-            end = int(entry["n_train"]) - w * length
+            end = int(self._trainable(entry)) - w * length
             return uidx, events[max(0, end - length - 1) : end]
         target = int(entry["n_train"]) + w + (int(entry["n_valid"]) if self.cfg.split == "test" else 0)
         return uidx, events[max(0, target - length) : target + 1]

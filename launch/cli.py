@@ -284,11 +284,22 @@ def _run_retrain(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="full-ranking metrics of a trained run")
-    p.add_argument("--run", required=True, metavar="RUN")
+    p = sub.add_parser("eval", help="full-ranking metrics of a trained run (or an ensemble of runs)")
+    p.add_argument(
+        "--run",
+        required=True,
+        nargs="+",
+        metavar="RUN",
+        help="a run folder; several runs on the same data are scored as one ensemble",
+    )
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--k", default="10,20", help="cut-offs, comma separated")
-    p.add_argument("--exclude-seen", action="store_true", help="never rank items already in the history")
+    p.add_argument(
+        "--exclude-seen",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="never rank items already in the history (default: the run's eval.exclude_seen)",
+    )
     p.set_defaults(func=_run_eval)
 
 
@@ -305,10 +316,12 @@ def _ks(text: str) -> list[int]:
 def _run_eval(args: argparse.Namespace) -> int:
     from trainer.run import evaluate_run
 
-    run = Path(args.run)
-    metrics = evaluate_run(run, args.split, _ks(args.k), exclude_seen=args.exclude_seen)
-    name = "metrics_exclude_seen.json" if args.exclude_seen else "metrics.json"
-    (run / name).write_text(json.dumps(metrics, indent=2) + "\n")
+    runs = [Path(r) for r in args.run]
+    metrics = evaluate_run(runs, args.split, _ks(args.k), exclude_seen=args.exclude_seen)
+    if len(runs) == 1:  # an ensemble's metrics belong to no single run: printed only
+        name = {None: "metrics.json", True: "metrics_exclude_seen.json", False: "metrics_with_seen.json"}
+        name = name[args.exclude_seen]
+        (runs[0] / name).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
     return 0
 

@@ -1,10 +1,11 @@
 """The chunked full-softmax loss equals the textbook one; the sampled loss trains."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS
-from trainer.heads import ChunkedSoftmaxCE
+from trainer.heads import ChunkedSoftmaxCE, HeadsConfig, MultiTaskHeads
 
 
 def test_chunked_softmax_matches_cross_entropy_in_value_and_gradient():
@@ -25,3 +26,23 @@ def test_chunked_softmax_matches_cross_entropy_in_value_and_gradient():
     assert torch.allclose(loss, expected)
     for got, want in zip(grads, expected_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_uniform_only_sampled_softmax_ranks_each_target_against_the_shared_draws():
+    num_items, k = 40, 16
+    cfg = HeadsConfig(item_loss="sampled", num_negatives=k, in_batch_negatives=False, type_weight=0, time_weight=0)
+    heads = MultiTaskHeads(cfg, 8, num_items, 2, 4, np.ones(num_items))
+    torch.manual_seed(0)
+    h, table = torch.randn(30, 8, dtype=torch.float64), torch.randn(num_items, 8, dtype=torch.float64)
+    targets = torch.randint(NUM_RESERVED_ITEMS, num_items, (30,))
+    torch.manual_seed(1)
+    loss = heads.item_loss(h, targets, table)
+    torch.manual_seed(1)
+    negatives = torch.randint(NUM_RESERVED_ITEMS, num_items, (k,))
+    expected = []
+    for row, target in zip(h, targets, strict=True):
+        others = [n for n in negatives.tolist() if n != target]  # a draw of the target is no negative
+        scores = table[[int(target), *others]] @ row
+        expected.append(torch.logsumexp(scores, 0) - scores[0])
+    assert any(target in negatives for target in targets)  # the masking case is exercised
+    assert torch.allclose(loss, torch.stack(expected).mean())

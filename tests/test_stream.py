@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from data_sharding.errors import ShardError
+from data_sharding.errors import DataError, ShardError
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 
 
@@ -93,6 +93,32 @@ def test_training_windows_cover_every_training_target_once(dataset):
         assert b["items"].shape[1] <= 11
     expected = sum(int((i["n_train"][i["n_train"] >= 2] - 1).sum()) for i in ds.indexes)
     assert targets == expected
+
+
+def test_a_refit_trains_on_each_users_validation_event_too(dataset):
+    def last_events(cfg):
+        """user -> (item, timestamp) of the latest target in that user's windows."""
+        latest = {}
+        for b in StreamLoader(ShardDataset(dataset, cfg)):
+            last = (b["mask"].sum(1) - 1)[:, None]
+            for u, item, ts in zip(
+                b["users"].tolist(),
+                b["items"].gather(1, last)[:, 0].tolist(),
+                b["times"].gather(1, last)[:, 0].tolist(),
+                strict=True,
+            ):
+                latest[u] = max(latest.get(u, (0, -1)), (item, ts), key=lambda e: e[1])
+        return latest
+
+    ds = ShardDataset(dataset, StreamConfig(max_len=10, include_valid=True, shuffle=False))
+    targets = sum(int((b["mask"].sum(1) - 1).sum()) for b in StreamLoader(ds))
+    trainable = [i["n_train"].astype(int) + i["n_valid"].astype(int) for i in ds.indexes]
+    assert targets == sum(int((n[n >= 2] - 1).sum()) for n in trainable)
+    refit = last_events(StreamConfig(max_len=10, include_valid=True, shuffle=False))
+    valid = last_events(StreamConfig(max_len=10, split="valid", shuffle=False))
+    assert valid and all(refit[u] == valid[u] for u in valid)  # the held-out valid event is now a target
+    with pytest.raises(DataError, match="focus_new"):
+        StreamConfig(include_valid=True, focus_new=True)
 
 
 def test_eval_samples_end_at_the_held_out_event(dataset):

@@ -1,5 +1,6 @@
 """Training end to end on CPU: a tiny model learns, resume is exact, bad configs are refused."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -8,11 +9,12 @@ import torch
 from conftest import NUM_ITEMS, tiny_config
 from safetensors.torch import load_file
 
+from launch.cli import main
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
-from trainer.evaluate import EvalConfig, evaluate_popularity
+from trainer.evaluate import EvalConfig, RankingMetrics, eval_loader, evaluate_popularity
 from trainer.loop import Trainer
-from trainer.run import evaluate_run, train_run
+from trainer.run import evaluate_run, load_run_model, train_run
 
 
 def test_a_tiny_model_overfits_a_tiny_set_and_beats_popularity(tmp_path, cyclic_data):
@@ -23,6 +25,62 @@ def test_a_tiny_model_overfits_a_tiny_set_and_beats_popularity(tmp_path, cyclic_
     assert metrics["type_accuracy"] > 0.9  # the type follows from the (predictable) next item
     assert (tmp_path / "run" / "metrics.json").exists()
     assert evaluate_run(tmp_path / "run", "test")["hr@1"] == metrics["hr@1"]  # deterministic
+
+
+def test_a_refit_on_train_and_valid_keeps_its_last_weights(tmp_path, cyclic_data):
+    cfg = tiny_config(cyclic_data, max_steps=40, eval_every=15)
+    cfg.data.train_on_valid = True
+    messages = []
+    metrics = train_run(tmp_path / "run", cfg, log=messages.append)
+    assert not (tmp_path / "run" / "valid_metrics.jsonl").exists()  # nothing held out to validate on
+    best = ckpt.read_state(tmp_path / "run" / "best")
+    assert best["refit"] is True and best["step"] == 40
+    last = load_file(str(tmp_path / "run" / "step-00000040" / ckpt.WEIGHTS))
+    kept = load_file(str(tmp_path / "run" / "best" / ckpt.WEIGHTS))
+    assert all(torch.equal(last[k], kept[k]) for k in last)
+    assert metrics["hr@1"] > 0.9 and any("refit" in m for m in messages)
+
+
+def test_an_ensemble_of_runs_ranks_by_the_mean_log_probability(tmp_path, cyclic_data, capsys):
+    runs = []
+    for seed, max_len in ((0, 50), (1, 50), (2, 5)):
+        runs.append(tmp_path / f"run{seed}")
+        cfg = tiny_config(cyclic_data, max_steps=12, seed=seed)
+        cfg.model.max_len = max_len
+        train_run(runs[-1], cfg, log=lambda *a: None)
+    quiet = {"ks": [1, 10], "log": lambda *a: None}
+    single = evaluate_run(runs[0], "test", **quiet)
+    same = evaluate_run([runs[0], runs[0]], "test", **quiet)
+    assert all(same[k] == single[k] for k in ("hr@1", "hr@10", "ndcg@10", "mrr", "coverage@10"))
+
+    # By hand: the mean of both models' log-softmax over the catalogue, ranked with ties by id.
+    models = [load_run_model(r, log=lambda *a: None)[0] for r in runs[:2]]
+    expected = RankingMetrics([1, 10], models[0].num_items)
+    with torch.no_grad():
+        for batch in eval_loader(cyclic_data, "test", 50, 256):
+            last = batch["mask"].sum(1) - 1
+            rows = torch.arange(len(last))
+            seen = batch["mask"].clone()
+            seen[rows, last] = False
+            logp = [
+                torch.log_softmax(
+                    m.heads.item_scores(m.hidden_states({**batch, "mask": seen})[rows, last - 1], m.items.table()), 1
+                )
+                for m in models
+            ]
+            expected.add((logp[0] + logp[1]) / 2, batch["items"][rows, last])
+    ensemble = evaluate_run(runs[:2], "test", **quiet)
+    assert ensemble["run"] == [str(r) for r in runs[:2]]
+    assert {k: ensemble[k] for k in ("hr@1", "hr@10", "mrr")} == {
+        k: expected.result()[k] for k in ("hr@1", "hr@10", "mrr")
+    }
+    with pytest.raises(ConfigError, match="max_len"):
+        evaluate_run([runs[0], runs[2]], "test", **quiet)
+    (runs[0] / "metrics.json").unlink()
+    assert main(["eval", "--run", str(runs[0]), str(runs[1]), "--k", "1,10"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["hr@10"] == ensemble["hr@10"]
+    assert not (runs[0] / "metrics.json").exists()  # an ensemble's metrics belong to no single run
 
 
 def test_resume_after_interruption_reaches_the_same_weights(tmp_path, cyclic_data, monkeypatch):

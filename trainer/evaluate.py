@@ -102,8 +102,20 @@ def _exclude_seen(scores: torch.Tensor, items: torch.Tensor, mask: torch.Tensor)
 
 
 def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
-    """Full-ranking metrics of ``model`` (a BehaviorGPT) on the ``split`` events of ``data``."""
+    """Full-ranking metrics of ``model`` (a BehaviorGPT, or a list of them: an ensemble) on the
+    ``split`` events of ``data``."""
     return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device)
+
+
+def ensemble_scores(models: list, tables: list[torch.Tensor], batch: dict, rows, pos) -> torch.Tensor:
+    """(N, V) scores of an ensemble: the mean of its members' log-probabilities over the catalogue
+    (a product of experts, so members whose raw scores differ in scale count equally)."""
+    total = None
+    for model, table in zip(models, tables, strict=True):
+        hidden = model.hidden_states(batch, table)[rows, pos]
+        logp = torch.log_softmax(model.heads.item_scores(hidden, table), dim=1)
+        total = logp if total is None else total + logp
+    return total / len(models)
 
 
 @torch.no_grad()
@@ -113,23 +125,31 @@ def evaluate_batches(
     """Full-ranking metrics over collated windows that each end at the event to predict (the last
     real position); the model sees only the events before it. A reserved target id (e.g. UNK for
     an item the model never saw) can never be ranked: it counts as a miss. ``known_items``: only
-    ids below it may be recommended (a model evaluated on a catalogue grown after it trained)."""
-    was_training = model.training
-    model.eval()
-    table = model.items.table()
-    metrics = RankingMetrics(cfg.ks, model.num_items)
+    ids below it may be recommended (a model evaluated on a catalogue grown after it trained).
+    ``model`` may be a list of models trained on the same data: their ensemble is scored (next-item
+    metrics only; the side heads are per model)."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    tables = [m.items.table() for m in models]
+    metrics = RankingMetrics(cfg.ks, models[0].num_items)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         rows, pos, targets, mask = _held_out(batch)
-        hidden = model.hidden_states({**batch, "mask": mask}, table)[rows, pos]  # (B, H)
-        scores = model.heads.item_scores(hidden, table)
+        if len(models) == 1:
+            hidden = models[0].hidden_states({**batch, "mask": mask}, tables[0])[rows, pos]  # (B, H)
+            scores = models[0].heads.item_scores(hidden, tables[0])
+            _add_side_metrics(models[0], metrics, hidden, batch, rows, pos)
+        else:
+            scores = ensemble_scores(models, tables, {**batch, "mask": mask}, rows, pos)
         if known_items is not None:
             scores[:, known_items:] = float("-inf")
         if cfg.exclude_seen:
             _exclude_seen(scores, batch["items"], mask)
         metrics.add(scores, targets)
-        _add_side_metrics(model, metrics, hidden, batch, rows, pos)
-    model.train(was_training)
+    for m, training in zip(models, was_training, strict=True):
+        m.train(training)
     result = metrics.result()
     if ranks:  # 0-based rank of every target, in batch order (for paired significance tests)
         result["ranks"] = np.concatenate(metrics.ranks) if metrics.ranks else np.empty(0, np.int64)

@@ -33,7 +33,10 @@ class HeadsConfig:
     """full (softmax over the catalogue), sampled, or auto (full up to full_softmax_max_items)."""
     full_softmax_max_items: int = 200_000
     num_negatives: int = 1024
-    """Uniform negatives per step for the sampled softmax (shared by the batch, plus in-batch targets)."""
+    """Uniform negatives per step for the sampled softmax (shared by the batch)."""
+    in_batch_negatives: bool = True
+    """Sampled softmax: also rank each target against the batch's other targets (popular items,
+    logQ-corrected). False: uniform negatives only (the published SASRec+SS recipe)."""
     chunk_mb: int = 32
     """Size of one block of scores in the chunked full softmax."""
 
@@ -117,6 +120,12 @@ class MultiTaskHeads(nn.Module):
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
             return ChunkedSoftmaxCE.apply(h, table, targets, chunk) / max(1, len(targets))
         negatives = torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=h.device)
+        if not self.cfg.in_batch_negatives:
+            # Column 0: the row's own target; then the shared uniform draws, a draw of the target
+            # itself masked out (uniform sampling needs no logQ correction).
+            positive = (h * table[targets]).sum(dim=1, keepdim=True)
+            scores = (h @ table[negatives].T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+            return F.cross_entropy(torch.cat([positive, scores], dim=1), torch.zeros_like(targets))
         candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         positive = inverse[: len(targets)]
         # logQ: expected sampling frequency of each candidate = in-batch draws + uniform draws.

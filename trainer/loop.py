@@ -48,6 +48,11 @@ class DataConfig:
     sample; set by `bgpt retrain`."""
     replay_fraction: float = 0.1
     """With focus_new: share of users whose whole history is replayed alongside the new events."""
+    train_on_valid: bool = False
+    """A final refit: the validation events become training targets too, so the model also learns
+    each user's most recent transition before it is tested. Nothing is left to validate on: choose
+    the configuration and step count (train.max_steps) on an ordinary run first; the refit keeps
+    its last weights as ``best/``."""
 
 
 @dataclass
@@ -195,6 +200,7 @@ class Trainer:
             generations=run_cfg.data.generations,
             focus_new=run_cfg.data.focus_new,
             replay_fraction=run_cfg.data.replay_fraction if run_cfg.data.focus_new else 0.0,
+            include_valid=run_cfg.data.train_on_valid,
         )
         dataset = ShardDataset(data, stream_cfg, accelerator.process_index, accelerator.num_processes)
         self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers)
@@ -323,6 +329,8 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> bool:
         """Validate on the main process; keep the best weights; True when patience ran out."""
+        if self.cfg.data.train_on_valid:
+            return self._keep_latest()
         stop = False
         model = self.accelerator.unwrap_model(self.model)
         # ZeRO-3: parameters are partitioned, so every rank runs the (identical) evaluation and
@@ -343,6 +351,16 @@ class Trainer:
             stop = self._record_validation(model, metrics, weights)
         flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _keep_latest(self) -> bool:
+        """A refit trains on the validation events, so nothing is held out to choose by: the latest
+        weights are kept as ``best/`` (what eval and predict load)."""
+        weights = self.trainable_weights()
+        if self.accelerator.is_main_process:
+            state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "refit": True}
+            ckpt.save_best(self.run, weights, state)
+            self.log(f"step {self.state.step}: refit on train + valid, latest weights kept (no held-out validation)")
+        return False
 
     def _evaluate_valid(self, model) -> dict:
         cfg = self.cfg

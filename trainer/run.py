@@ -149,17 +149,37 @@ def load_run_model(run: Path, data: Path | None = None, weights: str = "best", l
 
 
 def evaluate_run(
-    run: Path, split: str = "test", ks: list[int] | None = None, exclude_seen: bool | None = None, log=print
+    run: Path | list[Path],
+    split: str = "test",
+    ks: list[int] | None = None,
+    exclude_seen: bool | None = None,
+    log=print,
 ) -> dict:
-    """Full-ranking metrics of the run's best weights on ``split``."""
-    model, cfg, _ = load_run_model(run, log=log)
+    """Full-ranking metrics of the run's best weights on ``split``; several runs trained on the same
+    data are scored as one ensemble (the mean of their log-probabilities)."""
+    runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
+    loaded = [load_run_model(r, log=log) for r in runs]
+    _, cfg, info = loaded[0]
+    for other_run, (_, other, other_info) in zip(runs[1:], loaded[1:], strict=True):
+        if other_info.vocab_version != info.vocab_version or other.model.max_len != cfg.model.max_len:
+            raise ConfigError(
+                f"{other_run}: an ensemble needs runs trained on the same data (vocab) with the same "
+                f"model.max_len as {runs[0]}"
+            )
     eval_cfg = dataclasses.replace(
         cfg.eval,
         ks=ks or cfg.eval.ks,
         exclude_seen=cfg.eval.exclude_seen if exclude_seen is None else exclude_seen,
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [model.to(device) for model, _, _ in loaded]
     metrics = evaluate_model(
-        model.to(device), storage.as_root(cfg.data.path), split, eval_cfg, cfg.model.max_len, device
+        models if len(models) > 1 else models[0],
+        storage.as_root(cfg.data.path),
+        split,
+        eval_cfg,
+        cfg.model.max_len,
+        device,
     )
-    return {"split": split, "run": str(run), "exclude_seen": eval_cfg.exclude_seen, **metrics}
+    named = str(runs[0]) if len(runs) == 1 else [str(r) for r in runs]
+    return {"split": split, "run": named, "exclude_seen": eval_cfg.exclude_seen, **metrics}

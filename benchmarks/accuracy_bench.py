@@ -76,6 +76,11 @@ def plot(curve: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def refit_seconds(run: Path) -> float:
+    """Training seconds of a refit run: its best/ is its last step (metrics.json is rewritten by eval)."""
+    return json.loads((run / "best" / "state.json").read_text())["seconds"]
+
+
 def refit_runs(args, search_cmd: list[str], search_run: Path, extra: list[str]) -> list[Path]:
     """Train ``args.refit`` seeds on train + valid for the search run's best step count, inside
     what is left of the config's time budget; return their run folders."""
@@ -96,7 +101,7 @@ def refit_runs(args, search_cmd: list[str], search_run: Path, extra: list[str]) 
             # Share what is left of the budget among the members still to train.
             cmd.append(f"--train.max_minutes={(budget - used) / (args.refit - seed):.2f}")
         subprocess.run(cmd, check=True, cwd=REPO)
-        used += json.loads((out / "best" / "state.json").read_text())["seconds"] / 60
+        used += refit_seconds(out) / 60
     return runs
 
 
@@ -167,8 +172,7 @@ def main() -> None:
         ensemble = run_json("eval", "--run", *members, "--split", "test")
         plain = run_json("eval", "--run", *members, "--split", "test", "--no-exclude-seen")
         first = run_json("eval", "--run", members[0], "--split", "test")
-        # A refit's best/ holds its last step, with the training seconds (metrics.json is rewritten by eval).
-        seconds = train["seconds"] + sum(json.loads((r / "best" / "state.json").read_text())["seconds"] for r in refits)
+        seconds = train["seconds"] + sum(refit_seconds(r) for r in refits)
         flat.update({k: ensemble[k] for k in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr", "coverage@10")})
         flat.update(
             {

@@ -107,17 +107,6 @@ def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int,
     return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device)
 
 
-def ensemble_scores(models: list, tables: list[torch.Tensor], batch: dict, rows, pos) -> torch.Tensor:
-    """(N, V) scores of an ensemble: the mean of its members' log-probabilities over the catalogue
-    (a product of experts, so members whose raw scores differ in scale count equally)."""
-    total = None
-    for model, table in zip(models, tables, strict=True):
-        hidden = model.hidden_states(batch, table)[rows, pos]
-        logp = torch.log_softmax(model.heads.item_scores(hidden, table), dim=1)
-        total = logp if total is None else total + logp
-    return total / len(models)
-
-
 @torch.no_grad()
 def evaluate_batches(
     model, batches, cfg: EvalConfig, device: torch.device, known_items: int | None = None, ranks: bool = False
@@ -137,12 +126,15 @@ def evaluate_batches(
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         rows, pos, targets, mask = _held_out(batch)
+        hidden = [m.hidden_states({**batch, "mask": mask}, t)[rows, pos] for m, t in zip(models, tables, strict=True)]
+        scores = [m.heads.item_scores(h, t) for m, h, t in zip(models, hidden, tables, strict=True)]
         if len(models) == 1:
-            hidden = models[0].hidden_states({**batch, "mask": mask}, tables[0])[rows, pos]  # (B, H)
-            scores = models[0].heads.item_scores(hidden, tables[0])
-            _add_side_metrics(models[0], metrics, hidden, batch, rows, pos)
+            scores = scores[0]
+            _add_side_metrics(models[0], metrics, hidden[0], batch, rows, pos)
         else:
-            scores = ensemble_scores(models, tables, {**batch, "mask": mask}, rows, pos)
+            # The mean of the members' log-probabilities over the catalogue (a product of experts,
+            # so members whose raw scores differ in scale count equally).
+            scores = torch.stack([torch.log_softmax(x, dim=1) for x in scores]).mean(dim=0)
         if known_items is not None:
             scores[:, known_items:] = float("-inf")
         if cfg.exclude_seen:

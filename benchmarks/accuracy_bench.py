@@ -136,7 +136,7 @@ def main() -> None:
 
     refits = refit_runs(args, cmd, run, extra) if args.refit else []
 
-    popularity = run_json("baseline", "popularity", "--data", str(data))
+    popularity = run_json("baseline", "popularity", "--data", str(data), "--no-exclude-seen")
     popularity_unseen = run_json("baseline", "popularity", "--data", str(data), "--exclude-seen")
     unseen = run_json("eval", "--run", str(run), "--split", "test", "--exclude-seen")
     metrics = json.loads((run / "metrics.json").read_text())

@@ -36,7 +36,8 @@ class ShardConfig:
     out: str = ""
     """Dataset folder: holds manifest.json and one gNNNN/ folder per generation."""
     input: InputConfig = field(default_factory=InputConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
+    split: SplitConfig | None = None
+    """How held-out events are chosen (default: leave-one-out; an append keeps the dataset's)."""
     items: str | None = None
     """Optional item metadata file (id, title/text, attributes)."""
     items_format: str = "auto"
@@ -140,7 +141,7 @@ def _previous_state(root: Path, cfg: ShardConfig) -> tuple[dict | None, int]:
     manifest_path = root / shards.MANIFEST
     if cfg.append:
         manifest = shards.load_manifest(root)
-        if manifest["split"]["strategy"] != cfg.split.strategy:
+        if cfg.split is not None and manifest["split"]["strategy"] != cfg.split.strategy:
             raise DataError(
                 f"{root}: the dataset uses --split {manifest['split']['strategy']}; append with the same split"
             )
@@ -158,6 +159,7 @@ def build(cfg: ShardConfig) -> dict:
     manifest, generation = _previous_state(root, cfg)
     if manifest is not None:
         cfg.split = SplitConfig(**manifest["split"])
+    cfg.split = cfg.split or SplitConfig()
     gen_name = f"g{generation:04d}"
     work = root / f".{gen_name}.tmp"
     shutil.rmtree(work, ignore_errors=True)

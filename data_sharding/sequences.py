@@ -32,18 +32,20 @@ class SplitConfig:
 
     strategy: str = "loo"
     """loo: per user, the last event is test and the second-to-last valid (users with >= 3 events);
-    time: events at or after ``test_start`` are test, those in [valid_start, test_start) valid."""
+    time: events at or after ``test_start`` are test, those in [valid_start, test_start) valid;
+    none: every event trains (continual data: evaluate on the next generation with
+    `bgpt eval --protocol next-period`, validate with data.validate_on_newest)."""
     valid_start: str | None = None
     """ISO 8601 time (time strategy only)."""
     test_start: str | None = None
     """ISO 8601 time (time strategy only)."""
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("loo", "time"):
-            raise DataError(f"unknown --split {self.strategy!r}; choose loo or time")
+        if self.strategy not in ("loo", "time", "none"):
+            raise DataError(f"unknown --split {self.strategy!r}; choose loo, time or none")
         if self.strategy == "time" and self.test_start is None:
             raise DataError("--split time needs --test-start (and optionally --valid-start)")
-        if self.strategy == "loo" and (self.test_start or self.valid_start):
+        if self.strategy != "time" and (self.test_start or self.valid_start):
             raise DataError("--valid-start/--test-start only apply to --split time")
 
     def to_dict(self) -> dict:
@@ -158,6 +160,8 @@ def pass_one(
 def split_flags(uidx: np.ndarray, ts: np.ndarray, split: SplitConfig, valid_ms: int | None, test_ms: int | None):
     """Split of every event (arrays sorted by user, then time)."""
     flags = np.full(len(uidx), SPLIT_TRAIN, dtype=np.int8)
+    if split.strategy == "none":
+        return flags
     if split.strategy == "time":
         if valid_ms is not None:
             flags[ts >= valid_ms] = SPLIT_VALID

@@ -61,6 +61,9 @@ class StreamConfig:
     include_valid: bool = False
     """train: each user's validation events are training targets too (a final refit once the
     schedule was chosen on validation; the valid split is then no longer held out)."""
+    until_generation: int | None = None
+    """With generations=state: the dataset as it stood after this generation (each user's sequence
+    from the newest generation <= it); later generations are not read."""
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.batch_size < 1:
@@ -71,15 +74,21 @@ class StreamConfig:
             raise DataError("include_valid (a refit on train + valid) does not combine with focus_new")
         if self.split not in SPLIT_NAMES:
             raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
+        if self.until_generation is not None and (self.generations != "state" or self.focus_new):
+            raise DataError("until_generation reads the state at a generation: not with focus_new or one generation")
 
 
 def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([abs(int(k)) for k in keys])
 
 
-def collate_windows(users: list[int], windows: list[np.ndarray], width: int | None = None) -> dict[str, torch.Tensor]:
+def collate_windows(
+    users: list[int], windows: list[np.ndarray], width: int | None = None, seen: list[np.ndarray] | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) tensors of SEQ_DTYPE windows; ``mask`` marks real events, ``has_value``
-    those with a value, ``targets`` the positions that count as prediction targets."""
+    those with a value, ``targets`` the positions that count as prediction targets. ``seen``: per
+    window, the item ids of the user's whole history before the event to predict (evaluation
+    excludes them all, not only the visible window), as a 0-padded (B, S) ``seen`` tensor."""
     width = width or max(len(w) for w in windows)
     batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
     mask = np.zeros((len(windows), width), dtype=bool)
@@ -87,7 +96,7 @@ def collate_windows(users: list[int], windows: list[np.ndarray], width: int | No
         batch[i, : len(w)] = w
         mask[i, : len(w)] = True
     has_value = mask & np.isfinite(batch["value"])
-    return {
+    out = {
         "items": torch.from_numpy(batch["item"].astype(np.int64)),
         "times": torch.from_numpy(batch["ts"].copy()),
         "types": torch.from_numpy(batch["type"].astype(np.int64)),
@@ -98,6 +107,12 @@ def collate_windows(users: list[int], windows: list[np.ndarray], width: int | No
         "targets": torch.from_numpy(mask.copy()),
         "users": torch.tensor(users, dtype=torch.int64),
     }
+    if seen is not None:
+        items = np.zeros((len(seen), max(1, max(len(s) for s in seen))), dtype=np.int64)
+        for i, s in enumerate(seen):
+            items[i, : len(s)] = s
+        out["seen"] = torch.from_numpy(items)
+    return out
 
 
 class ShardDataset(IterableDataset):
@@ -110,6 +125,10 @@ class ShardDataset(IterableDataset):
         self.root, self.cfg, self.rank, self.world_size = storage.as_root(root), cfg, rank, world_size
         self.manifest = shards.load_manifest(self.root)
         self.shards = shards.manifest_shards(self.manifest, "all" if cfg.generations == "state" else cfg.generations)
+        if cfg.until_generation is not None:
+            if not 1 <= cfg.until_generation <= self._latest:
+                raise DataError(f"{root}: no generation {cfg.until_generation} (the dataset has 1..{self._latest})")
+            self.shards = [s for s in self.shards if s.generation <= cfg.until_generation]
         self._counts = self._window_counts()
         self.num_samples = int(sum(c.sum() for c in self._counts))
         self.epoch = 0
@@ -119,14 +138,7 @@ class ShardDataset(IterableDataset):
     # -- sample bookkeeping -------------------------------------------------------------------
     def _window_counts(self) -> list[np.ndarray]:
         """Windows per index row of every shard (0 for superseded or too short users)."""
-        last_gen = None
-        if self.cfg.generations == "state":
-            users = storage.read_parquet(self.root, self.manifest["vocab"]["files"]["users"])
-            last_gen = np.zeros(int(users["uidx"].to_numpy().max()) + 1 if users.num_rows else 0, np.int32)
-            last_gen[users["uidx"].to_numpy()] = users["last_generation"].to_numpy()
         self.indexes = []
-        self._current = []
-        counts = []
         for shard in self.shards:
             try:
                 index = np.load(io.BytesIO(storage.read_bytes(self.root, shard.index)), allow_pickle=False)
@@ -135,10 +147,27 @@ class ShardDataset(IterableDataset):
             if index.dtype != shards.INDEX_DTYPE or len(index) != shard.users:
                 raise ShardError(f"shard index {shard.index}: does not match the manifest (corrupt)")
             self.indexes.append(index)
+        last_gen = self._last_generations() if self.cfg.generations == "state" else None
+        self._current = []
+        counts = []
+        for shard, index in zip(self.shards, self.indexes, strict=True):
             current = np.ones(len(index), bool) if last_gen is None else last_gen[index["uidx"]] == shard.generation
             self._current.append(current)
             counts.append(self._windows(index, current, shard.generation == self._latest))
         return counts
+
+    def _last_generations(self) -> np.ndarray:
+        """(users,) generation of each user's current sequence (0: none)."""
+        if self.cfg.until_generation is None:
+            users = storage.read_parquet(self.root, self.manifest["vocab"]["files"]["users"])
+            last_gen = np.zeros(int(users["uidx"].to_numpy().max()) + 1 if users.num_rows else 0, np.int32)
+            last_gen[users["uidx"].to_numpy()] = users["last_generation"].to_numpy()
+            return last_gen
+        top = max((int(index["uidx"].max()) for index in self.indexes if len(index)), default=-1)
+        last_gen = np.zeros(top + 1, np.int32)
+        for shard, index in zip(self.shards, self.indexes, strict=True):
+            np.maximum.at(last_gen, index["uidx"], shard.generation)
+        return last_gen
 
     @property
     def _latest(self) -> int:
@@ -170,11 +199,18 @@ class ShardDataset(IterableDataset):
                 new_train = np.clip(index["n_new"].astype(np.int64) - held_out, 0, np.maximum(usable - 1, 0))
                 new_windows = -(-new_train // self.cfg.max_len) if latest else np.zeros_like(n)
                 n = np.where(self.replayed(index["uidx"]), n, np.minimum(n, new_windows))
-        elif self.cfg.split == "valid":
-            n = index["n_valid"].astype(np.int64)
         else:
-            n = (index["n_events"] - index["n_train"] - index["n_valid"]).astype(np.int64)
+            before, n = self._held_out_span(index)
+            # A user's very first event has no history to predict it from (time splits): skipped.
+            n = n - ((before == 0) & (n > 0))
         return np.where(current, n, 0)
+
+    def _held_out_span(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(events before the split's first held-out event, held-out events) per index row."""
+        n_train, n_valid = index["n_train"].astype(np.int64), index["n_valid"].astype(np.int64)
+        if self.cfg.split == "valid":
+            return n_train, n_valid
+        return n_train + n_valid, index["n_events"].astype(np.int64) - n_train - n_valid
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -228,7 +264,8 @@ class ShardDataset(IterableDataset):
             raise ShardError(f"shard {info.name}: sha256 mismatch (corrupt); run `bgpt inspect --verify`")
         return data
 
-    def _window(self, data: bytes, s: int, row: int, w: int) -> tuple[int, np.ndarray]:
+    def _window(self, data: bytes, s: int, row: int, w: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """(user, window, items seen before the held-out event: None for training windows)."""
         entry = self.indexes[s][row]
         uidx, events = shards.read_sample(data, int(entry["offset"]), self.shards[s].name)
         if uidx != entry["uidx"] or len(events) != entry["n_events"]:
@@ -236,13 +273,16 @@ class ShardDataset(IterableDataset):
         length = self.cfg.max_len
         if self.cfg.split == "train":
             end = int(self._trainable(entry)) - w * length
-            return uidx, events[max(0, end - length - 1) : end]
-        target = int(entry["n_train"]) + w + (int(entry["n_valid"]) if self.cfg.split == "test" else 0)
-        return uidx, events[max(0, target - length) : target + 1]
+            return uidx, events[max(0, end - length - 1) : end], None
+        before, _ = self._held_out_span(entry)
+        target = int(before) + w + int(before == 0)
+        return uidx, events[max(0, target - length) : target + 1], events["item"][:target]
 
-    def collate(self, users: list[int], windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def collate(
+        self, users: list[int], windows: list[np.ndarray], seen: list[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
         width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else None
-        batch = collate_windows(users, windows, width)
+        batch = collate_windows(users, windows, width, None if self.cfg.split == "train" else seen)
         if self.cfg.focus_new and self.cfg.split == "train":
             replay = torch.from_numpy(self.replayed(np.array(users)))[:, None]
             batch["targets"] &= batch["new"] | replay
@@ -262,15 +302,16 @@ class ShardDataset(IterableDataset):
         size = self.cfg.batch_size
         loaded_shard, data = -1, b""
         for start in range(already * size, len(rows), size):
-            users, cut = [], []
+            users, cut, seen = [], [], []
             chunk = slice(start, start + size)
             for s, r, w in zip(shard_pos[chunk], rows[chunk], windows[chunk], strict=True):
                 if s != loaded_shard:
                     loaded_shard, data = int(s), self._load_shard(int(s))
-                uidx, window = self._window(data, int(s), int(r), int(w))
+                uidx, window, before = self._window(data, int(s), int(r), int(w))
                 users.append(uidx)
                 cut.append(window)
-            yield self.collate(users, cut)
+                seen.append(before)
+            yield self.collate(users, cut, seen)
 
 
 class StreamLoader:
@@ -325,9 +366,18 @@ class StreamLoader:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
 
 
-def iter_sequences(root: str | Path, generations: str | int = "state"):
-    """(user index, events) of every user, shard by shard: each user's latest sequence by default."""
-    dataset = ShardDataset(root, StreamConfig(generations=generations, shuffle=False))
+def iter_sequences(root: str | Path, generations: str | int = "state", until_generation: int | None = None):
+    """(user index, events) of every user, shard by shard: each user's latest sequence by default
+    (as the dataset stood after ``until_generation``, when given)."""
+    for uidx, events, _ in iter_sequences_with_generation(root, generations, until_generation):
+        yield uidx, events
+
+
+def iter_sequences_with_generation(root: str | Path, generations: str | int = "state", until_generation=None):
+    """(user index, events, generation whose shard holds them): in that generation's shards,
+    ``new`` marks the events it added."""
+    cfg = StreamConfig(generations=generations, shuffle=False, until_generation=until_generation)
+    dataset = ShardDataset(root, cfg)
     for s, index in enumerate(dataset.indexes):
         current = dataset.current_rows(s)
         if not current.any():
@@ -335,4 +385,4 @@ def iter_sequences(root: str | Path, generations: str | int = "state"):
         data = dataset._load_shard(s)
         for row in np.flatnonzero(current):
             uidx, events = shards.read_sample(data, int(index[row]["offset"]), dataset.shards[s].name)
-            yield uidx, events
+            yield uidx, events, dataset.shards[s].generation

@@ -50,7 +50,7 @@ def _write_one_shard(shard: int, path: Path | None, *, out_dir: Path, generation
     (out_dir / f"{name}.idx.npy").write_bytes(index_data)
     if path is not None:
         path.unlink()
-    new_rows = rows[records["new"].astype(bool)]
+    new = records["new"].astype(bool)
     info = shards.ShardInfo(
         name=f"{out_dir.name}/{name}.tar",
         index=f"{out_dir.name}/{name}.idx.npy",
@@ -61,10 +61,14 @@ def _write_one_shard(shard: int, path: Path | None, *, out_dir: Path, generation
         events=len(records),
         generation=generation,
     )
-    # This generation's new events, for later --append runs to fetch touched users' history.
-    log_rows = pa.table({n: new_rows[n] for n in _LOG_SCHEMA.names}, schema=_LOG_SCHEMA)
+    # This generation's new events, for later --append runs to fetch touched users' history. Items
+    # and types are logged as final ids (a later generation's codes for known ids are those ids),
+    # never as this generation's provisional codes.
+    columns = {"uidx": rows["uidx"], "ts": rows["ts"], "ord": rows["ord"], "item": records["item"]}
+    columns.update(type=records["type"], value=rows["value"])
+    log_rows = pa.table({n: columns[n][new] for n in _LOG_SCHEMA.names}, schema=_LOG_SCHEMA)
     pq.write_table(log_rows, out_dir / "events" / f"{name}.parquet", compression="lz4")
-    return _WrittenShard(info, uidx, lengths, dropped, len(new_rows))
+    return _WrittenShard(info, uidx, lengths, dropped, int(new.sum()))
 
 
 def thread_map(fn: Callable, jobs: list) -> list:

@@ -62,7 +62,11 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
         help="make the shard count a multiple of this: training ranks x loader workers, so every reader "
         "streams whole shards (e.g. 16 for 8 GPUs x 2 workers)",
     )
-    p.add_argument("--split", default="loo", help="loo (leave-one-out) or time")
+    p.add_argument(
+        "--split",
+        help="loo (leave-one-out; the default), time (--valid-start/--test-start) or none (every event trains: "
+        "continual data evaluated on its next generation); --append keeps the dataset's",
+    )
     p.add_argument("--valid-start", help="with --split time: start of the validation period (ISO 8601)")
     p.add_argument("--test-start", help="with --split time: start of the test period (ISO 8601)")
     p.add_argument("--append", action="store_true", help="add a new generation to the dataset in --out")
@@ -97,11 +101,19 @@ def _key_values(pairs: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _split_config(args: argparse.Namespace):
+    """--split as given (None: leave-one-out, or the dataset's own on --append)."""
+    from data_sharding.sequences import SplitConfig
+
+    if args.split is None and not (args.valid_start or args.test_start):
+        return None
+    return SplitConfig(args.split or "loo", args.valid_start, args.test_start)
+
+
 def _run_shard(args: argparse.Namespace) -> int:
     from data_sharding.ingest import InputConfig
     from data_sharding.inspect import format_summary, summary
     from data_sharding.pipeline import ShardConfig, build
-    from data_sharding.sequences import SplitConfig
 
     cfg = ShardConfig(
         out=args.out,
@@ -117,7 +129,7 @@ def _run_shard(args: argparse.Namespace) -> int:
             min_time=args.min_time,
             max_time=args.max_time,
         ),
-        split=SplitConfig(args.split, args.valid_start, args.test_start),
+        split=_split_config(args),
         items=args.items,
         items_format=args.items_format,
         append=args.append,
@@ -283,70 +295,6 @@ def _run_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="full-ranking metrics of a trained run (or an ensemble of runs)")
-    p.add_argument(
-        "--run",
-        required=True,
-        nargs="+",
-        metavar="RUN",
-        help="a run folder; several runs on the same data are scored as one ensemble",
-    )
-    p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--k", default="10,20", help="cut-offs, comma separated")
-    p.add_argument(
-        "--exclude-seen",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="never rank items already in the history (default: the run's eval.exclude_seen)",
-    )
-    p.set_defaults(func=_run_eval)
-
-
-def _ks(text: str) -> list[int]:
-    try:
-        ks = [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise BgptError(f"--k {text!r}: expected comma-separated integers") from None
-    if not ks or min(ks) < 1:
-        raise BgptError("--k needs positive integers")
-    return ks
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from trainer.run import evaluate_run
-
-    runs = [Path(r) for r in args.run]
-    metrics = evaluate_run(runs, args.split, _ks(args.k), exclude_seen=args.exclude_seen)
-    if len(runs) == 1:  # an ensemble's metrics belong to no single run: printed only
-        name = {None: "metrics.json", True: "metrics_exclude_seen.json", False: "metrics_with_seen.json"}
-        name = name[args.exclude_seen]
-        (runs[0] / name).write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics))
-    return 0
-
-
-def _add_baseline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baseline", help="score a baseline with the evaluation protocol")
-    p.add_argument("kind", choices=("popularity",))
-    p.add_argument("--data", required=True, metavar="DIR")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--k", default="10,20")
-    p.add_argument("--exclude-seen", action="store_true")
-    p.set_defaults(func=_run_baseline)
-
-
-def _run_baseline(args: argparse.Namespace) -> int:
-    from trainer.evaluate import EvalConfig, evaluate_popularity
-    from trainer.factory import dataset_info
-
-    data = storage.as_root(args.data)
-    cfg = EvalConfig(ks=_ks(args.k), exclude_seen=args.exclude_seen)
-    metrics = evaluate_popularity(data, args.split, cfg, dataset_info(data).num_items)
-    print(json.dumps({"baseline": args.kind, "split": args.split, **metrics}))
-    return 0
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -366,11 +314,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE.parquet", help="write predictions here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of the backbone")
+    p.add_argument(
+        "--at", metavar="TIME", help="when the predicted events happen, for models that score at a time (default: now)"
+    )
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from trainer.export import load_inference
+    from trainer.periods import parse_time
     from trainer.predict import histories_from_data, histories_from_events, predict, write_predictions
 
     if args.k < 1:
@@ -391,14 +343,17 @@ def _run_predict(args: argparse.Namespace) -> int:
 
             data = load_run_config(run).data.path
         histories = histories_from_data(storage.as_root(data), model, users)
+    at_ms = parse_time(args.at, "--at")
     if args.out:
-        stats = write_predictions(model, histories, Path(args.out), args.k, args.exclude_seen, args.batch_size)
+        stats = write_predictions(
+            model, histories, Path(args.out), args.k, args.exclude_seen, args.batch_size, at_ms=at_ms
+        )
         print(json.dumps({"out": args.out, **stats}))
         return 0
     if users is None:
         raise BgptError("pass --out FILE.parquet (every user) or --users to print a few")
     histories = list(histories)
-    for h, record in zip(histories, predict(model, histories, args.k, args.exclude_seen), strict=True):
+    for h, record in zip(histories, predict(model, histories, args.k, args.exclude_seen, at_ms), strict=True):
         last = [model.titles[i] or model.items[i] for i in h.items[-3:]]
         print(f"{h.user}  (recently: {' | '.join(last)})")
         for rank, (item, score) in enumerate(zip(record["items"], record["scores"], strict=True), 1):
@@ -428,7 +383,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgpt", description="behavior-gpt: next-behaviour prediction with LMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    from launch import cluster_cli, serve_cli
+    from launch import cluster_cli, eval_cli, serve_cli
 
     for add in (
         _add_synth,
@@ -436,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_inspect,
         _add_train,
         _add_retrain,
-        _add_eval,
-        _add_baseline,
+        eval_cli.add_eval,
+        eval_cli.add_baseline,
         _add_predict,
         _add_export,
     ):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_sharding.vocab import UNK_ITEM
 from serving.store import Event, HistoryStore
 from trainer.errors import ConfigError
 from trainer.export import load_inference, source_signature
@@ -213,7 +214,10 @@ class Recommender:
         exclude = None
         if exclude_seen:
             exclude = [sorted({model.item_index[e.item] for e in history if e.item in model.item_index})]
-        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude)
+        # The prediction is for now: the last event's item and the time since it (models that use them).
+        last = torch.tensor([model.item_index.get(history[-1].item, UNK_ITEM)])
+        gap = torch.tensor([int(time.time() * 1000) - int(history[-1].ts)])
+        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, last, gap)
         side = model.side_predictions(hidden.unsqueeze(0))
         out = {
             "user": user,

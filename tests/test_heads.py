@@ -13,7 +13,7 @@ def test_chunked_softmax_matches_cross_entropy_in_value_and_gradient():
     h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
     table = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(NUM_RESERVED_ITEMS, 50, (37,))
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, None, None, None)
     grads = torch.autograd.grad(loss, (h, table))
 
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
@@ -46,3 +46,38 @@ def test_uniform_only_sampled_softmax_ranks_each_target_against_the_shared_draws
         expected.append(torch.logsumexp(scores, 0) - scores[0])
     assert any(target in negatives for target in targets)  # the masking case is exercised
     assert torch.allclose(loss, torch.stack(expected).mean())
+
+
+def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out():
+    from trainer.pairs import TransitionPrior
+
+    num_items = 9
+    # Pairs 3->4 (twice), 3->5, 4->6 (a CSR table: sources 3 and 4).
+    pairs = {
+        "crow": np.array([0, 0, 0, 0, 2, 3, 3, 3, 3, 3]),
+        "col": np.array([4, 5, 6]),
+        "count": np.array([2.0, 1, 1]),
+    }
+    prior = TransitionPrior(pairs, num_items).double()
+    with torch.no_grad():
+        prior.weight.fill_(0.7)
+    src, targets = torch.tensor([3, 3, 4, 8]), torch.tensor([4, 6, 6, 3])
+    dense = torch.zeros(4, num_items, dtype=torch.float64)
+    dense[0, 4], dense[0, 5], dense[1, 4], dense[1, 5], dense[2, 6] = 1, 1, 2, 1, 0  # own pair minus one
+    assert torch.allclose(prior.features(src, leave_out=targets), torch.log1p(dense))
+    columns = torch.tensor([4, 5, 6])
+    assert torch.allclose(prior.features(src, columns, leave_out=targets), torch.log1p(dense[:, 4:7]))
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(num_items, 3, dtype=torch.float64, requires_grad=True)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, prior.weight, prior, src)
+    grads = torch.autograd.grad(loss, (h, table, prior.weight))
+    h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    weight = prior.weight.detach().clone().requires_grad_()
+    scores = h2 @ table2.T + weight * torch.log1p(dense)
+    scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
+    expected = F.cross_entropy(scores, targets, reduction="sum")
+    for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert float(grads[2]) != 0.0

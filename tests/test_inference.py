@@ -189,3 +189,33 @@ def test_the_inference_form_scores_the_test_split_like_the_training_model(scratc
     folded = evaluate_inference(load_inference(scratch_run), cyclic_data, "test", EvalConfig(ks=[1, 10]))
     for key in ("hr@1", "ndcg@10", "mrr", "coverage@10", "count"):
         assert folded[key] == pytest.approx(reference[key], abs=1e-6)
+
+
+def test_a_model_that_scores_at_a_time_with_a_transition_prior_exports_and_evaluates_alike(cyclic_data, tmp_path):
+    """model.query_time + model.transition_prior: the inference form, an export and the training
+    model give the same scores and the same test metrics."""
+    from trainer.evaluate import EvalConfig, evaluate_inference
+    from trainer.run import evaluate_run
+
+    run = tmp_path / "run"
+    train_run(run, run_config(cyclic_data, query_time=True, transition_prior=True), log=lambda *a: None)
+    model, _, _ = load_run_model(run, log=lambda *a: None)
+    assert (run / "item_pairs.npz").exists() and float(model.prior.weight) != 0.0
+    reference = evaluate_run(run, "test", [1, 10], log=lambda *a: None)
+    folded = evaluate_inference(load_inference(run), cyclic_data, "test", EvalConfig(ks=[1, 10]))
+    for key in ("hr@1", "ndcg@10", "mrr", "count"):
+        assert folded[key] == pytest.approx(reference[key], abs=1e-6)
+    export_run(run, tmp_path / "export")
+    from_run, from_export = load_inference(run), load_export(tmp_path / "export")
+    hidden = from_run.start([3, 4, 5], [1, 1, 1], [0, 60_000, 120_000]).hidden[None]
+    last, gap = torch.tensor([5]), torch.tensor([60_000])
+    torch.testing.assert_close(from_run.scores(hidden, last, gap), from_export.scores(hidden, last, gap))
+    with pytest.raises(ConfigError, match="time of the prediction"):
+        from_export.scores(hidden, last)
+    records = predict(
+        from_export,
+        [History("u", np.array([3, 4, 5]), np.ones(3, int), np.array([0, 60_000, 120_000]))],
+        3,
+        at_ms=180_000,
+    )
+    assert len(records[0]["items"]) == 3

@@ -231,3 +231,39 @@ def test_shard_multiple_rounds_the_shard_count_up_for_the_readers(tmp_path, synt
     count = len(manifest["generations"][0]["shards"])
     assert count % 6 == 0 and count == 12  # 8 by size, rounded up to a multiple of 6
     assert manifest["totals"]["events"] == sum(s["events"] for s in manifest["generations"][0]["shards"])
+
+
+def test_appended_generations_keep_every_touched_users_history_items(tmp_path):
+    """Regression: the events log once held provisional item codes instead of final ids, so each
+    --append re-read touched users' earlier events as the wrong items. Here frequency order differs
+    from id order (so codes and ids differ), over three generations, and a generation-2 item sits
+    in the history that generation 3 re-reads: every user's sequence must decode to its raw events."""
+    from data_sharding.stream import iter_sequences
+
+    head = "user,item,ts,event_type"
+    raw = {
+        1: [("u1", "a", 1), ("u1", "z", 2), ("u2", "z", 3), ("u3", "z", 4), ("u2", "m", 5), ("u3", "m", 6)],
+        2: [("u1", "new2", 10), ("u4", "new2", 11), ("u4", "b", 12), ("u2", "a", 13)],
+        3: [("u1", "new3", 20), ("u4", "z", 21), ("u5", "new3", 22)],
+    }
+    out = tmp_path / "out"
+    for gen, rows in raw.items():
+        path = write_lines(
+            tmp_path / f"g{gen}.csv",
+            [head] + [f"{u},{i},{1_600_000_000 + t},{'buy' if t % 2 else 'view'}" for u, i, t in rows],
+        )
+        manifest = shard([path], out, append=gen > 1)
+    table = pq.read_table(out / manifest["vocab"]["files"]["items"])
+    names = dict(zip(table["id"].to_pylist(), table["item"].to_pylist(), strict=True))
+    users = pq.read_table(out / manifest["vocab"]["files"]["users"]).to_pylist()
+    user_name = {u["uidx"]: u["user"] for u in users}
+    types = manifest["vocab"]["event_types"]
+    got = {
+        user_name[uidx]: [(names[int(i)], types[int(k)]) for i, k in zip(ev["item"], ev["type"], strict=True)]
+        for uidx, ev in iter_sequences(out)
+    }
+    expected: dict[str, list] = {}
+    for rows in raw.values():
+        for u, i, t in rows:
+            expected.setdefault(u, []).append((i, "buy" if t % 2 else "view"))
+    assert got == expected

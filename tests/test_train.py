@@ -6,20 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NUM_ITEMS, tiny_config
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 from launch.cli import main
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
-from trainer.evaluate import EvalConfig, RankingMetrics, eval_loader, evaluate_popularity
+from trainer.evaluate import EvalConfig, RankingMetrics, eval_loader
 from trainer.loop import Trainer
+from trainer.next_period import evaluate_next_period
+from trainer.periods import Period
 from trainer.run import evaluate_run, load_run_model, train_run
 
 
 def test_a_tiny_model_overfits_a_tiny_set_and_beats_popularity(tmp_path, cyclic_data):
     metrics = train_run(tmp_path / "run", tiny_config(cyclic_data, max_steps=120), log=lambda *a: None)
-    popularity = evaluate_popularity(cyclic_data, "test", EvalConfig(ks=[1, 10]), NUM_ITEMS + 3)
+    cfg = EvalConfig(ks=[1, 10], exclude_seen=False)
+    popularity = evaluate_next_period(None, cyclic_data, Period(split="test"), cfg, ["popularity"])
+    popularity = popularity["scorers"]["popularity"]["overall"]
     assert metrics["hr@1"] > 0.9
     assert popularity["hr@1"] < 0.2
     assert metrics["type_accuracy"] > 0.9  # the type follows from the (predictable) next item
@@ -48,7 +52,7 @@ def test_an_ensemble_of_runs_ranks_by_the_mean_log_probability(tmp_path, cyclic_
         cfg = tiny_config(cyclic_data, max_steps=12, seed=seed)
         cfg.model.max_len = max_len
         train_run(runs[-1], cfg, log=lambda *a: None)
-    quiet = {"ks": [1, 10], "log": lambda *a: None}
+    quiet = {"ks": [1, 10], "exclude_seen": False, "log": lambda *a: None}
     single = evaluate_run(runs[0], "test", **quiet)
     same = evaluate_run([runs[0], runs[0]], "test", **quiet)
     assert all(same[k] == single[k] for k in ("hr@1", "hr@10", "ndcg@10", "mrr", "coverage@10"))
@@ -77,7 +81,7 @@ def test_an_ensemble_of_runs_ranks_by_the_mean_log_probability(tmp_path, cyclic_
     with pytest.raises(ConfigError, match="max_len"):
         evaluate_run([runs[0], runs[2]], "test", **quiet)
     (runs[0] / "metrics.json").unlink()
-    assert main(["eval", "--run", str(runs[0]), str(runs[1]), "--k", "1,10"]) == 0
+    assert main(["eval", "--run", str(runs[0]), str(runs[1]), "--k", "1,10", "--no-exclude-seen"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["hr@10"] == ensemble["hr@10"]
     assert not (runs[0] / "metrics.json").exists()  # an ensemble's metrics belong to no single run

@@ -1,17 +1,24 @@
 """Full-ranking evaluation of next-item prediction (never sampled negatives).
 
-For each held-out event (the valid or test split stored in the shards) the model scores every
-item of the catalogue from the history before it. The rank of the true item counts the items
-scored strictly higher, plus equal scores with a smaller id (deterministic ties). Metrics:
-HR@K, NDCG@K (one relevant item: 1 / log2(rank + 2)), MRR (uncut), coverage@K (share of the
-catalogue in anyone's top K), and, when those heads are trained, next-event-type accuracy and
-value RMSE.
+For each held-out event the scorer (a model, an ensemble or a count baseline) scores every item
+of the catalogue from the history before it. The rank of the true item counts the items scored
+strictly higher, plus equal scores with a smaller id (deterministic ties). Metrics: HR@K, NDCG@K
+(one relevant item: 1 / log2(rank + 2)), MRR (uncut), coverage@K (share of the catalogue in
+anyone's top K), and, when those heads are trained, next-event-type accuracy and value RMSE.
+
+``exclude_seen`` removes every item of the user's history before the event (not only the visible
+window) from the ranking, as the published leaders' evaluation code does. ``auto`` (the default)
+decides from the data: on when fewer than ``REPEAT_SHARE_THRESHOLD`` of training events repeat an
+item the user already had (excluding history then only throws away answers that are never right),
+off on logs with repeat consumption (music, groceries, restaurants).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +27,13 @@ from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader, iter_
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
 
+UNRANKABLE = 2**40
+"""The rank of a target that can never be recommended."""
+REPEAT_SHARE_THRESHOLD = 0.05
+"""exclude_seen=auto excludes history items when fewer than this share of next events repeat one."""
+REPEAT_SAMPLE_EVENTS = 2_000_000
+"""exclude_seen=auto measures the repeat share on at most this many training events (whole users)."""
+
 
 @dataclass
 class EvalConfig:
@@ -27,20 +41,69 @@ class EvalConfig:
 
     ks: list[int] = field(default_factory=lambda: [10, 20])
     batch_size: int = 256
-    exclude_seen: bool = False
-    """Never recommend an item already in the user's history (some papers' protocol; off by default)."""
+    exclude_seen: bool | str = "auto"
+    """Never recommend an item already in the user's history: true, false, or auto (true when fewer
+    than 5% of training events repeat an earlier item of the same user; decided once per run and
+    written to its config.yaml)."""
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("eval.ks must be a non-empty list of positive integers")
+        if self.exclude_seen not in (True, False, "auto"):
+            raise ConfigError(f"eval.exclude_seen {self.exclude_seen!r}: choose true, false or auto")
+
+
+def repeat_share(data: Path, max_events: int = REPEAT_SAMPLE_EVENTS) -> tuple[float, int]:
+    """(share, events measured): of the training events that have an earlier training event of the
+    same user, the share whose item the user already had. Users are read in shard order until
+    ``max_events`` are counted, so the cost is bounded on any dataset."""
+    repeats = total = 0
+    for _, events in iter_sequences(data):
+        items = events["item"][events["split"] == 0]
+        if len(items) < 2:
+            continue
+        _, first = np.unique(items, return_index=True)
+        repeats += len(items) - len(first)  # every occurrence after an item's first is a repeat
+        total += len(items) - 1
+        if total >= max_events:
+            break
+    return (repeats / total if total else 0.0), total
+
+
+def resolve_exclude_seen(value: bool | str, data: Path, log=print) -> bool:
+    """``eval.exclude_seen`` as a bool: ``auto`` is decided from the data's repeat share."""
+    if value != "auto":
+        return bool(value)
+    share, measured = repeat_share(data)
+    decided = share < REPEAT_SHARE_THRESHOLD
+    log(
+        f"eval.exclude_seen auto -> {str(decided).lower()}: {share:.1%} of {measured:,} training next events "
+        f"repeat an item of the user's history (threshold {REPEAT_SHARE_THRESHOLD:.0%})"
+    )
+    return decided
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among (N, V) scores; ties broken by item id."""
+    """0-based rank of each target among (N, V) scores; ties broken by item id. A target that
+    cannot be recommended (score -inf: reserved, excluded or unknown) gets UNRANKABLE: a miss at any
+    K, nothing to MRR."""
     target_scores = scores.gather(1, targets[:, None])
     ids = torch.arange(scores.shape[1], device=scores.device)[None, :]
     better = (scores > target_scores) | ((scores == target_scores) & (ids < targets[:, None]))
-    return better.sum(dim=1)
+    ranks = better.sum(dim=1)
+    return torch.where(target_scores[:, 0] == float("-inf"), UNRANKABLE, ranks)
+
+
+def rank_metrics(ranks: np.ndarray, ks: list[int]) -> dict[str, float]:
+    """count, HR@K, NDCG@K and MRR of 0-based target ranks."""
+    n = max(1, len(ranks))
+    out: dict[str, float] = {"count": int(len(ranks))}
+    for k in sorted(ks):
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.sum() / n)
+        out[f"ndcg@{k}"] = float((hit / np.log2(ranks + 2)).sum() / n)
+    out["mrr"] = float((1.0 / (ranks + 1)).sum() / n)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
 class RankingMetrics:
@@ -60,25 +123,37 @@ class RankingMetrics:
         self.ranks.append(target_ranks(scores, targets).cpu().numpy())
         # K may exceed a small catalogue: every real item is then in the top K.
         k_max = min(max(self.ks), scores.shape[1] - NUM_RESERVED_ITEMS)
-        top = torch.topk(scores, k_max, dim=1).indices.cpu().numpy()
-        for k in self.ks:
-            self.top[k][top[:, :k].ravel()] = True
+        top_scores, top = torch.topk(scores, k_max, dim=1)
+        top, finite = top.cpu().numpy(), torch.isfinite(top_scores).cpu().numpy()
+        for k in self.ks:  # items that cannot be recommended (-inf) are never "covered"
+            self.top[k][top[:, :k][finite[:, :k]]] = True
+
+    def all_ranks(self) -> np.ndarray:
+        return np.concatenate(self.ranks) if self.ranks else np.empty(0, np.int64)
 
     def result(self) -> dict[str, float]:
-        ranks = np.concatenate(self.ranks) if self.ranks else np.empty(0)
-        n = max(1, len(ranks))
-        out: dict[str, float] = {"count": int(len(ranks))}
+        out = rank_metrics(self.all_ranks(), self.ks)
         for k in self.ks:
-            hit = ranks < k
-            out[f"hr@{k}"] = float(hit.sum() / n)
-            out[f"ndcg@{k}"] = float((hit / np.log2(ranks + 2)).sum() / n)
-            out[f"coverage@{k}"] = float(self.top[k].sum() / max(1, self.num_items - NUM_RESERVED_ITEMS))
-        out["mrr"] = float((1.0 / (ranks + 1)).sum() / n)
+            out[f"coverage@{k}"] = round(float(self.top[k].sum() / max(1, self.num_items - NUM_RESERVED_ITEMS)), 6)
         if self.type_total:
-            out["type_accuracy"] = self.type_correct / self.type_total
+            out["type_accuracy"] = round(self.type_correct / self.type_total, 6)
         if self.value_total:
-            out["value_rmse"] = float(np.sqrt(self.value_sq / self.value_total))
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+            out["value_rmse"] = round(float(np.sqrt(self.value_sq / self.value_total)), 6)
+        return out
+
+
+class Scorer(Protocol):
+    """Next-item scores over the catalogue for windows that end at the event to predict."""
+
+    num_items: int
+
+    def __call__(
+        self, batch: dict[str, torch.Tensor], rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, V) scores of row ``rows[n]`` from the events up to position ``pos[n]`` (``mask``
+        hides the event to predict, at ``pos + 1``; its time, ``batch["times"][rows, pos + 1]``,
+        is the moment of the request)."""
+        ...
 
 
 def eval_loader(data: Path, split: str, max_len: int, batch_size: int) -> StreamLoader:
@@ -87,7 +162,7 @@ def eval_loader(data: Path, split: str, max_len: int, batch_size: int) -> Stream
     return StreamLoader(ShardDataset(data, cfg))
 
 
-def _held_out(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def held_out(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, pos, targets, history mask) of windows that end at the event to predict: ``pos`` is
     the position just before it, and the mask hides it so the model cannot see what it predicts."""
     pos = batch["mask"].sum(dim=1) - 2
@@ -97,8 +172,100 @@ def _held_out(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return rows, pos, batch["items"][rows, pos + 1], mask
 
 
-def _exclude_seen(scores: torch.Tensor, items: torch.Tensor, mask: torch.Tensor) -> None:
-    scores.scatter_(1, torch.where(mask, items, torch.zeros_like(items)), float("-inf"))
+def exclude_history(scores: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+    """Set the scores of the user's earlier items to -inf: the whole history when the batch carries
+    it (``seen``), else the visible window."""
+    seen = batch["seen"] if "seen" in batch else torch.where(mask, batch["items"], torch.zeros_like(batch["items"]))
+    scores.scatter_(1, seen, float("-inf"))
+
+
+class ModelScorer:
+    """A BehaviorGPT's next-item scores, or an ensemble's: the mean of the members'
+    log-probabilities over the catalogue (a product of experts, so members whose raw scores differ
+    in scale count equally)."""
+
+    def __init__(self, model) -> None:
+        self.models = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.num_items = self.models[0].num_items
+        self.tables = [m.items.table() for m in self.models]
+        self.hidden: torch.Tensor | None = None
+
+    def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
+        inputs = {**batch, "mask": mask}
+        states = [m.query_states(inputs, t, rows, pos) for m, t in zip(self.models, self.tables, strict=True)]
+        last = batch["items"][rows, pos]
+        scores = [m.next_item_scores(h, t, last) for m, h, t in zip(self.models, states, self.tables, strict=True)]
+        if len(self.models) == 1:
+            self.hidden = states[0]
+            return scores[0]
+        return torch.stack([torch.log_softmax(x, dim=1) for x in scores]).mean(dim=0)
+
+    def side_metrics(self, metrics: RankingMetrics, batch, rows, pos) -> None:
+        """Next-event-type accuracy and value error (one model only: the side heads are per model)."""
+        if len(self.models) == 1:
+            _add_side_metrics(self.models[0], metrics, self.hidden, batch, rows, pos)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Models (one or a list) in eval mode for the duration, restored afterwards."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was_training, strict=True):
+            m.train(training)
+
+
+@torch.no_grad()
+def rank_batches(
+    scorers: dict[str, Scorer],
+    batches,
+    cfg: EvalConfig,
+    device: torch.device,
+    rankable: dict[str, torch.Tensor | None] | None = None,
+    ranks: bool = False,
+) -> dict[str, dict]:
+    """Full-ranking metrics of every scorer over the same collated windows, each ending at the event
+    to predict (the last real position). A target that can never be ranked (a reserved id such as
+    UNK for an item unknown to the model, or an item outside the scorer's ``rankable`` (V,) mask)
+    counts as a miss. Returns {name: metrics}; with ``ranks``, each also holds the 0-based rank of
+    every target in batch order (for breakdowns and paired tests)."""
+    if cfg.exclude_seen == "auto":
+        raise ConfigError("eval.exclude_seen=auto must be resolved on the data first (resolve_exclude_seen)")
+    metrics = {name: RankingMetrics(cfg.ks, scorer.num_items) for name, scorer in scorers.items()}
+    blocked = {name: None if mask is None else ~mask.to(device) for name, mask in (rankable or {}).items()}
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        rows, pos, targets, mask = held_out(batch)
+        for name, scorer in scorers.items():
+            scores = scorer(batch, rows, pos, mask)
+            if blocked.get(name) is not None:
+                scores[:, blocked[name]] = float("-inf")
+            if cfg.exclude_seen:
+                exclude_history(scores, batch, mask)
+            metrics[name].add(scores, targets)
+            side = getattr(scorer, "side_metrics", None)
+            if side is not None:
+                side(metrics[name], batch, rows, pos)
+    results = {}
+    for name, accumulated in metrics.items():
+        results[name] = accumulated.result()
+        if ranks:
+            results[name]["ranks"] = accumulated.all_ranks()
+    return results
+
+
+def evaluate_batches(
+    model, batches, cfg: EvalConfig, device: torch.device, rankable: torch.Tensor | None = None, ranks: bool = False
+) -> dict:
+    """:func:`rank_batches` for a BehaviorGPT, or a list of them scored as an ensemble (next-item
+    metrics only; the side heads are per model)."""
+    with eval_mode(model):
+        return rank_batches({"model": ModelScorer(model)}, batches, cfg, device, {"model": rankable}, ranks)["model"]
 
 
 def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
@@ -107,58 +274,25 @@ def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int,
     return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device)
 
 
-@torch.no_grad()
-def evaluate_batches(
-    model, batches, cfg: EvalConfig, device: torch.device, known_items: int | None = None, ranks: bool = False
-) -> dict:
-    """Full-ranking metrics over collated windows that each end at the event to predict (the last
-    real position); the model sees only the events before it. A reserved target id (e.g. UNK for
-    an item the model never saw) can never be ranked: it counts as a miss. ``known_items``: only
-    ids below it may be recommended (a model evaluated on a catalogue grown after it trained).
-    ``model`` may be a list of models trained on the same data: their ensemble is scored (next-item
-    metrics only; the side heads are per model)."""
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()
-    tables = [m.items.table() for m in models]
-    metrics = RankingMetrics(cfg.ks, models[0].num_items)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        rows, pos, targets, mask = _held_out(batch)
-        hidden = [m.hidden_states({**batch, "mask": mask}, t)[rows, pos] for m, t in zip(models, tables, strict=True)]
-        scores = [m.heads.item_scores(h, t) for m, h, t in zip(models, hidden, tables, strict=True)]
-        if len(models) == 1:
-            scores = scores[0]
-            _add_side_metrics(models[0], metrics, hidden[0], batch, rows, pos)
-        else:
-            # The mean of the members' log-probabilities over the catalogue (a product of experts,
-            # so members whose raw scores differ in scale count equally).
-            scores = torch.stack([torch.log_softmax(x, dim=1) for x in scores]).mean(dim=0)
-        if known_items is not None:
-            scores[:, known_items:] = float("-inf")
-        if cfg.exclude_seen:
-            _exclude_seen(scores, batch["items"], mask)
-        metrics.add(scores, targets)
-    for m, training in zip(models, was_training, strict=True):
-        m.train(training)
-    result = metrics.result()
-    if ranks:  # 0-based rank of every target, in batch order (for paired significance tests)
-        result["ranks"] = np.concatenate(metrics.ranks) if metrics.ranks else np.empty(0, np.int64)
-    return result
+class InferenceScorer:
+    """Scores of an :class:`trainer.inference.InferenceModel` (an export, int8 or not)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.num_items = model.num_items
+
+    def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
+        hidden = self.model.encode(batch["items"], batch["types"], batch["times"], mask)
+        times = batch["times"]
+        scores = self.model.scores(hidden, batch["items"][rows, pos], times[rows, pos + 1] - times[rows, pos])
+        return scores.clone()  # an inference-mode tensor: the ranking code edits it in place
 
 
-@torch.no_grad()
 def evaluate_inference(model, data: Path, split: str, cfg: EvalConfig) -> dict:
-    """The same protocol for an :class:`trainer.inference.InferenceModel` (an export, int8 or not)."""
-    metrics = RankingMetrics(cfg.ks, model.num_items)
-    for batch in eval_loader(data, split, model.max_len, cfg.batch_size):
-        _, _, targets, mask = _held_out(batch)
-        scores = model.scores(model.encode(batch["items"], batch["types"], batch["times"], mask))
-        if cfg.exclude_seen:
-            _exclude_seen(scores, batch["items"], mask)
-        metrics.add(scores, targets)
-    return metrics.result()
+    """The same protocol for an :class:`trainer.inference.InferenceModel`."""
+    cfg = replace(cfg, exclude_seen=resolve_exclude_seen(cfg.exclude_seen, data, log=lambda *a: None))
+    batches = eval_loader(data, split, model.max_len, cfg.batch_size)
+    return rank_batches({"model": InferenceScorer(model)}, batches, cfg, torch.device("cpu"))["model"]
 
 
 def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) -> None:
@@ -173,33 +307,3 @@ def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) 
             err = heads.value_head(hidden[has]).squeeze(-1) - batch["values"][rows, pos + 1][has]
             metrics.value_sq += float((err**2).sum())
             metrics.value_total += int(has.sum())
-
-
-def train_item_counts(data: Path, num_items: int) -> np.ndarray:
-    """Events per item in the training split only (what a popularity model may know)."""
-    counts = np.zeros(num_items, dtype=np.int64)
-    for _, events in iter_sequences(data):
-        train = events["item"][events["split"] == 0]
-        counts += np.bincount(train, minlength=num_items)
-    return counts
-
-
-def evaluate_popularity(data: Path, split: str, cfg: EvalConfig, num_items: int, max_len: int = 50) -> dict:
-    """The same protocol for "recommend the most popular training items to everyone".
-
-    ``max_len`` is the visible history (what ``exclude_seen`` removes), as for a model's window.
-    """
-    counts = torch.from_numpy(train_item_counts(data, num_items).astype(np.float32))
-    counts[:NUM_RESERVED_ITEMS] = float("-inf")
-    metrics = RankingMetrics(cfg.ks, num_items)
-    for batch in eval_loader(data, split, max_len, cfg.batch_size):
-        last = batch["mask"].sum(1) - 1
-        rows = torch.arange(len(last))
-        targets = batch["items"][rows, last]
-        scores = counts.expand(len(targets), -1).clone()
-        if cfg.exclude_seen:
-            history = batch["items"].clone()
-            history[rows, last] = 0  # the held-out event itself is not history
-            scores.scatter_(1, history, float("-inf"))
-        metrics.add(scores, targets)
-    return metrics.result()

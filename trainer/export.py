@@ -34,6 +34,7 @@ from data_sharding import shards
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel, merge_lora, strip_lora
+from trainer.pairs import PAIRS_FILE, TransitionPrior, load_pairs
 
 EXPORT_FORMAT = 1
 EXPORT_META = "export.json"
@@ -122,6 +123,11 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
             lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": sorted(_lora_targets(adapter))}
     backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
     weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
+    if inference.query_gaps is not None:
+        weights["query_gaps"] = inference.query_gaps.weight
+    if inference.prior is not None:
+        weights["prior_weight"] = inference.prior.weight.reshape(1)
+        shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
     for name, head in inference.heads.items():
         weights[f"{name}_head.weight"] = head.weight
         weights[f"{name}_head.bias"] = head.bias
@@ -193,6 +199,14 @@ def load_export(path: Path) -> InferenceModel:
         head = nn.Linear(weight.shape[1], weight.shape[0])
         head.load_state_dict({"weight": weight, "bias": bias})
         heads[name] = head
+    query_gaps = nn.Embedding.from_pretrained(weights["query_gaps"], freeze=True) if "query_gaps" in weights else None
+    prior = None
+    if "prior_weight" in weights:
+        try:
+            prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
+        prior.weight.data.copy_(weights["prior_weight"][0])
     model = InferenceModel(
         backbone,
         weights["item_table"],
@@ -204,6 +218,8 @@ def load_export(path: Path) -> InferenceModel:
         meta["event_types"],
         meta["max_len"],
         meta["version"],
+        query_gaps,
+        prior,
     )
     if meta.get("quantize") == "int8":
         model.quantize()

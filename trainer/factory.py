@@ -14,6 +14,7 @@ from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
 from trainer.model import BehaviorGPT, ItemFeatures, LoraConfig, ModelConfig, parse_attributes
+from trainer.pairs import PAIRS_FILE, count_pairs, load_pairs
 
 
 @dataclass
@@ -96,8 +97,16 @@ def _minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tenso
     return out
 
 
+def _transition_counts(cfg: ModelConfig, info: DatasetInfo, data, cache: Path | None) -> dict:
+    """The run's transition counts (``RUN/item_pairs.npz``, written when the run starts); without
+    a run folder, counted on the data's training events."""
+    if cache is not None and (cache / PAIRS_FILE).exists():
+        return load_pairs(cache / PAIRS_FILE)
+    return count_pairs(data, info.num_items, cfg.transition_neighbors)
+
+
 def item_features(
-    cfg: ModelConfig, info: DatasetInfo, backbone: backbones.Backbone, cache: Path | None
+    cfg: ModelConfig, info: DatasetInfo, backbone: backbones.Backbone, cache: Path | None, data=None
 ) -> ItemFeatures:
     """Text vectors (cached in the run folder per vocab version) and attribute ids of every item."""
     features = ItemFeatures()
@@ -118,6 +127,8 @@ def item_features(
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, features.text.numpy())
+    if cfg.transition_prior:
+        features.pairs = _transition_counts(cfg, info, data, cache)
     if cfg.item_attributes and any(info.attributes):
         ids, offsets, size = parse_attributes(info.attributes)
         features.attribute_ids = torch.from_numpy(ids)
@@ -148,7 +159,7 @@ def build_model(
 ) -> tuple[BehaviorGPT, DatasetInfo]:
     info = dataset_info(data)
     backbone = load_backbone(model_cfg)
-    features = item_features(model_cfg, info, backbone, cache)
+    features = item_features(model_cfg, info, backbone, cache, data)
     model = BehaviorGPT(
         model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts
     )

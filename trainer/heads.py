@@ -59,35 +59,55 @@ def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
-    """Sum over rows of cross-entropy(h @ table.T, target), computed ``chunk`` rows at a time.
+    """Sum over rows of cross-entropy(h @ table.T [+ weight x prior features], target), computed
+    ``chunk`` rows at a time.
 
-    Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block.
+    Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block. With
+    a transition prior (trainer.pairs), each row's scores get ``weight x log(1 + count(src ->
+    item))`` (the row's own pair left out) and ``weight`` gets its gradient.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, h, table, targets, chunk, weight, prior, src) -> torch.Tensor:
         lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
         for start in range(0, h.shape[0], chunk):
-            block = _mask_reserved(h[start : start + chunk] @ table.T)  # (c, V)
-            lse[start : start + chunk] = torch.logsumexp(block, dim=1)
+            rows = slice(start, start + chunk)
+            block = _mask_reserved(_block(h[rows], table, weight, prior, src, targets, rows))  # (c, V)
+            lse[rows] = torch.logsumexp(block, dim=1)
         target_scores = (h * table[targets]).sum(dim=1)
-        ctx.save_for_backward(h, table, targets, lse)
-        ctx.chunk = chunk
+        if prior is not None:
+            target_scores = target_scores + weight * prior.features(src, targets[:, None], leave_out=targets)[:, 0]
+        ctx.save_for_backward(h, table, targets, lse, weight, src)
+        ctx.chunk, ctx.prior = chunk, prior
         return (lse - target_scores).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, table, targets, lse = ctx.saved_tensors
+        h, table, targets, lse, weight, src = ctx.saved_tensors
+        prior = ctx.prior
         grad_h = torch.empty_like(h)
         grad_table = torch.zeros_like(table)
+        grad_weight = torch.zeros((), dtype=h.dtype, device=h.device)
         for start in range(0, h.shape[0], ctx.chunk):
-            hc = h[start : start + ctx.chunk]
-            probs = torch.exp(_mask_reserved(hc @ table.T) - lse[start : start + ctx.chunk, None])  # softmax
-            probs[torch.arange(len(hc), device=h.device), targets[start : start + ctx.chunk]] -= 1.0
+            rows = slice(start, start + ctx.chunk)
+            hc = h[rows]
+            features = prior.features(src[rows], leave_out=targets[rows]) if prior is not None else None
+            block = hc @ table.T if features is None else hc @ table.T + weight * features
+            probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
+            probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
             probs *= grad
-            grad_h[start : start + ctx.chunk] = probs @ table
+            grad_h[rows] = probs @ table
             grad_table.addmm_(probs.T, hc)
-        return grad_h, grad_table, None, None
+            if features is not None:
+                grad_weight += (probs * features).sum()
+        return grad_h, grad_table, None, None, grad_weight if prior is not None else None, None, None
+
+
+def _block(hc, table, weight, prior, src, targets, rows) -> torch.Tensor:
+    block = hc @ table.T
+    if prior is None:
+        return block
+    return block + weight * prior.features(src[rows], leave_out=targets[rows])
 
 
 class MultiTaskHeads(nn.Module):
@@ -114,28 +134,47 @@ class MultiTaskHeads(nn.Module):
         freq[:NUM_RESERVED_ITEMS] = 0
         self.register_buffer("log_freq", torch.from_numpy(np.log(freq / freq.sum() + 1e-20)).float(), persistent=False)
 
-    def item_loss(self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Mean next-item loss over rows of h (N, H) with targets (N,)."""
+    def item_loss(
+        self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, prior=None, src: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-item loss over rows of h (N, H) with targets (N,); ``prior``: a
+        trainer.pairs.TransitionPrior scoring each row's ``src`` item (the event before the target)."""
+        weight = prior.weight if prior is not None else None
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
-            return ChunkedSoftmaxCE.apply(h, table, targets, chunk) / max(1, len(targets))
+            return ChunkedSoftmaxCE.apply(h, table, targets, chunk, weight, prior, src) / max(1, len(targets))
         negatives = torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=h.device)
         if not self.cfg.in_batch_negatives:
             # Column 0: the row's own target; then the shared uniform draws, a draw of the target
             # itself masked out (uniform sampling needs no logQ correction).
             positive = (h * table[targets]).sum(dim=1, keepdim=True)
-            scores = (h @ table[negatives].T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
-            return F.cross_entropy(torch.cat([positive, scores], dim=1), torch.zeros_like(targets))
+            drawn = (h @ table[negatives].T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+            scores = torch.cat([positive, drawn], dim=1)
+            if prior is not None:
+                columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
+                scores = scores + weight * prior.features(src, columns, leave_out=targets)
+            return F.cross_entropy(scores, torch.zeros_like(targets))
         candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         positive = inverse[: len(targets)]
         # logQ: expected sampling frequency of each candidate = in-batch draws + uniform draws.
         uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
         q = len(targets) * self.log_freq[candidates].exp() + uniform
         scores = h @ table[candidates].T - torch.log(q)
+        if prior is not None:
+            scores = scores + weight * prior.features(src, candidates, leave_out=targets)
         return F.cross_entropy(scores, positive)
 
-    def losses(self, h: torch.Tensor, batch: dict[str, torch.Tensor], table: torch.Tensor) -> dict[str, torch.Tensor]:
-        """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it."""
+    def losses(
+        self,
+        h: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        table: torch.Tensor,
+        item_states: torch.Tensor | None = None,
+        prior=None,
+    ) -> dict[str, torch.Tensor]:
+        """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it;
+        ``item_states``: the states that score the next item, when they differ from h (conditioned
+        on the prediction time); ``prior``: a trainer.pairs.TransitionPrior."""
         # Positions whose next event is a training target (incremental runs: only the new events
         # and the replay sample; otherwise every real event).
         valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
@@ -147,7 +186,9 @@ class MultiTaskHeads(nn.Module):
         hv = h[valid]  # (N, H)
         total = torch.zeros((), device=h.device)
         if self.cfg.item_weight > 0:
-            out["item"] = self.item_loss(hv, batch["items"][:, 1:][valid], table)
+            item_h = hv if item_states is None else item_states[valid]
+            src = batch["items"][:, :-1][valid] if prior is not None else None
+            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, prior, src)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:
             out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])

@@ -94,8 +94,13 @@ class InferenceModel:
         event_types: list[str],
         max_len: int,
         version: str,
+        query_gaps: nn.Embedding | None = None,
+        prior=None,
     ) -> None:
         self.backbone = backbone.eval()
+        self.query_gaps = query_gaps.eval() if query_gaps is not None else None
+        self.prior = prior.eval() if prior is not None else None
+        """A trainer.pairs.TransitionPrior (model.transition_prior)."""
         self.item_table = item_table.detach().float().contiguous()
         self.types = type_embedding.eval()
         self.gaps = gap_embedding.eval()
@@ -132,6 +137,8 @@ class InferenceModel:
             event_types,
             model.cfg.max_len,
             version,
+            model.query_gaps,
+            model.prior,
         )
 
     @property
@@ -204,23 +211,46 @@ class InferenceModel:
         items = [NUM_RESERVED_ITEMS + i % max(1, self.num_items - NUM_RESERVED_ITEMS) for i in range(n)]
         for length in (n, 1):
             state = self.start(items[:length], [1] * length, list(range(length)))
-            self.top_k(state.hidden[None], 10)
+            self.top_k(state.hidden[None], 10, last_items=torch.tensor([items[0]]), gap_ms=torch.tensor([1000]))
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
     # ----- predictions -----------------------------------------------------------------------
+    @property
+    def needs_context(self) -> bool:
+        """Whether scores need each history's last item and the time to the prediction."""
+        return self.query_gaps is not None or self.prior is not None
+
     @torch.inference_mode()
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended."""
+    def scores(
+        self, hidden: torch.Tensor, last_items: torch.Tensor | None = None, gap_ms: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``last_items``
+        (B,): each history's last item (the transition prior); ``gap_ms`` (B,): time from the last
+        event to the prediction (model.query_time)."""
+        if self.query_gaps is not None:
+            if gap_ms is None:
+                raise ConfigError("this model scores at a time: give the time of the prediction")
+            hidden = hidden + self.query_gaps(time_bucket(gap_ms, self.time_buckets))
         scores = hidden @ self.item_table.T
+        if self.prior is not None:
+            if last_items is None:
+                raise ConfigError("this model's transition prior needs each history's last item")
+            scores = scores + self.prior.weight * self.prior.features(last_items)
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 
     @torch.inference_mode()
     def top_k(
-        self, hidden: torch.Tensor, k: int, exclude: list[list[int]] | None = None
+        self,
+        hidden: torch.Tensor,
+        k: int,
+        exclude: list[list[int]] | None = None,
+        last_items: torch.Tensor | None = None,
+        gap_ms: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(B, H) -> (indices, scores) each (B, k), best first; ``exclude``: ids never recommended per row."""
-        scores = self.scores(hidden)
+        """(B, H) -> (indices, scores) each (B, k), best first; ``exclude``: ids never recommended per
+        row; ``last_items``, ``gap_ms``: see :meth:`scores`."""
+        scores = self.scores(hidden, last_items, gap_ms)
         if exclude:
             for row, ids in enumerate(exclude):
                 if ids:

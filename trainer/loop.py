@@ -27,6 +27,8 @@ from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_model
+from trainer.next_period import evaluate_model_on_period
+from trainer.periods import Period
 
 STOP_FILE = "STOP"
 """Created in a run folder (e.g. by the Slurm script on its preemption signal): checkpoint and exit."""
@@ -53,6 +55,14 @@ class DataConfig:
     each user's most recent transition before it is tested. Nothing is left to validate on: choose
     the configuration and step count (train.max_steps) on an ordinary run first; the refit keeps
     its last weights as ``best/``."""
+    validate_on_newest: bool = False
+    """Hold out the newest generation: train on the dataset as it stood before it, and validate by
+    predicting every event of it from everything before (next-period protocol, as deployed).
+    Choose the step count this way, then refit on everything (this false, train.max_steps set)."""
+
+    def __post_init__(self) -> None:
+        if self.validate_on_newest and (self.train_on_valid or self.focus_new):
+            raise ConfigError("data.validate_on_newest does not combine with train_on_valid or focus_new")
 
 
 @dataclass
@@ -111,6 +121,19 @@ class TrainConfig:
                 f"{self.micro_batch_size} x {world_size} processes; change one of them"
             )
         return self.global_batch_size // per_step
+
+
+def newest_holdout(data) -> Period:
+    """The period that data.validate_on_newest holds out: the newest generation (there must be an
+    earlier one to train on)."""
+    from data_sharding import shards
+
+    latest = int(shards.load_manifest(data)["generation"])
+    if latest < 2:
+        raise ConfigError(
+            f"data.validate_on_newest: {data} has one generation; add the newest events with `bgpt shard --append`"
+        )
+    return Period(generation=latest)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
@@ -193,6 +216,7 @@ class Trainer:
         self.state = TrainState()
         train = run_cfg.train
         data = storage.as_root(run_cfg.data.path)
+        self.holdout = newest_holdout(data) if run_cfg.data.validate_on_newest else None
         stream_cfg = StreamConfig(
             max_len=run_cfg.model.max_len,
             batch_size=train.micro_batch_size,
@@ -201,8 +225,14 @@ class Trainer:
             focus_new=run_cfg.data.focus_new,
             replay_fraction=run_cfg.data.replay_fraction if run_cfg.data.focus_new else 0.0,
             include_valid=run_cfg.data.train_on_valid,
+            until_generation=None if self.holdout is None else self.holdout.generation - 1,
         )
         dataset = ShardDataset(data, stream_cfg, accelerator.process_index, accelerator.num_processes)
+        # Nothing to validate on (a refit, or data without a valid split): keep the latest weights.
+        valid_split = StreamConfig(split="valid", until_generation=stream_cfg.until_generation)
+        self.validates = not run_cfg.data.train_on_valid and (
+            self.holdout is not None or ShardDataset(data, valid_split).num_samples > 0
+        )
         self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers)
         if len(self.loader) == 0:
             raise ConfigError(f"{data}: no training windows (every user has fewer than 2 training events)")
@@ -329,7 +359,7 @@ class Trainer:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> bool:
         """Validate on the main process; keep the best weights; True when patience ran out."""
-        if self.cfg.data.train_on_valid:
+        if not self.validates:
             return self._keep_latest()
         stop = False
         model = self.accelerator.unwrap_model(self.model)
@@ -359,11 +389,22 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "refit": True}
             ckpt.save_best(self.run, weights, state)
-            self.log(f"step {self.state.step}: refit on train + valid, latest weights kept (no held-out validation)")
+            self.log(
+                f"step {self.state.step}: nothing held out to validate on (a refit, or no valid split); latest weights kept"
+            )
         return False
 
     def _evaluate_valid(self, model) -> dict:
         cfg = self.cfg
+        if self.holdout is not None:
+            return evaluate_model_on_period(
+                model,
+                storage.as_root(cfg.data.path),
+                self.holdout,
+                cfg.eval,
+                cfg.model.max_len,
+                self.accelerator.device,
+            )
         return evaluate_model(
             model, storage.as_root(cfg.data.path), "valid", cfg.eval, cfg.model.max_len, self.accelerator.device
         )

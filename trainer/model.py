@@ -18,6 +18,7 @@ from torch import nn
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
+from trainer.pairs import TransitionPrior
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 
@@ -53,12 +54,24 @@ class ModelConfig:
     """Add learned embeddings of item attributes (category, brand, genres) when the items table has them."""
     time_buckets: int = 32
     """Log2-second buckets of the time gap between events (input feature and time-to-next target)."""
+    transition_prior: bool = False
+    """Add a learned multiple of log(1 + count of "last item -> item" pairs in the training events)
+    to every item's score: a count memory beside the network (trainer.pairs)."""
+    transition_neighbors: int = 200
+    """Successors kept per item in the transition prior (the most frequent ones)."""
+    query_time: bool = False
+    """Condition next-item scores on when the prediction is made: the (log-bucketed) gap between the
+    last event and the prediction time (the next event's time in training and evaluation, the
+    request time when serving) is embedded and added to the state that scores items. The
+    time-to-next head, which predicts that gap, reads the state without it."""
 
     def __post_init__(self) -> None:
         if self.item_text not in ("auto", "backbone", "minilm", "none"):
             raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm or none")
         if self.max_len < 1 or self.time_buckets < 2:
             raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
+        if self.transition_neighbors < 1:
+            raise ConfigError("model.transition_neighbors must be >= 1")
 
 
 @dataclass
@@ -85,6 +98,8 @@ class ItemFeatures:
     attribute_offsets: torch.Tensor | None = None
     """(num_items,) start of each item's run in attribute_ids (EmbeddingBag offsets)."""
     num_attributes: int = 0
+    pairs: dict[str, np.ndarray] | None = None
+    """Transition counts (trainer.pairs CSR arrays) when the model has a transition prior."""
 
 
 def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -160,10 +175,17 @@ class BehaviorGPT(nn.Module):
         self.items = ItemEncoder(num_items, hidden, features)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
         self.gaps = nn.Embedding(cfg.time_buckets, hidden)
-        for emb in (self.types, self.gaps):
-            nn.init.normal_(emb.weight, std=0.02)
+        self.query_gaps = nn.Embedding(cfg.time_buckets, hidden) if cfg.query_time else None
+        for emb in (self.types, self.gaps, self.query_gaps):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
         self.heads = MultiTaskHeads(heads_cfg, hidden, num_items, num_event_types, cfg.time_buckets, item_counts)
+        self.prior = None
+        if cfg.transition_prior:
+            if features.pairs is None:
+                raise ConfigError("model.transition_prior needs the run's transition counts")
+            self.prior = TransitionPrior(features.pairs, num_items)
 
     def embed(self, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
         times = batch["times"]
@@ -183,8 +205,34 @@ class BehaviorGPT(nn.Module):
         out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
         return out.last_hidden_state
 
+    def with_query_time(self, hidden: torch.Tensor, gap_ms: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (..., H) conditioned on the time from the last event to the prediction
+        (``gap_ms``, same leading shape); unchanged without model.query_time."""
+        if self.query_gaps is None:
+            return hidden
+        return hidden + self.query_gaps(time_bucket(gap_ms, self.cfg.time_buckets))
+
+    def query_states(
+        self, batch: dict[str, torch.Tensor], table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, H) states that score the next item after position ``pos[n]`` of row ``rows[n]``; the
+        time of the event at ``pos + 1`` is the moment of the prediction."""
+        hidden = self.hidden_states(batch, table)[rows, pos]
+        times = batch["times"]
+        return self.with_query_time(hidden, times[rows, pos + 1] - times[rows, pos])
+
+    def next_item_scores(self, states: torch.Tensor, table: torch.Tensor, last_items: torch.Tensor) -> torch.Tensor:
+        """(N, V) scores of the item after ``last_items`` (N,) from ``states`` (N, H) (query_states);
+        reserved ids never win."""
+        scores = self.heads.item_scores(states, table)
+        if self.prior is not None:
+            scores = scores + self.prior.weight * self.prior.features(last_items)
+        return scores
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses for a batch of windows: every position predicts the next event."""
         table = self.items.table()
-        hidden = self.hidden_states(batch, table)
-        return self.heads.losses(hidden[:, :-1], batch, table)
+        hidden = self.hidden_states(batch, table)[:, :-1]
+        times = batch["times"]
+        item_states = self.with_query_time(hidden, times[:, 1:] - times[:, :-1])
+        return self.heads.losses(hidden, batch, table, item_states, self.prior)

@@ -94,12 +94,16 @@ def _batch(histories: list[History]) -> tuple[torch.Tensor, ...]:
 
 
 def predict(
-    model: InferenceModel, histories: list[History], k: int, exclude_seen: bool = False
+    model: InferenceModel, histories: list[History], k: int, exclude_seen: bool = False, at_ms: int | None = None
 ) -> list[dict[str, object]]:
-    """One record per history: user, items, scores (best first) and the side predictions."""
+    """One record per history: user, items, scores (best first) and the side predictions. ``at_ms``:
+    when the predicted event happens (models with model.query_time; default: now)."""
     hidden = model.encode(*_batch(histories))
     exclude = [h.items.tolist() for h in histories] if exclude_seen else None
-    top, scores = model.top_k(hidden, k, exclude)
+    at = int(time.time() * 1000) if at_ms is None else at_ms
+    last = torch.tensor([int(h.items[-1]) for h in histories])
+    gap = torch.tensor([at - int(h.times[-1]) for h in histories])
+    top, scores = model.top_k(hidden, k, exclude, last, gap)
     side = model.side_predictions(hidden)
     records = []
     for row, h in enumerate(histories):
@@ -137,8 +141,11 @@ def write_predictions(
     exclude_seen: bool = False,
     batch_size: int = 256,
     progress: bool = True,
+    at_ms: int | None = None,
 ) -> dict[str, float]:
-    """Predict for every history and write Parquet (written beside ``out`` and renamed at the end)."""
+    """Predict for every history and write Parquet (written beside ``out`` and renamed at the end);
+    ``at_ms``: when the predicted events happen (see :func:`predict`; one time for every user)."""
+    at_ms = int(time.time() * 1000) if at_ms is None else at_ms
     tmp = out.with_name(f".{out.name}.tmp")
     writer = None
     users = 0
@@ -146,7 +153,7 @@ def write_predictions(
     bar = tqdm(desc="predict", unit="user", disable=not progress)
     try:
         for chunk in _chunks(histories, batch_size):
-            table = pa.Table.from_pylist(predict(model, chunk, k, exclude_seen))
+            table = pa.Table.from_pylist(predict(model, chunk, k, exclude_seen, at_ms))
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             users += len(chunk)

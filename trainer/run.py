@@ -16,11 +16,15 @@ import torch
 import yaml
 
 from data_sharding import shards, storage
+from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
-from trainer.evaluate import evaluate_model
+from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
 from trainer.loop import Trainer, all_cores, make_accelerator
+from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
+from trainer.pairs import PAIRS_FILE, count_pairs, save_pairs
+from trainer.periods import resolve_period
 
 CONFIG = "config.yaml"
 # Sections that define the network: a run cannot resume with different values.
@@ -43,6 +47,9 @@ def train_run(run: Path, cfg, log=print) -> dict:
     data = storage.as_root(cfg.data.path)
     manifest = shards.load_manifest(data)
     accelerator = make_accelerator(cfg.train, run)
+    if cfg.eval.exclude_seen == "auto":  # decided once, from the data, and recorded in config.yaml
+        quiet = log if accelerator.is_main_process else _quiet
+        cfg.eval.exclude_seen = resolve_exclude_seen("auto", data, quiet)
     cfg_dict = dataclasses.asdict(cfg)
     resume_from = None
     if cfg.checkpoint.resume == "auto" and (run / CONFIG).exists():
@@ -62,6 +69,8 @@ def train_run(run: Path, cfg, log=print) -> dict:
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         (run / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if cfg.model.transition_prior and (resume_from is None or not (run / PAIRS_FILE).exists()):
+            _count_training_pairs(run, cfg, data, manifest)
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.train.seed)
@@ -96,12 +105,39 @@ def train_run(run: Path, cfg, log=print) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         with all_cores():
-            metrics = evaluate_run(run, "test", log=log)
+            metrics = _final_metrics(run, cfg, trainer, log)
         metrics["train"] = {**state.to_dict(), "wall_seconds_this_process": round(time.perf_counter() - started, 1)}
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _count_training_pairs(run: Path, cfg, data, manifest: dict) -> None:
+    """The transition prior's counts, from exactly the events this run trains on."""
+    holdout = int(manifest["generation"]) - 1 if cfg.data.validate_on_newest else None
+    pairs = count_pairs(
+        data, int(manifest["vocab"]["num_items"]), cfg.model.transition_neighbors, holdout, cfg.data.train_on_valid
+    )
+    save_pairs(run / PAIRS_FILE, pairs)
+
+
+def _final_metrics(run: Path, cfg, trainer: Trainer, log) -> dict:
+    """The test split of the best weights; for a run validated on the newest generation, that
+    validation (there is nothing later to test on); nothing without a test split."""
+    if trainer.holdout is not None:
+        best = ckpt.read_state(run / "best")
+        return {
+            "protocol": "next-period",
+            "period": trainer.holdout.label(),
+            "best_step": best["step"],
+            **best["valid"],
+        }
+    test = ShardDataset(storage.as_root(cfg.data.path), StreamConfig(split="test"))
+    if test.num_samples == 0:
+        log("no test split in the data: evaluate with `bgpt eval --protocol next-period` on the next generation")
+        return {"split": "test", "count": 0}
+    return evaluate_run(run, "test", log=log)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -166,20 +202,83 @@ def evaluate_run(
                 f"{other_run}: an ensemble needs runs trained on the same data (vocab) with the same "
                 f"model.max_len as {runs[0]}"
             )
+    data = storage.as_root(cfg.data.path)
+    exclude = cfg.eval.exclude_seen if exclude_seen is None else exclude_seen
     eval_cfg = dataclasses.replace(
-        cfg.eval,
-        ks=ks or cfg.eval.ks,
-        exclude_seen=cfg.eval.exclude_seen if exclude_seen is None else exclude_seen,
+        cfg.eval, ks=ks or cfg.eval.ks, exclude_seen=resolve_exclude_seen(exclude, data, log)
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [model.to(device) for model, _, _ in loaded]
-    metrics = evaluate_model(
-        models if len(models) > 1 else models[0],
-        storage.as_root(cfg.data.path),
-        split,
-        eval_cfg,
-        cfg.model.max_len,
-        device,
-    )
+    metrics = evaluate_model(models if len(models) > 1 else models[0], data, split, eval_cfg, cfg.model.max_len, device)
     named = str(runs[0]) if len(runs) == 1 else [str(r) for r in runs]
     return {"split": split, "run": named, "exclude_seen": eval_cfg.exclude_seen, **metrics}
+
+
+def run_scorer(runs: list[Path], root, cold_items: bool = True, log=print) -> tuple[KnownItems, torch.Tensor, dict]:
+    """(scorer, rankable items, facts) for trained runs (several: an ensemble) on ``root``'s
+    vocabulary. ``cold_items``: rank items the runs never saw when they can encode them from text or
+    attributes; otherwise (or for id-only models) such items are never recommended."""
+    from trainer.retrain import grow_and_load
+
+    lineage = {g["vocab_version"] for g in shards.load_manifest(root)["generations"]}
+    models, known = [], set()
+    max_len = None
+    for run in runs:
+        cfg = load_run_config(run)
+        source = weights_source(run, log=log)
+        trained_on = ckpt.read_state(source).get("vocab_version")
+        if trained_on not in lineage:
+            # Item ids are only stable along one dataset's generations (bgpt shard --append).
+            raise ConfigError(
+                f"{run} was trained on vocabulary {trained_on}, which is not a generation of {root}: "
+                f"its item ids would not match; evaluate on the dataset it was trained on (or one appended to it)"
+            )
+        model, _ = build_model(cfg.model, cfg.lora, cfg.heads, root, cache=run)
+        grow_and_load(model, source, log=lambda *a: None)
+        known.add(int(ckpt.load_weights(source)["items.ids.weight"].shape[0]))
+        if max_len not in (None, cfg.model.max_len):
+            raise ConfigError(f"{run}: an ensemble needs runs with the same model.max_len")
+        max_len = cfg.model.max_len
+        models.append(model)
+    if len(known) != 1:
+        raise ConfigError("an ensemble needs runs trained on the same vocabulary")
+    known_items = known.pop()
+    readers = [m.items.text_proj is not None or m.items.attributes is not None for m in models]
+    encode_cold = cold_items and all(readers)
+    rankable = torch.ones(models[0].num_items, dtype=torch.bool)
+    if not encode_cold:
+        rankable[known_items:] = False
+    facts = {"known_items": known_items, "encodes_cold_items": encode_cold, "max_len": max_len}
+    return KnownItems(ModelScorer(models if len(models) > 1 else models[0]), known_items, encode_cold), rankable, facts
+
+
+def evaluate_on_period(
+    runs: list[Path],
+    data=None,
+    *,
+    generation: int | None = None,
+    start: str | int | None = None,
+    end: str | int | None = None,
+    split: str | None = None,
+    ks: list[int] | None = None,
+    exclude_seen: bool | str | None = None,
+    baseline_kinds: list[str] | None = None,
+    cold_items: bool = True,
+    log=print,
+) -> dict:
+    """`bgpt eval --protocol next-period` and `bgpt baseline`: resolve the data (default: the first
+    run's), the period (see trainer.periods.resolve_period) and ``exclude_seen`` (default: the run's
+    setting, else auto), then score runs and baselines on the same events."""
+    eval_cfg = EvalConfig()
+    if runs:
+        run_cfg = load_run_config(runs[0])
+        data, eval_cfg = data or run_cfg.data.path, run_cfg.eval
+    if data is None:
+        raise ConfigError("give --data DIR (the dataset whose period is predicted)")
+    root = storage.as_root(data)
+    period = resolve_period(root, generation, start, end, split)
+    decided = resolve_exclude_seen(eval_cfg.exclude_seen if exclude_seen is None else exclude_seen, root, log)
+    eval_cfg = dataclasses.replace(eval_cfg, ks=ks or eval_cfg.ks, exclude_seen=decided)
+    model = run_scorer(runs, root, cold_items, log) if runs else None
+    result = evaluate_next_period(model, root, period, eval_cfg, baseline_kinds, log)
+    return {"data": str(data), "runs": [str(r) for r in runs], **result}

@@ -1,0 +1,163 @@
+"""Count baselines, scored by exactly the models' protocol (trainer.evaluate.rank_batches).
+
+Each baseline is fit on the events *before* what it predicts (one pass: ``add_user`` per user's
+earlier events in time order, then ``finish``) and scores every item for every query window, as a
+model does; the query's own earlier events are read as context (the transition baseline's last
+items, the history that ``exclude_seen`` removes), never counted.
+
+- ``popularity``: events per item, all time.
+- ``recent-popularity``: events per item in the last ``window_days`` before the newest fitted
+  event ("what is popular now"); the window is chosen on the previous period.
+- ``transition``: "after X, users did Y". Counts of ordered pairs of a user's events up to
+  ``steps`` apart (weight 1/distance), optionally decayed by age (``half_life_days``), normalised
+  per source item to P(Y | X); a query sums P(. | X) over its last ``steps`` items (weight
+  1/distance). Items it cannot score are ordered by all-time popularity. The classic strong
+  sequential baseline (item-to-item co-occurrence / first-order Markov chain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.errors import ConfigError
+
+DAY_MS = 86_400_000
+KINDS = ("popularity", "recent-popularity", "transition")
+# Fill weight of popularity under the transition scores: only decides among items whose
+# transition score is exactly 0 (scores are float64, so it never reorders positive ones).
+FILL_SCALE = 1e-12
+
+
+@dataclass(frozen=True)
+class BaselineParams:
+    """The knobs of the count baselines (a value of None means "not used")."""
+
+    window_days: float | None = None
+    """recent-popularity: count only events in the last N days before the newest fitted event."""
+    steps: int = 1
+    """transition: pairs up to this many events apart, and the query's last this many items."""
+    half_life_days: float | None = None
+    """transition: a pair's weight halves every N days of age (None: no decay)."""
+
+    def describe(self, kind: str) -> dict:
+        """The settings ``kind`` uses."""
+        return {k: v for k, v in asdict(self).items() if k in KNOBS[kind] and v is not None}
+
+
+KNOBS = {"popularity": (), "recent-popularity": ("window_days",), "transition": ("steps", "half_life_days")}
+
+
+GRIDS: dict[str, list[BaselineParams]] = {
+    "popularity": [BaselineParams()],
+    "recent-popularity": [BaselineParams(window_days=d) for d in (1, 3, 7, 14, 30, 90, 180, 365)],
+    "transition": [BaselineParams(steps=s, half_life_days=h) for s in (1, 2, 3) for h in (None, 30.0, 180.0, 730.0)],
+}
+"""Candidates tried on the previous period."""
+DEFAULTS = {
+    "popularity": BaselineParams(),
+    "recent-popularity": BaselineParams(window_days=30),
+    "transition": BaselineParams(),
+}
+"""Used when there is no earlier period to choose on."""
+
+
+def _decay(ts: np.ndarray, now: int, half_life_days: float | None) -> np.ndarray:
+    if half_life_days is None:
+        return np.ones(len(ts))
+    age_days = np.maximum(0, now - ts) / DAY_MS
+    return np.exp2(-age_days / half_life_days)
+
+
+class Popularity:
+    """Events per item (all time, or within a trailing window): the same list for every query."""
+
+    def __init__(self, num_items: int, params: BaselineParams = DEFAULTS["popularity"]) -> None:
+        self.num_items, self.params = num_items, params
+        self._items: list[np.ndarray] = []
+        self._ts: list[np.ndarray] = []
+        self.counts = np.zeros(num_items)
+
+    def add_user(self, items: np.ndarray, ts: np.ndarray) -> None:
+        self._items.append(items)
+        self._ts.append(ts)
+
+    def finish(self) -> Popularity:
+        items = np.concatenate(self._items) if self._items else np.empty(0, np.int64)
+        ts = np.concatenate(self._ts) if self._ts else np.empty(0, np.int64)
+        keep = np.ones(len(ts), bool)
+        if self.params.window_days is not None and len(ts):
+            keep = ts >= ts.max() - self.params.window_days * DAY_MS
+        self.counts = np.bincount(items[keep], minlength=self.num_items).astype(np.float64)
+        self._items, self._ts = [], []
+        self._scores = torch.from_numpy(self.counts)
+        self._scores[:NUM_RESERVED_ITEMS] = float("-inf")
+        return self
+
+    def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
+        return self._scores.to(batch["items"].device).expand(len(rows), -1).clone()
+
+
+class Transition:
+    """P(next item | one of the last ``steps`` items), from counted pairs; popularity fills."""
+
+    def __init__(self, num_items: int, params: BaselineParams = DEFAULTS["transition"]) -> None:
+        self.num_items, self.params = num_items, params
+        self._pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._fill = Popularity(num_items)
+
+    def add_user(self, items: np.ndarray, ts: np.ndarray) -> None:
+        self._fill.add_user(items, ts)
+        for d in range(1, min(self.params.steps, len(items) - 1) + 1):
+            self._pairs.append((items[:-d], items[d:], ts[d:], np.full(len(items) - d, 1.0 / d)))
+
+    def finish(self) -> Transition:
+        from scipy import sparse
+
+        fill = self._fill.finish().counts
+        self.fill = torch.from_numpy(FILL_SCALE * fill / max(1.0, fill.max()))
+        self.fill[:NUM_RESERVED_ITEMS] = float("-inf")
+        if self._pairs:
+            src, dst, ts, weight = (np.concatenate(parts) for parts in zip(*self._pairs, strict=True))
+            weight = weight * _decay(ts, int(ts.max()), self.params.half_life_days)
+        else:
+            src = dst = np.empty(0, np.int64)
+            weight = np.empty(0)
+        counts = sparse.csr_matrix((weight, (src, dst)), shape=(self.num_items, self.num_items))
+        counts.sum_duplicates()
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        self.probs = sparse.diags(1.0 / np.maximum(totals, 1e-300)) @ counts  # row-normalised, (V, V) CSR
+        self._pairs = []
+        return self
+
+    def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
+        from scipy import sparse
+
+        n = len(rows)
+        query_rows, query_items, query_weights = [], [], []
+        items, visible = batch["items"].cpu(), mask.cpu()
+        for d in range(self.params.steps):
+            at = (pos - d).cpu()
+            ok = at >= 0
+            r = torch.arange(n)[ok]
+            real = visible[rows.cpu()[ok], at[ok]]
+            query_rows.append(r[real].numpy())
+            query_items.append(items[rows.cpu()[ok], at[ok]][real].numpy())
+            query_weights.append(np.full(int(real.sum()), 1.0 / (d + 1)))
+        query = sparse.csr_matrix(
+            (np.concatenate(query_weights), (np.concatenate(query_rows), np.concatenate(query_items))),
+            shape=(n, self.num_items),
+        )
+        scores = torch.from_numpy((query @ self.probs).toarray()) + self.fill
+        return scores.to(batch["items"].device)
+
+
+def build(kind: str, num_items: int, params: BaselineParams | None = None) -> Popularity | Transition:
+    """An unfitted baseline of ``kind`` (feed it ``add_user`` then call ``finish``)."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown baseline {kind!r}; choose {', '.join(KINDS)}")
+    params = params or DEFAULTS[kind]
+    return Transition(num_items, params) if kind == "transition" else Popularity(num_items, params)

@@ -52,21 +52,26 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
     from trainer.pairs import TransitionPrior
 
     num_items = 9
-    # Pairs 3->4 (twice), 3->5, 4->6 (a CSR table: sources 3 and 4).
+    # Two-step counts: 3->4 2.0, 3->5 1.0, 4->6 1.0, 5->6 0.5 (a CSR table over sources 3, 4, 5).
     pairs = {
-        "crow": np.array([0, 0, 0, 0, 2, 3, 3, 3, 3, 3]),
-        "col": np.array([4, 5, 6]),
-        "count": np.array([2.0, 1, 1]),
+        "crow": np.array([0, 0, 0, 0, 2, 3, 4, 4, 4, 4]),
+        "col": np.array([4, 5, 6, 6]),
+        "count": np.array([2.0, 1, 1, 0.5]),
+        "steps": np.array(2),
     }
     prior = TransitionPrior(pairs, num_items).double()
     with torch.no_grad():
-        prior.weight.fill_(0.7)
-    src, targets = torch.tensor([3, 3, 4, 8]), torch.tensor([4, 6, 6, 3])
-    dense = torch.zeros(4, num_items, dtype=torch.float64)
-    dense[0, 4], dense[0, 5], dense[1, 4], dense[1, 5], dense[2, 6] = 1, 1, 2, 1, 0  # own pair minus one
-    assert torch.allclose(prior.features(src, leave_out=targets), torch.log1p(dense))
+        prior.weight.copy_(torch.tensor([0.7, 0.3]))
+    # Rows: sources (last, one before) and targets.
+    src, targets = torch.tensor([[3, 0], [3, 5], [4, 3], [8, 0]]), torch.tensor([4, 6, 6, 3])
+    last = torch.zeros(4, num_items, dtype=torch.float64)
+    last[0, 4], last[0, 5], last[1, 4], last[1, 5], last[2, 6] = 1, 1, 2, 1, 0  # own pair (1/1) left out
+    before = torch.zeros(4, num_items, dtype=torch.float64)
+    before[1, 6], before[2, 4], before[2, 5] = 0.0, 2, 1  # 5->6: 0.5 - 1/2 (own pair two steps apart)
+    features = prior.features(src, leave_out=targets)
+    assert torch.allclose(features[0], torch.log1p(last)) and torch.allclose(features[1], torch.log1p(before))
     columns = torch.tensor([4, 5, 6])
-    assert torch.allclose(prior.features(src, columns, leave_out=targets), torch.log1p(dense[:, 4:7]))
+    assert torch.allclose(prior.features(src, columns, leave_out=targets), features[:, :, 4:7])
 
     torch.manual_seed(0)
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -75,9 +80,9 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = prior.weight.detach().clone().requires_grad_()
-    scores = h2 @ table2.T + weight * torch.log1p(dense)
+    scores = h2 @ table2.T + weight[0] * torch.log1p(last) + weight[1] * torch.log1p(before)
     scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
     expected = F.cross_entropy(scores, targets, reduction="sum")
     for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
         assert torch.allclose(got, want, atol=1e-10)
-    assert float(grads[2]) != 0.0
+    assert (grads[2] != 0).all()

@@ -26,6 +26,7 @@ import torch
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader, iter_sequences
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
+from trainer.pairs import last_items
 
 UNRANKABLE = 2**40
 """The rank of a target that can never be recommended."""
@@ -193,8 +194,10 @@ class ModelScorer:
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
         inputs = {**batch, "mask": mask}
         states = [m.query_states(inputs, t, rows, pos) for m, t in zip(self.models, self.tables, strict=True)]
-        last = batch["items"][rows, pos]
-        scores = [m.next_item_scores(h, t, last) for m, h, t in zip(self.models, states, self.tables, strict=True)]
+        scores = [
+            m.next_item_scores(h, t, last_items(batch["items"], mask, rows, pos, m.recent_steps))
+            for m, h, t in zip(self.models, states, self.tables, strict=True)
+        ]
         if len(self.models) == 1:
             self.hidden = states[0]
             return scores[0]
@@ -284,7 +287,8 @@ class InferenceScorer:
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
         hidden = self.model.encode(batch["items"], batch["types"], batch["times"], mask)
         times = batch["times"]
-        scores = self.model.scores(hidden, batch["items"][rows, pos], times[rows, pos + 1] - times[rows, pos])
+        recent = last_items(batch["items"], mask, rows, pos, self.model.recent_steps)
+        scores = self.model.scores(hidden, recent, times[rows, pos + 1] - times[rows, pos])
         return scores.clone()  # an inference-mode tensor: the ranking code edits it in place
 
 

@@ -126,7 +126,7 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
     if inference.query_gaps is not None:
         weights["query_gaps"] = inference.query_gaps.weight
     if inference.prior is not None:
-        weights["prior_weight"] = inference.prior.weight.reshape(1)
+        weights["prior_weight"] = inference.prior.weight
         shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
     for name, head in inference.heads.items():
         weights[f"{name}_head.weight"] = head.weight
@@ -206,7 +206,7 @@ def load_export(path: Path) -> InferenceModel:
             prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
-        prior.weight.data.copy_(weights["prior_weight"][0])
+        prior.weight.data.copy_(weights["prior_weight"])
     model = InferenceModel(
         backbone,
         weights["item_table"],

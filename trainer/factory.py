@@ -102,7 +102,7 @@ def _transition_counts(cfg: ModelConfig, info: DatasetInfo, data, cache: Path | 
     a run folder, counted on the data's training events."""
     if cache is not None and (cache / PAIRS_FILE).exists():
         return load_pairs(cache / PAIRS_FILE)
-    return count_pairs(data, info.num_items, cfg.transition_neighbors)
+    return count_pairs(data, info.num_items, cfg.transition_neighbors, cfg.transition_steps)
 
 
 def item_features(

@@ -59,12 +59,12 @@ def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
-    """Sum over rows of cross-entropy(h @ table.T [+ weight x prior features], target), computed
+    """Sum over rows of cross-entropy(h @ table.T [+ transition prior offsets], target), computed
     ``chunk`` rows at a time.
 
     Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block. With
-    a transition prior (trainer.pairs), each row's scores get ``weight x log(1 + count(src ->
-    item))`` (the row's own pair left out) and ``weight`` gets its gradient.
+    a transition prior (trainer.pairs), each row's scores get the prior's offsets from its sources
+    ``src`` (N, steps) (the row's own pairs left out) and the prior's weights get their gradient.
     """
 
     @staticmethod
@@ -72,42 +72,47 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
-            block = _mask_reserved(_block(h[rows], table, weight, prior, src, targets, rows))  # (c, V)
-            lse[rows] = torch.logsumexp(block, dim=1)
+            block = h[rows] @ table.T  # (c, V)
+            if prior is not None:
+                prior.add_training_offsets(block, src[rows], targets[rows])
+            lse[rows] = torch.logsumexp(_mask_reserved(block), dim=1)
         target_scores = (h * table[targets]).sum(dim=1)
         if prior is not None:
-            target_scores = target_scores + weight * prior.features(src, targets[:, None], leave_out=targets)[:, 0]
-        ctx.save_for_backward(h, table, targets, lse, weight, src)
+            target_scores = target_scores + prior.offsets(src, targets[:, None], leave_out=targets)[:, 0]
+        ctx.save_for_backward(h, table, targets, lse, src)
         ctx.chunk, ctx.prior = chunk, prior
+        ctx.weight_dtype = weight.dtype if weight is not None else None
         return (lse - target_scores).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, table, targets, lse, weight, src = ctx.saved_tensors
+        h, table, targets, lse, src = ctx.saved_tensors
         prior = ctx.prior
         grad_h = torch.empty_like(h)
         grad_table = torch.zeros_like(table)
-        grad_weight = torch.zeros((), dtype=h.dtype, device=h.device)
+        grad_weight = torch.zeros(prior.steps, dtype=h.dtype, device=h.device) if prior is not None else None
         for start in range(0, h.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             hc = h[rows]
-            features = prior.features(src[rows], leave_out=targets[rows]) if prior is not None else None
-            block = hc @ table.T if features is None else hc @ table.T + weight * features
+            block = hc @ table.T
+            if prior is not None:
+                prior.add_training_offsets(block, src[rows], targets[rows])
             probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
             probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
             probs *= grad
             grad_h[rows] = probs @ table
             grad_table.addmm_(probs.T, hc)
-            if features is not None:
-                grad_weight += (probs * features).sum()
-        return grad_h, grad_table, None, None, grad_weight if prior is not None else None, None, None
+            if prior is not None:
+                grad_weight += prior.training_weight_grad(src[rows], targets[rows], probs)
+        grad_weight = grad_weight.to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_h, grad_table, None, None, grad_weight, None, None
 
 
-def _block(hc, table, weight, prior, src, targets, rows) -> torch.Tensor:
-    block = hc @ table.T
-    if prior is None:
-        return block
-    return block + weight * prior.features(src[rows], leave_out=targets[rows])
+def _sources(batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """(B, T-1, steps): for each position, its item and the ones before it (PAD before the window)."""
+    items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))[:, :-1]
+    shifted = [F.pad(items, (d, 0))[:, : items.shape[1]] for d in range(steps)]
+    return torch.stack(shifted, dim=-1)
 
 
 class MultiTaskHeads(nn.Module):
@@ -138,7 +143,8 @@ class MultiTaskHeads(nn.Module):
         self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, prior=None, src: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Mean next-item loss over rows of h (N, H) with targets (N,); ``prior``: a
-        trainer.pairs.TransitionPrior scoring each row's ``src`` item (the event before the target)."""
+        trainer.pairs.TransitionPrior scoring from each row's ``src`` (N, steps) items (the events
+        before the target, the last first)."""
         weight = prior.weight if prior is not None else None
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
@@ -152,7 +158,7 @@ class MultiTaskHeads(nn.Module):
             scores = torch.cat([positive, drawn], dim=1)
             if prior is not None:
                 columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
-                scores = scores + weight * prior.features(src, columns, leave_out=targets)
+                scores = scores + prior.offsets(src, columns, leave_out=targets)
             return F.cross_entropy(scores, torch.zeros_like(targets))
         candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         positive = inverse[: len(targets)]
@@ -161,7 +167,7 @@ class MultiTaskHeads(nn.Module):
         q = len(targets) * self.log_freq[candidates].exp() + uniform
         scores = h @ table[candidates].T - torch.log(q)
         if prior is not None:
-            scores = scores + weight * prior.features(src, candidates, leave_out=targets)
+            scores = scores + prior.offsets(src, candidates, leave_out=targets)
         return F.cross_entropy(scores, positive)
 
     def losses(
@@ -187,7 +193,7 @@ class MultiTaskHeads(nn.Module):
         total = torch.zeros((), device=h.device)
         if self.cfg.item_weight > 0:
             item_h = hv if item_states is None else item_states[valid]
-            src = batch["items"][:, :-1][valid] if prior is not None else None
+            src = _sources(batch, prior.steps)[valid] if prior is not None else None
             out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, prior, src)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:

@@ -211,22 +211,28 @@ class InferenceModel:
         items = [NUM_RESERVED_ITEMS + i % max(1, self.num_items - NUM_RESERVED_ITEMS) for i in range(n)]
         for length in (n, 1):
             state = self.start(items[:length], [1] * length, list(range(length)))
-            self.top_k(state.hidden[None], 10, last_items=torch.tensor([items[0]]), gap_ms=torch.tensor([1000]))
+            self.top_k(state.hidden[None], 10, last_items=self.recent([items[:length]]), gap_ms=torch.tensor([1000]))
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
     # ----- predictions -----------------------------------------------------------------------
     @property
-    def needs_context(self) -> bool:
-        """Whether scores need each history's last item and the time to the prediction."""
-        return self.query_gaps is not None or self.prior is not None
+    def recent_steps(self) -> int:
+        """How many of a history's last items scoring reads (the transition prior's steps)."""
+        return self.prior.steps if self.prior is not None else 1
+
+    def recent(self, histories: list[list[int]]) -> torch.Tensor:
+        """(B, recent_steps) last item ids of each history, the last first (PAD before the start)."""
+        steps = self.recent_steps
+        rows = [list(reversed(h[-steps:])) + [0] * (steps - len(h[-steps:])) for h in histories]
+        return torch.tensor(rows, dtype=torch.int64)
 
     @torch.inference_mode()
     def scores(
         self, hidden: torch.Tensor, last_items: torch.Tensor | None = None, gap_ms: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``last_items``
-        (B,): each history's last item (the transition prior); ``gap_ms`` (B,): time from the last
-        event to the prediction (model.query_time)."""
+        (B, recent_steps): each history's last items, the last first (:meth:`recent`; the transition
+        prior); ``gap_ms`` (B,): time from the last event to the prediction (model.query_time)."""
         if self.query_gaps is not None:
             if gap_ms is None:
                 raise ConfigError("this model scores at a time: give the time of the prediction")
@@ -235,7 +241,7 @@ class InferenceModel:
         if self.prior is not None:
             if last_items is None:
                 raise ConfigError("this model's transition prior needs each history's last item")
-            scores = scores + self.prior.weight * self.prior.features(last_items)
+            scores = scores + self.prior.offsets(last_items)
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 

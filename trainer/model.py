@@ -59,6 +59,9 @@ class ModelConfig:
     to every item's score: a count memory beside the network (trainer.pairs)."""
     transition_neighbors: int = 200
     """Successors kept per item in the transition prior (the most frequent ones)."""
+    transition_steps: int = 3
+    """The transition prior reads the history's last this many items (pairs up to this far apart,
+    weight 1/distance), each with its own learned weight."""
     query_time: bool = False
     """Condition next-item scores on when the prediction is made: the (log-bucketed) gap between the
     last event and the prediction time (the next event's time in training and evaluation, the
@@ -70,8 +73,8 @@ class ModelConfig:
             raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm or none")
         if self.max_len < 1 or self.time_buckets < 2:
             raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
-        if self.transition_neighbors < 1:
-            raise ConfigError("model.transition_neighbors must be >= 1")
+        if self.transition_neighbors < 1 or self.transition_steps < 1:
+            raise ConfigError("model.transition_neighbors and model.transition_steps must be >= 1")
 
 
 @dataclass
@@ -221,13 +224,18 @@ class BehaviorGPT(nn.Module):
         times = batch["times"]
         return self.with_query_time(hidden, times[rows, pos + 1] - times[rows, pos])
 
-    def next_item_scores(self, states: torch.Tensor, table: torch.Tensor, last_items: torch.Tensor) -> torch.Tensor:
-        """(N, V) scores of the item after ``last_items`` (N,) from ``states`` (N, H) (query_states);
-        reserved ids never win."""
+    def next_item_scores(self, states: torch.Tensor, table: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """(N, V) scores of the next item from ``states`` (N, H) (query_states) and the history's
+        ``recent`` (N, steps) items, the last first (the transition prior); reserved ids never win."""
         scores = self.heads.item_scores(states, table)
         if self.prior is not None:
-            scores = scores + self.prior.weight * self.prior.features(last_items)
+            scores = scores + self.prior.offsets(recent)
         return scores
+
+    @property
+    def recent_steps(self) -> int:
+        """How many of the history's last items scoring reads (the transition prior's steps)."""
+        return self.prior.steps if self.prior is not None else 1
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses for a batch of windows: every position predicts the next event."""

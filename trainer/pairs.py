@@ -1,14 +1,15 @@
 """The transition prior: a count memory of "after X, users did Y" beside the network.
 
-``model.transition_prior`` adds ``weight x log(1 + count(last item -> item))`` to every item's
-score, where the counts are the consecutive pairs of the events the run trains on (each source
-item keeps its ``model.transition_neighbors`` most frequent successors) and ``weight`` is learned
-with the network (kNN-LM style interpolation of a neural model with a count model, here in
-log-space). In training, the pair being predicted is left out of its own count, so the weight
-learns how much the counts generalise rather than how well they memorise. The counts are taken
-once when a run starts (``RUN/item_pairs.npz``, kept with the run and copied into exports), so a
-run always scores with the memory of its own training data; `bgpt retrain` counts again on the
-grown data.
+``model.transition_prior`` adds, for each of the history's last ``model.transition_steps`` items
+X_d (d = 1 the last), ``weight_d x log(1 + count(X_d -> item))`` to every item's score. The counts
+are the pairs of the events the run trains on, up to ``transition_steps`` events apart and
+weighted 1/distance (the transition baseline's counts); each source item keeps its
+``model.transition_neighbors`` largest. The weights are learned with the network: a kNN-LM style
+interpolation of a neural model with a count model, in log-space. In training, the pair being
+predicted is left out of its own count (so the weights learn how far the counts generalise, not
+how well they memorise). The counts are taken once when a run starts (``RUN/item_pairs.npz``,
+kept with the run and copied into exports), so a run always scores with the memory of its own
+training data; `bgpt retrain` counts again on the grown data.
 """
 
 from __future__ import annotations
@@ -21,35 +22,46 @@ from torch import nn
 
 from data_sharding.shards import SPLIT_TRAIN, SPLIT_VALID
 from data_sharding.stream import iter_sequences
+from data_sharding.vocab import PAD_ITEM
 
 PAIRS_FILE = "item_pairs.npz"
+DENSE_TABLE_MAX = 64_000_000
+"""Catalogues with at most this many item pairs (8,000 items) keep a dense count table (faster)."""
 
 
 def count_pairs(
-    data, num_items: int, neighbors: int, until_generation: int | None = None, include_valid: bool = False
+    data,
+    num_items: int,
+    neighbors: int,
+    steps: int = 1,
+    until_generation: int | None = None,
+    include_valid: bool = False,
 ) -> dict[str, np.ndarray]:
-    """CSR arrays (``crow`` (V+1,), ``col``, ``count``) of consecutive training pairs per source
-    item: its ``neighbors`` most frequent successors (ties: smaller id), columns sorted."""
+    """CSR arrays (``crow`` (V+1,), ``col``, ``count``, ``steps``) of the training pairs up to
+    ``steps`` apart (weight 1/distance) per source item: its ``neighbors`` largest (ties: smaller
+    id), columns sorted."""
     splits = (SPLIT_TRAIN, SPLIT_VALID) if include_valid else (SPLIT_TRAIN,)
-    keys = []
+    keys, weights = [], []
     for _, events in iter_sequences(data, until_generation=until_generation):
         items = events["item"][np.isin(events["split"], splits)].astype(np.int64)
-        if len(items) > 1:
-            keys.append(items[:-1] * num_items + items[1:])
-    unique, counts = np.unique(np.concatenate(keys) if keys else np.empty(0, np.int64), return_counts=True)
+        for d in range(1, min(steps, len(items) - 1) + 1):
+            keys.append(items[:-d] * num_items + items[d:])
+            weights.append(np.full(len(items) - d, 1.0 / d))
+    keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate(weights) if weights else None, minlength=len(unique))
     src, dst = unique // num_items, unique % num_items
     # Keep each source's top successors: order by (source, -count, destination), cut, re-sort.
     order = np.lexsort((dst, -counts, src))
     src, dst, counts = src[order], dst[order], counts[order]
     starts = np.searchsorted(src, np.arange(num_items))
-    rank = np.arange(len(src)) - starts[src]
-    keep = rank < neighbors
+    keep = np.arange(len(src)) - starts[src] < neighbors
     src, dst, counts = src[keep], dst[keep], counts[keep]
     order = np.lexsort((dst, src))
     src, dst, counts = src[order], dst[order], counts[order]
     crow = np.zeros(num_items + 1, dtype=np.int64)
     np.add.at(crow, src + 1, 1)
-    return {"crow": np.cumsum(crow), "col": dst, "count": counts.astype(np.float32)}
+    return {"crow": np.cumsum(crow), "col": dst, "count": counts.astype(np.float32), "steps": np.array(steps)}
 
 
 def save_pairs(path: Path, pairs: dict[str, np.ndarray]) -> None:
@@ -60,11 +72,20 @@ def save_pairs(path: Path, pairs: dict[str, np.ndarray]) -> None:
 
 def load_pairs(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as f:
-        return {k: f[k] for k in ("crow", "col", "count")}
+        return {k: f[k] for k in f.files}
+
+
+def last_items(items: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, steps: int):
+    """(N, steps) items at positions pos, pos - 1, ... of ``rows`` (PAD where there is none)."""
+    at = pos[:, None] - torch.arange(steps, device=pos.device)[None, :]
+    ok = at >= 0
+    clamped = at.clamp(min=0)
+    found = items[rows[:, None], clamped]
+    return torch.where(ok & mask[rows[:, None], clamped], found, torch.full_like(found, PAD_ITEM))
 
 
 class TransitionPrior(nn.Module):
-    """``weight x log(1 + count(source -> item))`` score offsets from a CSR pair table."""
+    """Score offsets ``sum_d weight_d x log(1 + count(source_d -> item))`` from a CSR pair table."""
 
     def __init__(self, pairs: dict[str, np.ndarray], num_items: int) -> None:
         super().__init__()
@@ -72,6 +93,7 @@ class TransitionPrior(nn.Module):
         if len(crow) < num_items + 1:  # a grown vocabulary: new items have no pairs yet
             crow = np.concatenate([crow, np.full(num_items + 1 - len(crow), crow[-1])])
         self.num_items = num_items
+        self.steps = int(pairs.get("steps", 1))
         self.register_buffer("crow", torch.from_numpy(np.asarray(crow[: num_items + 1], np.int64)), persistent=False)
         col = torch.from_numpy(np.asarray(pairs["col"], np.int64))
         self.register_buffer("col", col, persistent=False)
@@ -79,20 +101,29 @@ class TransitionPrior(nn.Module):
         # Sorted (source * V + destination) keys, for looking up single pairs.
         rows = torch.repeat_interleave(torch.arange(num_items), torch.diff(self.crow))
         self.register_buffer("keys", rows * num_items + col, persistent=False)
-        self.weight = nn.Parameter(torch.zeros(()))
+        self.weight = nn.Parameter(torch.zeros(self.steps))
+        self._table: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None
 
     def counts(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         """count(src[n] -> dst[n, c]) for (N,) sources and (N, C) (or (C,)) destinations."""
         dst = dst.expand(len(src), -1) if dst.dim() == 1 else dst
         query = src[:, None] * self.num_items + dst
-        at = torch.searchsorted(self.keys, query).clamp(max=max(0, len(self.keys) - 1))
         if not len(self.keys):
             return torch.zeros(query.shape, dtype=self.count.dtype, device=query.device)
+        at = torch.searchsorted(self.keys, query).clamp(max=len(self.keys) - 1)
         found = self.keys[at] == query
         return torch.where(found, self.count[at], torch.zeros((), dtype=self.count.dtype, device=query.device))
 
-    def dense_counts(self, src: torch.Tensor) -> torch.Tensor:
-        """(N, V) counts of every item after each source."""
+    def _log_rows(self, src: torch.Tensor) -> torch.Tensor:
+        """(N, V) log(1 + count) of every item after each source."""
+        if self.num_items**2 <= DENSE_TABLE_MAX:  # a small catalogue: index rows of a (V, V) table
+            if self._table is None or self._table.device != src.device or self._table.dtype != self.count.dtype:
+                self._table = torch.log1p(self._scatter_rows(torch.arange(self.num_items, device=src.device)))
+            return self._table[src]
+        return torch.log1p(self._scatter_rows(src))
+
+    def _scatter_rows(self, src: torch.Tensor) -> torch.Tensor:
         start, end = self.crow[src], self.crow[src + 1]
         lengths = end - start
         rows = torch.repeat_interleave(torch.arange(len(src), device=src.device), lengths)
@@ -104,16 +135,65 @@ class TransitionPrior(nn.Module):
         out[rows, self.col[entries]] = self.count[entries]
         return out
 
-    def features(self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out: torch.Tensor | None = None):
-        """log(1 + count) of (N, V) (``dst`` None) or (N, C) pairs; ``leave_out`` (N,): a column
-        per row whose count drops by one (the training pair itself)."""
-        counts = self.dense_counts(src) if dst is None else self.counts(src, dst)
-        if leave_out is not None:
-            cols = leave_out if dst is None else None
-            if cols is not None:
-                rows = torch.arange(len(src), device=src.device)
-                counts[rows, cols] = (counts[rows, cols] - 1).clamp(min=0)
+    def features(
+        self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(steps, N, V) (``dst`` None) or (steps, N, C) log(1 + count) of each source column of
+        ``src`` (N, steps) to every item / to ``dst`` (C,) or (N, C). ``leave_out`` (N,): each row's
+        own target, whose pair from source d counted 1/d (training: the pair itself)."""
+        out = []
+        rows = torch.arange(len(src), device=src.device)
+        for d in range(self.steps):
+            own = (1.0 / (d + 1)) * (src[:, d] != PAD_ITEM).to(self.count.dtype)
+            if dst is None:
+                logs = self._log_rows(src[:, d])
+                if leave_out is not None:
+                    kept = (self.counts(src[:, d], leave_out[:, None])[:, 0] - own).clamp(min=0)
+                    logs[rows, leave_out] = torch.log1p(kept)
             else:
-                hit = dst == leave_out[:, None] if dst.dim() == 2 else dst[None, :] == leave_out[:, None]
-                counts = torch.where(hit, (counts - 1).clamp(min=0), counts)
-        return torch.log1p(counts)
+                counts = self.counts(src[:, d], dst)
+                if leave_out is not None:
+                    hit = (dst if dst.dim() == 2 else dst[None, :]) == leave_out[:, None]
+                    counts = torch.where(hit, (counts - own[:, None]).clamp(min=0), counts)
+                logs = torch.log1p(counts)
+            out.append(logs)
+        return torch.stack(out)
+
+    def _step_rows(self, src: torch.Tensor, d: int, leave_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """features(src, leave_out=...)[d] written into ``out`` (N, V): reused buffers, because a
+        fresh (N, V) allocation per call costs more in page faults than the gather."""
+        column = src[:, d]
+        if self.num_items**2 <= DENSE_TABLE_MAX:
+            self._log_rows(column[:1])  # builds the table once
+            torch.index_select(self._table, 0, column, out=out)
+        else:
+            out.copy_(self._log_rows(column))
+        own = (1.0 / (d + 1)) * (column != PAD_ITEM).to(out.dtype)
+        kept = (self.counts(column, leave_out[:, None])[:, 0].to(out.dtype) - own).clamp(min=0)
+        out[torch.arange(len(src), device=src.device), leave_out] = torch.log1p(kept)
+        return out
+
+    def add_training_offsets(self, scores: torch.Tensor, src: torch.Tensor, leave_out: torch.Tensor) -> None:
+        """Add to ``scores`` (N, V), in place, the offsets with each row's own pair left out (the
+        full-softmax training path)."""
+        work = self._workspace(len(src), scores.dtype, src.device)
+        for d in range(self.steps):
+            scores.add_(self._step_rows(src, d, leave_out, work), alpha=float(self.weight[d]))
+
+    def training_weight_grad(self, src: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """(steps,) sum of ``probs`` (N, V) x each step's features: the weights' gradient."""
+        work = self._workspace(len(src), probs.dtype, src.device)
+        grads = [
+            torch.dot(probs.reshape(-1), self._step_rows(src, d, leave_out, work).reshape(-1))
+            for d in range(self.steps)
+        ]
+        return torch.stack(grads)
+
+    def _workspace(self, rows: int, dtype, device) -> torch.Tensor:
+        if self._work is None or self._work.shape[0] < rows or self._work.dtype != dtype or self._work.device != device:
+            self._work = torch.empty(rows, self.num_items, dtype=dtype, device=device)
+        return self._work[:rows]
+
+    def offsets(self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out=None) -> torch.Tensor:
+        """The score offsets: the weighted sum of :meth:`features` over the sources."""
+        return torch.einsum("s,snv->nv", self.weight.to(self.count.dtype), self.features(src, dst, leave_out))

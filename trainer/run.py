@@ -116,8 +116,10 @@ def train_run(run: Path, cfg, log=print) -> dict:
 def _count_training_pairs(run: Path, cfg, data, manifest: dict) -> None:
     """The transition prior's counts, from exactly the events this run trains on."""
     holdout = int(manifest["generation"]) - 1 if cfg.data.validate_on_newest else None
+    model = cfg.model
+    num_items = int(manifest["vocab"]["num_items"])
     pairs = count_pairs(
-        data, int(manifest["vocab"]["num_items"]), cfg.model.transition_neighbors, holdout, cfg.data.train_on_valid
+        data, num_items, model.transition_neighbors, model.transition_steps, holdout, cfg.data.train_on_valid
     )
     save_pairs(run / PAIRS_FILE, pairs)
 

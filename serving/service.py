@@ -215,9 +215,9 @@ class Recommender:
         if exclude_seen:
             exclude = [sorted({model.item_index[e.item] for e in history if e.item in model.item_index})]
         # The prediction is for now: the last event's item and the time since it (models that use them).
-        last = model.recent([[model.item_index.get(e.item, UNK_ITEM) for e in history[-model.recent_steps :]]])
+        context = model.context([[model.item_index.get(e.item, UNK_ITEM) for e in history]])
         gap = torch.tensor([int(time.time() * 1000) - int(history[-1].ts)])
-        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, last, gap)
+        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, context, gap)
         side = model.side_predictions(hidden.unsqueeze(0))
         out = {
             "user": user,

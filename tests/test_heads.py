@@ -1,6 +1,9 @@
 """The chunked full-softmax loss equals the textbook one; the sampled loss trains."""
 
+import math
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +16,7 @@ def test_chunked_softmax_matches_cross_entropy_in_value_and_gradient():
     h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
     table = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(NUM_RESERVED_ITEMS, 50, (37,))
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, None, None, None)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [])
     grads = torch.autograd.grad(loss, (h, table))
 
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
@@ -49,7 +52,7 @@ def test_uniform_only_sampled_softmax_ranks_each_target_against_the_shared_draws
 
 
 def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out():
-    from trainer.pairs import TransitionPrior
+    from trainer.priors import TransitionPrior
 
     num_items = 9
     # Two-step counts: 3->4 2.0, 3->5 1.0, 4->6 1.0, 5->6 0.5 (a CSR table over sources 3, 4, 5).
@@ -76,7 +79,7 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
     torch.manual_seed(0)
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 3, dtype=torch.float64, requires_grad=True)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, prior.weight, prior, src)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.weight)
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = prior.weight.detach().clone().requires_grad_()
@@ -86,3 +89,34 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
     for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
         assert torch.allclose(got, want, atol=1e-10)
     assert (grads[2] != 0).all()
+
+
+def test_the_repeat_prior_counts_each_items_occurrences_in_the_visible_history():
+    from trainer.priors import RepeatPrior
+
+    num_items = 8
+    repeat = RepeatPrior(num_items).double()
+    with torch.no_grad():
+        repeat.weight.fill_(0.5)
+    batch = {"items": torch.tensor([[3, 4, 3, 5]]), "mask": torch.tensor([[True, True, True, True]])}
+    history = repeat.training_inputs(batch)[0]  # positions 0..2, each seeing the window up to itself
+    assert history.tolist() == [[3, 0, 0, 0], [3, 4, 0, 0], [3, 4, 3, 0]]
+    features = repeat.features(history)
+    assert features[2, 3] == pytest.approx(math.log(3)) and features[2, 4] == pytest.approx(math.log(2))
+    assert features[0, 4] == 0 and (features[:, 0] == 0).all()
+    assert torch.allclose(repeat.features(history, torch.tensor([3, 5])), features[:, [3, 5]])
+
+    # Its weight's gradient through the chunked softmax equals plain autograd.
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(num_items, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([4, 3, 5])
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(repeat, history)], repeat.weight)
+    grads = torch.autograd.grad(loss, (h, table, repeat.weight))
+    h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    weight = repeat.weight.detach().clone().requires_grad_()
+    scores = h2 @ table2.T + weight * features
+    scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
+    expected = F.cross_entropy(scores, targets, reduction="sum")
+    for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)

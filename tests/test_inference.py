@@ -198,7 +198,9 @@ def test_a_model_that_scores_at_a_time_with_a_transition_prior_exports_and_evalu
     from trainer.run import evaluate_run
 
     run = tmp_path / "run"
-    train_run(run, run_config(cyclic_data, query_time=True, transition_prior=True), log=lambda *a: None)
+    train_run(
+        run, run_config(cyclic_data, query_time=True, transition_prior=True, repeat_prior=True), log=lambda *a: None
+    )
     model, _, _ = load_run_model(run, log=lambda *a: None)
     assert (run / "item_pairs.npz").exists() and bool((model.prior.weight.detach() != 0).all())
     reference = evaluate_run(run, "test", [1, 10], log=lambda *a: None)
@@ -208,7 +210,7 @@ def test_a_model_that_scores_at_a_time_with_a_transition_prior_exports_and_evalu
     export_run(run, tmp_path / "export")
     from_run, from_export = load_inference(run), load_export(tmp_path / "export")
     hidden = from_run.start([3, 4, 5], [1, 1, 1], [0, 60_000, 120_000]).hidden[None]
-    last, gap = from_run.recent([[3, 4, 5]]), torch.tensor([60_000])
+    last, gap = from_run.context([[3, 4, 5]]), torch.tensor([60_000])
     torch.testing.assert_close(from_run.scores(hidden, last, gap), from_export.scores(hidden, last, gap))
     with pytest.raises(ConfigError, match="time of the prediction"):
         from_export.scores(hidden, last)

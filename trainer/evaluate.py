@@ -26,7 +26,6 @@ import torch
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader, iter_sequences
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
-from trainer.pairs import last_items
 
 UNRANKABLE = 2**40
 """The rank of a target that can never be recommended."""
@@ -194,8 +193,9 @@ class ModelScorer:
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
         inputs = {**batch, "mask": mask}
         states = [m.query_states(inputs, t, rows, pos) for m, t in zip(self.models, self.tables, strict=True)]
+        items, visible = batch["items"][rows], mask[rows]
         scores = [
-            m.next_item_scores(h, t, last_items(batch["items"], mask, rows, pos, m.recent_steps))
+            m.next_item_scores(h, t, items, visible, pos)
             for m, h, t in zip(self.models, states, self.tables, strict=True)
         ]
         if len(self.models) == 1:
@@ -287,8 +287,8 @@ class InferenceScorer:
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
         hidden = self.model.encode(batch["items"], batch["types"], batch["times"], mask)
         times = batch["times"]
-        recent = last_items(batch["items"], mask, rows, pos, self.model.recent_steps)
-        scores = self.model.scores(hidden, recent, times[rows, pos + 1] - times[rows, pos])
+        context = (batch["items"][rows], mask[rows], pos)
+        scores = self.model.scores(hidden, context, times[rows, pos + 1] - times[rows, pos])
         return scores.clone()  # an inference-mode tensor: the ranking code edits it in place
 
 

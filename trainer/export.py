@@ -34,7 +34,7 @@ from data_sharding import shards
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel, merge_lora, strip_lora
-from trainer.pairs import PAIRS_FILE, TransitionPrior, load_pairs
+from trainer.priors import PAIRS_FILE, RepeatPrior, TransitionPrior, load_pairs
 
 EXPORT_FORMAT = 1
 EXPORT_META = "export.json"
@@ -125,6 +125,8 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
     weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
     if inference.query_gaps is not None:
         weights["query_gaps"] = inference.query_gaps.weight
+    if inference.repeat is not None:
+        weights["repeat_weight"] = inference.repeat.weight.reshape(1)
     if inference.prior is not None:
         weights["prior_weight"] = inference.prior.weight
         shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
@@ -207,6 +209,10 @@ def load_export(path: Path) -> InferenceModel:
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
         prior.weight.data.copy_(weights["prior_weight"])
+    repeat = None
+    if "repeat_weight" in weights:
+        repeat = RepeatPrior(len(weights["item_table"]))
+        repeat.weight.data.copy_(weights["repeat_weight"][0])
     model = InferenceModel(
         backbone,
         weights["item_table"],
@@ -220,6 +226,7 @@ def load_export(path: Path) -> InferenceModel:
         meta["version"],
         query_gaps,
         prior,
+        repeat,
     )
     if meta.get("quantize") == "int8":
         model.quantize()

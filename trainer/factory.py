@@ -14,7 +14,7 @@ from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
 from trainer.model import BehaviorGPT, ItemFeatures, LoraConfig, ModelConfig, parse_attributes
-from trainer.pairs import PAIRS_FILE, count_pairs, load_pairs
+from trainer.priors import PAIRS_FILE, count_pairs, load_pairs
 
 
 @dataclass

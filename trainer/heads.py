@@ -59,60 +59,52 @@ def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
-    """Sum over rows of cross-entropy(h @ table.T [+ transition prior offsets], target), computed
+    """Sum over rows of cross-entropy(h @ table.T [+ score priors' offsets], target), computed
     ``chunk`` rows at a time.
 
-    Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block. With
-    a transition prior (trainer.pairs), each row's scores get the prior's offsets from its sources
-    ``src`` (N, steps) (the row's own pairs left out) and the prior's weights get their gradient.
+    Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block.
+    ``priors``: (prior, per-row inputs) pairs (trainer.priors: the transition and repeat priors);
+    each adds its offsets to every block and its learned weights (``weights``, in the same order)
+    get their gradient.
     """
 
     @staticmethod
-    def forward(ctx, h, table, targets, chunk, weight, prior, src) -> torch.Tensor:
+    def forward(ctx, h, table, targets, chunk, priors, *weights) -> torch.Tensor:
         lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             block = h[rows] @ table.T  # (c, V)
-            if prior is not None:
-                prior.add_training_offsets(block, src[rows], targets[rows])
+            for prior, inputs in priors:
+                prior.add_training_offsets(block, inputs[rows], targets[rows])
             lse[rows] = torch.logsumexp(_mask_reserved(block), dim=1)
         target_scores = (h * table[targets]).sum(dim=1)
-        if prior is not None:
-            target_scores = target_scores + prior.offsets(src, targets[:, None], leave_out=targets)[:, 0]
-        ctx.save_for_backward(h, table, targets, lse, src)
-        ctx.chunk, ctx.prior = chunk, prior
-        ctx.weight_dtype = weight.dtype if weight is not None else None
+        for prior, inputs in priors:
+            target_scores = target_scores + prior.offsets(inputs, targets[:, None], leave_out=targets)[:, 0]
+        ctx.save_for_backward(h, table, targets, lse)
+        ctx.chunk, ctx.priors = chunk, priors
         return (lse - target_scores).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, table, targets, lse, src = ctx.saved_tensors
-        prior = ctx.prior
+        h, table, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h)
         grad_table = torch.zeros_like(table)
-        grad_weight = torch.zeros(prior.steps, dtype=h.dtype, device=h.device) if prior is not None else None
+        grad_weights = [torch.zeros_like(prior.weight, dtype=h.dtype) for prior, _ in ctx.priors]
         for start in range(0, h.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             hc = h[rows]
             block = hc @ table.T
-            if prior is not None:
-                prior.add_training_offsets(block, src[rows], targets[rows])
+            for prior, inputs in ctx.priors:
+                prior.add_training_offsets(block, inputs[rows], targets[rows])
             probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
             probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
             probs *= grad
             grad_h[rows] = probs @ table
             grad_table.addmm_(probs.T, hc)
-            if prior is not None:
-                grad_weight += prior.training_weight_grad(src[rows], targets[rows], probs)
-        grad_weight = grad_weight.to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_table, None, None, grad_weight, None, None
-
-
-def _sources(batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
-    """(B, T-1, steps): for each position, its item and the ones before it (PAD before the window)."""
-    items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))[:, :-1]
-    shifted = [F.pad(items, (d, 0))[:, : items.shape[1]] for d in range(steps)]
-    return torch.stack(shifted, dim=-1)
+            for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
+                g += prior.training_weight_grad(inputs[rows], targets[rows], probs).reshape(g.shape)
+        grads = [g.to(prior.weight.dtype) for g, (prior, _) in zip(grad_weights, ctx.priors, strict=True)]
+        return grad_h, grad_table, None, None, None, *grads
 
 
 class MultiTaskHeads(nn.Module):
@@ -140,15 +132,15 @@ class MultiTaskHeads(nn.Module):
         self.register_buffer("log_freq", torch.from_numpy(np.log(freq / freq.sum() + 1e-20)).float(), persistent=False)
 
     def item_loss(
-        self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, prior=None, src: torch.Tensor | None = None
+        self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, priors: list | None = None
     ) -> torch.Tensor:
-        """Mean next-item loss over rows of h (N, H) with targets (N,); ``prior``: a
-        trainer.pairs.TransitionPrior scoring from each row's ``src`` (N, steps) items (the events
-        before the target, the last first)."""
-        weight = prior.weight if prior is not None else None
+        """Mean next-item loss over rows of h (N, H) with targets (N,); ``priors``: (score prior,
+        its (N, ...) inputs for these rows) pairs (trainer.priors)."""
+        priors = priors or []
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
-            return ChunkedSoftmaxCE.apply(h, table, targets, chunk, weight, prior, src) / max(1, len(targets))
+            weights = [prior.weight for prior, _ in priors]
+            return ChunkedSoftmaxCE.apply(h, table, targets, chunk, priors, *weights) / max(1, len(targets))
         negatives = torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=h.device)
         if not self.cfg.in_batch_negatives:
             # Column 0: the row's own target; then the shared uniform draws, a draw of the target
@@ -156,9 +148,9 @@ class MultiTaskHeads(nn.Module):
             positive = (h * table[targets]).sum(dim=1, keepdim=True)
             drawn = (h @ table[negatives].T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
             scores = torch.cat([positive, drawn], dim=1)
-            if prior is not None:
-                columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
-                scores = scores + prior.offsets(src, columns, leave_out=targets)
+            columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
+            for prior, inputs in priors:
+                scores = scores + prior.offsets(inputs, columns, leave_out=targets)
             return F.cross_entropy(scores, torch.zeros_like(targets))
         candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         positive = inverse[: len(targets)]
@@ -166,8 +158,8 @@ class MultiTaskHeads(nn.Module):
         uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
         q = len(targets) * self.log_freq[candidates].exp() + uniform
         scores = h @ table[candidates].T - torch.log(q)
-        if prior is not None:
-            scores = scores + prior.offsets(src, candidates, leave_out=targets)
+        for prior, inputs in priors:
+            scores = scores + prior.offsets(inputs, candidates, leave_out=targets)
         return F.cross_entropy(scores, positive)
 
     def losses(
@@ -176,11 +168,12 @@ class MultiTaskHeads(nn.Module):
         batch: dict[str, torch.Tensor],
         table: torch.Tensor,
         item_states: torch.Tensor | None = None,
-        prior=None,
+        priors: list | None = None,
     ) -> dict[str, torch.Tensor]:
         """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it;
         ``item_states``: the states that score the next item, when they differ from h (conditioned
-        on the prediction time); ``prior``: a trainer.pairs.TransitionPrior."""
+        on the prediction time); ``priors``: score priors (trainer.priors), each reading its own
+        per-position inputs from the batch."""
         # Positions whose next event is a training target (incremental runs: only the new events
         # and the replay sample; otherwise every real event).
         valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
@@ -193,8 +186,8 @@ class MultiTaskHeads(nn.Module):
         total = torch.zeros((), device=h.device)
         if self.cfg.item_weight > 0:
             item_h = hv if item_states is None else item_states[valid]
-            src = _sources(batch, prior.steps)[valid] if prior is not None else None
-            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, prior, src)
+            inputs = [(prior, prior.training_inputs(batch)[valid]) for prior in priors or []]
+            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, inputs)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:
             out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])

@@ -96,11 +96,14 @@ class InferenceModel:
         version: str,
         query_gaps: nn.Embedding | None = None,
         prior=None,
+        repeat=None,
     ) -> None:
         self.backbone = backbone.eval()
         self.query_gaps = query_gaps.eval() if query_gaps is not None else None
         self.prior = prior.eval() if prior is not None else None
-        """A trainer.pairs.TransitionPrior (model.transition_prior)."""
+        """A trainer.priors.TransitionPrior (model.transition_prior)."""
+        self.repeat = repeat.eval() if repeat is not None else None
+        """A trainer.priors.RepeatPrior (model.repeat_prior)."""
         self.item_table = item_table.detach().float().contiguous()
         self.types = type_embedding.eval()
         self.gaps = gap_embedding.eval()
@@ -139,6 +142,7 @@ class InferenceModel:
             version,
             model.query_gaps,
             model.prior,
+            model.repeat,
         )
 
     @property
@@ -211,37 +215,37 @@ class InferenceModel:
         items = [NUM_RESERVED_ITEMS + i % max(1, self.num_items - NUM_RESERVED_ITEMS) for i in range(n)]
         for length in (n, 1):
             state = self.start(items[:length], [1] * length, list(range(length)))
-            self.top_k(state.hidden[None], 10, last_items=self.recent([items[:length]]), gap_ms=torch.tensor([1000]))
+            self.top_k(state.hidden[None], 10, context=self.context([items[:length]]), gap_ms=torch.tensor([1000]))
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
     # ----- predictions -----------------------------------------------------------------------
     @property
-    def recent_steps(self) -> int:
-        """How many of a history's last items scoring reads (the transition prior's steps)."""
-        return self.prior.steps if self.prior is not None else 1
+    def priors(self) -> list:
+        return [p for p in (self.prior, self.repeat) if p is not None]
 
-    def recent(self, histories: list[list[int]]) -> torch.Tensor:
-        """(B, recent_steps) last item ids of each history, the last first (PAD before the start)."""
-        steps = self.recent_steps
-        rows = [list(reversed(h[-steps:])) + [0] * (steps - len(h[-steps:])) for h in histories]
-        return torch.tensor(rows, dtype=torch.int64)
+    def context(self, histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items, mask, pos) of each history's last ``max_len`` item ids, as the priors read them."""
+        windows = [h[-self.max_len :] or [0] for h in histories]
+        items = torch.zeros(len(windows), max(len(w) for w in windows), dtype=torch.int64)
+        for row, w in enumerate(windows):
+            items[row, : len(w)] = torch.tensor(w)
+        mask = items != 0
+        return items, mask, mask.sum(1) - 1
 
     @torch.inference_mode()
-    def scores(
-        self, hidden: torch.Tensor, last_items: torch.Tensor | None = None, gap_ms: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``last_items``
-        (B, recent_steps): each history's last items, the last first (:meth:`recent`; the transition
-        prior); ``gap_ms`` (B,): time from the last event to the prediction (model.query_time)."""
+    def scores(self, hidden: torch.Tensor, context=None, gap_ms: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``context``:
+        (items, mask, pos) of the histories (:meth:`context`; the count priors read it); ``gap_ms``
+        (B,): time from the last event to the prediction (model.query_time)."""
         if self.query_gaps is not None:
             if gap_ms is None:
                 raise ConfigError("this model scores at a time: give the time of the prediction")
             hidden = hidden + self.query_gaps(time_bucket(gap_ms, self.time_buckets))
         scores = hidden @ self.item_table.T
-        if self.prior is not None:
-            if last_items is None:
-                raise ConfigError("this model's transition prior needs each history's last item")
-            scores = scores + self.prior.offsets(last_items)
+        if self.priors and context is None:
+            raise ConfigError("this model's count priors need each history's items")
+        for prior in self.priors:
+            scores = scores + prior.offsets(prior.query_inputs(*context))
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 
@@ -251,12 +255,12 @@ class InferenceModel:
         hidden: torch.Tensor,
         k: int,
         exclude: list[list[int]] | None = None,
-        last_items: torch.Tensor | None = None,
+        context=None,
         gap_ms: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(B, H) -> (indices, scores) each (B, k), best first; ``exclude``: ids never recommended per
-        row; ``last_items``, ``gap_ms``: see :meth:`scores`."""
-        scores = self.scores(hidden, last_items, gap_ms)
+        row; ``context``, ``gap_ms``: see :meth:`scores`."""
+        scores = self.scores(hidden, context, gap_ms)
         if exclude:
             for row, ids in enumerate(exclude):
                 if ids:

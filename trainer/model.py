@@ -18,7 +18,7 @@ from torch import nn
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
-from trainer.pairs import TransitionPrior
+from trainer.priors import RepeatPrior, TransitionPrior
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 
@@ -56,12 +56,15 @@ class ModelConfig:
     """Log2-second buckets of the time gap between events (input feature and time-to-next target)."""
     transition_prior: bool = False
     """Add a learned multiple of log(1 + count of "last item -> item" pairs in the training events)
-    to every item's score: a count memory beside the network (trainer.pairs)."""
+    to every item's score: a count memory beside the network (trainer.priors)."""
     transition_neighbors: int = 200
     """Successors kept per item in the transition prior (the most frequent ones)."""
     transition_steps: int = 3
     """The transition prior reads the history's last this many items (pairs up to this far apart,
     weight 1/distance), each with its own learned weight."""
+    repeat_prior: bool = False
+    """Add a learned multiple of log(1 + times the item occurs in the visible history) to its score:
+    repeat consumption (music, groceries, restaurants), learned negative where users never come back."""
     query_time: bool = False
     """Condition next-item scores on when the prediction is made: the (log-bucketed) gap between the
     last event and the prediction time (the next event's time in training and evaluation, the
@@ -102,7 +105,7 @@ class ItemFeatures:
     """(num_items,) start of each item's run in attribute_ids (EmbeddingBag offsets)."""
     num_attributes: int = 0
     pairs: dict[str, np.ndarray] | None = None
-    """Transition counts (trainer.pairs CSR arrays) when the model has a transition prior."""
+    """Transition counts (trainer.priors CSR arrays) when the model has a transition prior."""
 
 
 def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -189,6 +192,7 @@ class BehaviorGPT(nn.Module):
             if features.pairs is None:
                 raise ConfigError("model.transition_prior needs the run's transition counts")
             self.prior = TransitionPrior(features.pairs, num_items)
+        self.repeat = RepeatPrior(num_items) if cfg.repeat_prior else None
 
     def embed(self, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
         times = batch["times"]
@@ -224,18 +228,21 @@ class BehaviorGPT(nn.Module):
         times = batch["times"]
         return self.with_query_time(hidden, times[rows, pos + 1] - times[rows, pos])
 
-    def next_item_scores(self, states: torch.Tensor, table: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-        """(N, V) scores of the next item from ``states`` (N, H) (query_states) and the history's
-        ``recent`` (N, steps) items, the last first (the transition prior); reserved ids never win."""
-        scores = self.heads.item_scores(states, table)
-        if self.prior is not None:
-            scores = scores + self.prior.offsets(recent)
-        return scores
-
     @property
-    def recent_steps(self) -> int:
-        """How many of the history's last items scoring reads (the transition prior's steps)."""
-        return self.prior.steps if self.prior is not None else 1
+    def score_priors(self) -> list:
+        """The count priors that add to item scores (trainer.priors)."""
+        return [p for p in (self.prior, self.repeat) if p is not None]
+
+    def next_item_scores(
+        self, states: torch.Tensor, table: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, V) scores of the next item from ``states`` (N, H) (query_states), for queries whose
+        history ends at ``pos`` of the (N, T) window ``items`` / ``mask`` (what the priors read);
+        reserved ids never win."""
+        scores = self.heads.item_scores(states, table)
+        for prior in self.score_priors:
+            scores = scores + prior.offsets(prior.query_inputs(items, mask, pos))
+        return scores
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses for a batch of windows: every position predicts the next event."""
@@ -243,4 +250,4 @@ class BehaviorGPT(nn.Module):
         hidden = self.hidden_states(batch, table)[:, :-1]
         times = batch["times"]
         item_states = self.with_query_time(hidden, times[:, 1:] - times[:, :-1])
-        return self.heads.losses(hidden, batch, table, item_states, self.prior)
+        return self.heads.losses(hidden, batch, table, item_states, self.score_priors)

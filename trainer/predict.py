@@ -101,9 +101,9 @@ def predict(
     hidden = model.encode(*_batch(histories))
     exclude = [h.items.tolist() for h in histories] if exclude_seen else None
     at = int(time.time() * 1000) if at_ms is None else at_ms
-    last = model.recent([h.items.tolist() for h in histories])
+    context = model.context([h.items.tolist() for h in histories])
     gap = torch.tensor([at - int(h.times[-1]) for h in histories])
-    top, scores = model.top_k(hidden, k, exclude, last, gap)
+    top, scores = model.top_k(hidden, k, exclude, context, gap)
     side = model.side_predictions(hidden)
     records = []
     for row, h in enumerate(histories):

@@ -23,8 +23,8 @@ from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
 from trainer.loop import Trainer, all_cores, make_accelerator
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
-from trainer.pairs import PAIRS_FILE, count_pairs, save_pairs
 from trainer.periods import resolve_period
+from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
 
 CONFIG = "config.yaml"
 # Sections that define the network: a run cannot resume with different values.

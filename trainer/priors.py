@@ -1,4 +1,6 @@
-"""The transition prior: a count memory of "after X, users did Y" beside the network.
+"""Score priors: count memories beside the network, each adding learned offsets to item scores.
+
+Transition prior: "after X, users did Y".
 
 ``model.transition_prior`` adds, for each of the history's last ``model.transition_steps`` items
 X_d (d = 1 the last), ``weight_d x log(1 + count(X_d -> item))`` to every item's score. The counts
@@ -84,6 +86,12 @@ def last_items(items: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos:
     return torch.where(ok & mask[rows[:, None], clamped], found, torch.full_like(found, PAD_ITEM))
 
 
+def window_prefixes(items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(N, T) the window items at positions <= pos (PAD elsewhere): each query's visible history."""
+    positions = torch.arange(items.shape[1], device=items.device)[None, :]
+    return torch.where(mask & (positions <= pos[:, None]), items, torch.zeros_like(items))
+
+
 class TransitionPrior(nn.Module):
     """Score offsets ``sum_d weight_d x log(1 + count(source_d -> item))`` from a CSR pair table."""
 
@@ -104,6 +112,16 @@ class TransitionPrior(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.steps))
         self._table: torch.Tensor | None = None
         self._work: torch.Tensor | None = None
+
+    def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1, steps): for each training position, its item and the ones before it."""
+        items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))[:, :-1]
+        shifted = [torch.nn.functional.pad(items, (d, 0))[:, : items.shape[1]] for d in range(self.steps)]
+        return torch.stack(shifted, dim=-1)
+
+    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(N, steps) sources of queries whose history ends at ``pos`` of each window row."""
+        return last_items(items, mask, torch.arange(len(items), device=items.device), pos, self.steps)
 
     def counts(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         """count(src[n] -> dst[n, c]) for (N,) sources and (N, C) (or (C,)) destinations."""
@@ -197,3 +215,49 @@ class TransitionPrior(nn.Module):
     def offsets(self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out=None) -> torch.Tensor:
         """The score offsets: the weighted sum of :meth:`features` over the sources."""
         return torch.einsum("s,snv->nv", self.weight.to(self.count.dtype), self.features(src, dst, leave_out))
+
+
+class RepeatPrior(nn.Module):
+    """``weight x log(1 + times the item occurs in the visible history)``: users coming back to what
+    they had (repeat consumption). Learned with the network: positive on logs with repeats, negative
+    where users never come back (it then learns what excluding history does)."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1, T): each training position's visible history (the window up to it)."""
+        items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))
+        length = items.shape[1]
+        keep = (
+            torch.arange(length, device=items.device)[None, :] <= torch.arange(length - 1, device=items.device)[:, None]
+        )
+        return torch.where(keep[None], items[:, None, :], torch.zeros((), dtype=items.dtype, device=items.device))
+
+    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return window_prefixes(items, mask, pos)
+
+    def features(self, history: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+        """log(1 + occurrences) in each row's ``history`` (N, L) of every item (N, V), or of ``dst``
+        (C,) or (N, C)."""
+        real = (history != PAD_ITEM).to(self.weight.dtype)
+        if dst is None:
+            counts = torch.zeros(len(history), self.num_items, dtype=self.weight.dtype, device=history.device)
+            counts.scatter_add_(1, history, real)
+            counts[:, PAD_ITEM] = 0
+        else:
+            dst = dst.expand(len(history), -1) if dst.dim() == 1 else dst
+            counts = ((history[:, :, None] == dst[:, None, :]) * real[:, :, None]).sum(dim=1)
+        return torch.log1p(counts)
+
+    def offsets(self, inputs: torch.Tensor, dst: torch.Tensor | None = None, leave_out=None) -> torch.Tensor:
+        """Score offsets (``leave_out`` is ignored: a position's history never holds its target)."""
+        return self.weight * self.features(inputs, dst)
+
+    def add_training_offsets(self, scores: torch.Tensor, inputs: torch.Tensor, leave_out: torch.Tensor) -> None:
+        scores.add_(self.features(inputs).to(scores.dtype), alpha=float(self.weight))
+
+    def training_weight_grad(self, inputs: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return (probs * self.features(inputs).to(probs.dtype)).sum()

@@ -22,7 +22,9 @@ the config says):
 
 Compute = training targets (and seconds) of each arm's final model. Forgetting: every arm on the
 base period's newest generation (which all of them trained on) after the last increment.
-Writes benchmarks/results/continual_<name>.json, .md and _curves.png.
+Writes benchmarks/results/continual_<name>.json, .md and _curves.png after every increment (marked
+partial until the last one). Restarting the same command resumes: generations already appended and
+runs that finished (their metrics.json written) are reused; an interrupted run starts over.
 """
 
 from __future__ import annotations
@@ -103,20 +105,30 @@ def write_period(path: Path, users, items, times) -> Path:
     return path
 
 
+def finished(run: Path) -> bool:
+    """A run of an earlier, interrupted invocation that completed (train writes metrics.json last)."""
+    if (run / "metrics.json").exists():
+        print(f"reusing finished run {run}", flush=True)
+        return True
+    return False
+
+
 def train_full(name: str, data: Path, work: Path, config: Path, minutes: float) -> dict:
     """Arm (b) at the data's newest generation: search with early stopping on the newest
     generation, then refit on everything for the chosen steps. The refit run is the model."""
     search, refit = work / f"{name}_search", work / name
-    bgpt(
-        "train", "--data", str(data), "--out", str(search), "--config", str(config),
-        "--data.validate_on_newest=true", f"--train.max_minutes={minutes}", "--checkpoint.resume=none",
-    )  # fmt: skip
+    if not finished(search):
+        bgpt(
+            "train", "--data", str(data), "--out", str(search), "--config", str(config),
+            "--data.validate_on_newest=true", f"--train.max_minutes={minutes}", "--checkpoint.resume=none",
+        )  # fmt: skip
     best = json.loads((search / "metrics.json").read_text())
     steps = int(best["best_step"])
-    bgpt(
-        "train", "--data", str(data), "--out", str(refit), "--config", str(config), f"--train.max_steps={steps}",
-        "--train.max_minutes=none", "--train.patience=0", "--checkpoint.resume=none",
-    )  # fmt: skip
+    if not finished(refit):
+        bgpt(
+            "train", "--data", str(data), "--out", str(refit), "--config", str(config), f"--train.max_steps={steps}",
+            "--train.max_minutes=none", "--train.patience=0", "--checkpoint.resume=none",
+        )  # fmt: skip
     return {
         "run": refit,
         "steps": steps,
@@ -133,10 +145,12 @@ def compute(run: Path) -> dict:
 
 
 def retrain(parent: Path, data: Path, out: Path, epochs: int, replay: float, lr: float) -> dict:
-    bgpt(
-        "retrain", "--run", str(parent), "--data", str(data), "--out", str(out), "--epochs", str(epochs),
-        "--replay-fraction", str(replay), f"--train.lr={lr}", "--train.warmup_steps=20", "--checkpoint.resume=none",
-    )  # fmt: skip
+    if not finished(out):
+        bgpt(
+            "retrain", "--run", str(parent), "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--replay-fraction", str(replay), f"--train.lr={lr}", "--train.warmup_steps=20",
+            "--checkpoint.resume=none",
+        )  # fmt: skip
     return {"run": out, **compute(out)}
 
 
@@ -178,6 +192,9 @@ def main() -> None:
     data = work / "data"
 
     def append(k: int) -> None:
+        manifest = data / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["generations"]) > k:
+            return  # appended by an earlier, interrupted invocation
         first = ["--overwrite", "--split", "none"] if k == 0 else ["--append"]
         bgpt("shard", "--input", str(files[k]), *items, "--out", str(data), *first)
 
@@ -216,8 +233,8 @@ def main() -> None:
             json.dumps({"increment": k, **{a: point[a]["scorers"]["model"]["overall"]["ndcg@10"] for a in arms}}),
             flush=True,
         )
-    forgetting = measure_forgetting(arms, data)
-    report(summarise(args, series, forgetting, epochs, config, time.perf_counter() - started), name)
+        forgetting = measure_forgetting(arms, data) if k == 3 else None
+        report(summarise(args, series, forgetting, epochs, config, time.perf_counter() - started), name)
 
 
 def _public(record: dict) -> dict:
@@ -262,8 +279,9 @@ def summarise(args, series: list[dict], forgetting: dict, epochs: int, config: P
         "events_evaluated": last["baselines"]["summary"]["scored"],
         "compute_ratio": round(inc["targets"] / max(1, full["targets"]), 4),
         "compute_ratio_seconds": round(inc["seconds"] / max(1e-9, full["seconds"]), 4),
-        "forgetting_relative_drop": forgetting["relative_drop"],
     }
+    if forgetting:
+        metrics["forgetting_relative_drop"] = forgetting["relative_drop"]
     for arm in ("incremental", "full", "stale"):
         metrics.update({f"{arm}_{k.removeprefix('model_')}": v for k, v in flat_metrics(last[arm]).items()})
     metrics.update(flat_metrics(last["baselines"]))
@@ -272,6 +290,8 @@ def summarise(args, series: list[dict], forgetting: dict, epochs: int, config: P
     return {
         "benchmark": "continual",
         "dataset": f"{args.dataset}: base (2 generations) + 3 increments + last period, cut at event quantiles {CUTS}",
+        "increments_completed": len(series),
+        "partial": len(series) < 3,
         "command": "python benchmarks/continual_bench.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "metrics": metrics,
@@ -328,16 +348,31 @@ def report(result: dict, name: str) -> None:
         "|---" * 10 + "|",
         *rows,
         "",
-        f"Last period: incremental / best baseline ({result['best_baseline']}) = "
+        *(
+            [
+                f"**Partial**: {result['increments_completed']} of 3 increments completed; the figures below are for "
+                f"the period after increment {result['increments_completed']}, not the last period.",
+                "",
+            ]
+            if result.get("partial")
+            else []
+        ),
+        f"Period after the newest increment: incremental / best baseline ({result['best_baseline']}) = "
         f"{m['incremental_over_best_baseline']:.2f}x; incremental / full = {m['incremental_over_full']:.2f}x at "
         f"{m['compute_ratio']:.1%} of its compute. Breakdown of the last period (NDCG@10, events):",
         "",
         *breakdown,
         "",
-        f"Forgetting (generation 2, the base period's newest events, which every arm trained on), NDCG@10: "
-        f"stale {f['stale']:.4f}, incremental {f['incremental']:.4f}, full {f['full']:.4f} "
-        f"(incremental vs stale: {-f['relative_drop']:+.1%}).",
-        "",
+        *(
+            [
+                f"Forgetting (generation 2, the base period's newest events, which every arm trained on), NDCG@10: "
+                f"stale {f['stale']:.4f}, incremental {f['incremental']:.4f}, full {f['full']:.4f} "
+                f"(incremental vs stale: {-f['relative_drop']:+.1%}).",
+                "",
+            ]
+            if f
+            else []
+        ),
         f"![curves]({name}_curves.png)",
     ]
     write_results(name, result, lines)

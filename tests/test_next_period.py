@@ -267,3 +267,23 @@ def test_query_time_conditions_only_the_item_scores(tmp_path):
         expected = plain + model.query_gaps(time_bucket(gap, model.cfg.time_buckets))
     assert torch.allclose(conditioned, expected)
     assert not torch.allclose(conditioned, plain)
+
+
+def test_an_earlier_generation_is_predicted_from_the_data_as_it_stood_then(tmp_path):
+    data = two_generations(tmp_path)
+    later = [HEAD, f"u1,z,{T0 + 5000}", f"u2,z,{T0 + 5001}"]  # generation 3: never context for 2
+    shard([write_lines(tmp_path / "g3.csv", later)], data, append=True)
+    result = evaluate_next_period(
+        None, data, resolve_period(data, generation=2), EvalConfig(ks=[1], exclude_seen=False), ["popularity"]
+    )
+    assert result["summary"]["events"] == 5 and result["summary"]["scored"] == 4
+    # Item z (generation 3) is not in generation 2's catalogue: coverage counts 4 real items, not 5.
+    assert result["scorers"]["popularity"]["overall"]["coverage@1"] == pytest.approx(1 / 4)
+    newest = resolve_period(data)
+    assert newest.generation == 3
+    assert (
+        evaluate_next_period(None, data, newest, EvalConfig(ks=[1], exclude_seen=False), ["transition"])["baselines"][
+            "transition"
+        ]["chosen_on"]
+        == "generation 2"
+    )

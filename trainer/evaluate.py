@@ -109,9 +109,11 @@ def rank_metrics(ranks: np.ndarray, ks: list[int]) -> dict[str, float]:
 class RankingMetrics:
     """Accumulates ranks and top-K sets over batches."""
 
-    def __init__(self, ks: list[int], num_items: int) -> None:
+    def __init__(self, ks: list[int], num_items: int, catalogue: int | None = None) -> None:
         self.ks = sorted(ks)
         self.num_items = num_items
+        self.catalogue = catalogue if catalogue is not None else num_items - NUM_RESERVED_ITEMS
+        """Items that can be recommended (coverage@K's denominator)."""
         self.ranks: list[np.ndarray] = []
         self.top = {k: np.zeros(num_items, dtype=bool) for k in self.ks}
         self.type_correct = 0
@@ -134,7 +136,7 @@ class RankingMetrics:
     def result(self) -> dict[str, float]:
         out = rank_metrics(self.all_ranks(), self.ks)
         for k in self.ks:
-            out[f"coverage@{k}"] = round(float(self.top[k].sum() / max(1, self.num_items - NUM_RESERVED_ITEMS)), 6)
+            out[f"coverage@{k}"] = round(float(self.top[k].sum() / max(1, self.catalogue)), 6)
         if self.type_total:
             out["type_accuracy"] = round(self.type_correct / self.type_total, 6)
         if self.value_total:
@@ -231,15 +233,17 @@ def rank_batches(
     device: torch.device,
     rankable: dict[str, torch.Tensor | None] | None = None,
     ranks: bool = False,
+    catalogue: int | None = None,
 ) -> dict[str, dict]:
     """Full-ranking metrics of every scorer over the same collated windows, each ending at the event
     to predict (the last real position). A target that can never be ranked (a reserved id such as
     UNK for an item unknown to the model, or an item outside the scorer's ``rankable`` (V,) mask)
     counts as a miss. Returns {name: metrics}; with ``ranks``, each also holds the 0-based rank of
-    every target in batch order (for breakdowns and paired tests)."""
+    every target in batch order (for breakdowns and paired tests). ``catalogue``: the number of
+    items coverage@K is a share of (default: all real items)."""
     if cfg.exclude_seen == "auto":
         raise ConfigError("eval.exclude_seen=auto must be resolved on the data first (resolve_exclude_seen)")
-    metrics = {name: RankingMetrics(cfg.ks, scorer.num_items) for name, scorer in scorers.items()}
+    metrics = {name: RankingMetrics(cfg.ks, scorer.num_items, catalogue) for name, scorer in scorers.items()}
     blocked = {name: None if mask is None else ~mask.to(device) for name, mask in (rankable or {}).items()}
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -154,7 +154,8 @@ def score_period(
         warm_items = torch.from_numpy(warm)
         rankable[name] = warm_items if rankable.get(name) is None else rankable[name] & warm_items
     queries = PeriodQueries(root, period, max_len, cfg.batch_size, warm)
-    results = rank_batches(scorers, queries.batches(), cfg, device or torch.device("cpu"), rankable, ranks=True)
+    items = int(catalogue(root, period).sum())
+    results = rank_batches(scorers, queries.batches(), cfg, device or torch.device("cpu"), rankable, True, items)
     summary = queries.describe()
     known = getattr(scorers.get("model"), "known", None)
     summary["unknown_targets"] = int((np.array(queries.targets) >= known).sum()) if known is not None else 0

@@ -205,6 +205,9 @@ def _validated_select(fmt: str, cols: dict[str, str | None], cfg: InputConfig, r
         "WHEN _item IS NULL OR _item = '' THEN 'missing_item'",
         f"WHEN strlen(_user) > {cfg.max_id_length} AND length(_user) > {cfg.max_id_length} THEN 'user_id_too_long'",
         f"WHEN strlen(_item) > {cfg.max_id_length} AND length(_item) > {cfg.max_id_length} THEN 'item_id_too_long'",
+        # NUL and other C0/DEL bytes: invisible in logs and terminals, and cut short by C strings downstream.
+        "WHEN regexp_matches(_user, '[[:cntrl:]]') THEN 'user_id_control_character'",
+        "WHEN regexp_matches(_item, '[[:cntrl:]]') THEN 'item_id_control_character'",
         "WHEN _time IS NULL OR _time = '' THEN 'missing_timestamp'",
         "WHEN _ts_ms IS NULL THEN 'bad_timestamp'",
         f"WHEN _ts_ms < {lo} OR _ts_ms > {hi} THEN 'timestamp_out_of_range'",

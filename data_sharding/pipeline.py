@@ -155,21 +155,26 @@ def build(cfg: ShardConfig) -> dict:
     """Run the whole pipeline for one generation; return the new manifest."""
     started = time.time()
     root = Path(cfg.out)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    manifest, generation = _previous_state(root, cfg)
-    if manifest is not None:
-        cfg.split = SplitConfig(**manifest["split"])
-    cfg.split = cfg.split or SplitConfig()
-    gen_name = f"g{generation:04d}"
-    work = root / f".{gen_name}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    out_dir = work / gen_name
-    out_dir.mkdir()
+    work = None
     try:
+        manifest, generation = _previous_state(root, cfg)
+        if manifest is not None:
+            cfg.split = SplitConfig(**manifest["split"])
+        cfg.split = cfg.split or SplitConfig()
+        gen_name = f"g{generation:04d}"
+        work = root / f".{gen_name}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        out_dir = work / gen_name
+        out_dir.mkdir()
         new_manifest = _build_generation(cfg, root, work, out_dir, manifest, generation, started)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        if created and not any(root.iterdir()):  # a failed first run leaves no empty --out behind
+            root.rmdir()
         raise
     _publish(root, work, gen_name, new_manifest, replace_all=cfg.overwrite)
     return new_manifest

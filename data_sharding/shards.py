@@ -211,13 +211,50 @@ def load_manifest(root: Path | str) -> dict:
         raise ShardError(f"{root}: no {MANIFEST}; not a dataset written by `bgpt shard`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: corrupt manifest (a JSON {_json_kind(manifest)}, not an object)")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ShardError(
-            f"{path}: schema version {version}, this bgpt reads version {SCHEMA_VERSION}; "
+            f"{path}: schema version {version!r}, this bgpt reads version {SCHEMA_VERSION}; "
             f"re-shard the data with this version of bgpt"
         )
+    for key, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ShardError(
+                f"{path}: corrupt manifest ({key!r} is {_json_kind(manifest.get(key))}, expected {_json_kind(kind())})"
+            )
+    for n, gen in enumerate(manifest["generations"]):
+        if (
+            not isinstance(gen, dict)
+            or not isinstance(gen.get("generation"), int)
+            or not isinstance(gen.get("shards"), list)
+        ):
+            raise ShardError(f"{path}: corrupt manifest (generations[{n}] lacks its number or shard list)")
+    if not manifest["generations"]:
+        raise ShardError(f"{path}: corrupt manifest (no generations)")
     return manifest
+
+
+_MANIFEST_FIELDS = {
+    "generation": int,
+    "time_unit": str,
+    "record_dtype": list,
+    "index_dtype": list,
+    "split": dict,
+    "vocab": dict,
+    "totals": dict,
+    "generations": list,
+}
+
+
+def _json_kind(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def manifest_shards(manifest: dict, generations: str | int = "latest") -> list[ShardInfo]:

@@ -101,27 +101,31 @@ class BodyLimit:
                     while (await receive()).get("more_body"):  # rather than a reset connection
                         pass
                 return await _too_large(self.limit, send_status)
-            seen = 0
-
-            async def limited_receive():
-                nonlocal seen
+            # Read the whole body here, however it is sent (a declared length or chunked), so the
+            # limit holds before the app sees a byte: an error raised from inside the app's body
+            # parsing would reach the client as FastAPI's 400, not 413.
+            messages, seen, more = [], 0, True
+            while more:
                 message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":  # the client went away
+                    break
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.limit:
-                    raise _TooLarge
-                return message
+                    while more and seen <= DRAIN_FACTOR * self.limit:
+                        message = await receive()
+                        seen += len(message.get("body", b""))
+                        more = message.get("more_body", False) and message["type"] == "http.request"
+                    return await _too_large(self.limit, send_status)
 
-            try:
-                await self.app(scope, limited_receive, send_status)
-            except _TooLarge:
-                await _too_large(self.limit, send_status)
+            async def replay():
+                return messages.pop(0) if messages else await receive()
+
+            await self.app(scope, replay, send_status)
         finally:
             path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
             self.metrics.observe(scope["method"], path, status["code"], time.perf_counter() - started)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _too_large(limit: int, send) -> None:

@@ -1,5 +1,6 @@
 """The recommendation service: cached windows, and the real server process driven over HTTP."""
 
+import http.client
 import json
 import os
 import signal
@@ -189,9 +190,23 @@ def test_writes_need_the_token_and_bad_requests_get_a_reason(server):
     assert server.request("POST", "/v1/recommend", raw=b"user=u", content_type="text/plain")[0] == 415
     big = {"history": [{"item": "i1", "event_type": "view", "timestamp": stamp(0)}] * 40_000}
     assert server.post("/v1/recommend", big)[0] == 413
+    assert chunked_post(server, "/v1/recommend", b'{"history": [' + b" " * (10 << 20) + b"]}") == 413
+    small = json.dumps({"history": [{"item": "i1", "event_type": "view", "timestamp": stamp(0)}]}).encode()
+    assert chunked_post(server, "/v1/recommend", small, chunk=7) == 200  # many small chunks, one body
     assert server.get("/healthz")[0] == 200 and server.get("/openapi.json")[0] == 200
     _, metrics = server.get("/metrics")
     assert 'status="500"' not in metrics
+
+
+def chunked_post(server: Server, path: str, body: bytes, chunk: int = 1 << 16) -> int:
+    """POST with Transfer-Encoding: chunked (no Content-Length); the response status."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    pieces = (body[i : i + chunk] for i in range(0, len(body), chunk))
+    conn.request("POST", path, body=pieces, headers=headers, encode_chunked=True)
+    status = conn.getresponse().status
+    conn.close()
+    return status
 
 
 def test_a_restart_loses_no_accepted_event(runs, tmp_path):

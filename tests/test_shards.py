@@ -1,6 +1,7 @@
 """Shards are standard tars webdataset reads; the manifest and --verify catch corruption."""
 
 import io
+import json
 import shutil
 import tarfile
 
@@ -67,6 +68,32 @@ def test_a_manifest_from_another_schema_version_is_refused(tmp_path, dataset):
     (copy / "manifest.json").write_text(text)
     with pytest.raises(ShardError, match="schema version 99"):
         shards.load_manifest(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: None, "a JSON null, not an object"),
+        (lambda m: [], "a JSON array, not an object"),
+        (lambda m: "manifest", "a JSON string, not an object"),
+        (lambda m: {**m, "schema_version": "1"}, "schema version '1'"),
+        (lambda m: {**m, "generations": "g0001"}, "'generations' is string, expected array"),
+        (lambda m: {k: v for k, v in m.items() if k != "vocab"}, "'vocab' is null, expected object"),
+        (lambda m: {**m, "generations": [1]}, r"generations\[0\] lacks its number or shard list"),
+        (lambda m: {**m, "generations": []}, "no generations"),
+    ],
+)
+def test_a_malformed_manifest_is_one_line_naming_the_file(tmp_path, dataset, capsys, edit, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(ShardError, match=message) as err:
+        shards.load_manifest(copy)
+    assert str(copy / "manifest.json") in str(err.value) and "\n" not in str(err.value)
+    assert main(["inspect", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message.replace("\\", "") in err.replace("\\", "")
 
 
 def test_tar_headers_match_pythons_tarfile_for_long_and_short_sequences():

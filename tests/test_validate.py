@@ -3,6 +3,8 @@
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import shard, write_lines
 
@@ -57,6 +59,28 @@ def test_each_kind_of_bad_row_is_quarantined_with_its_line_and_reason(tmp_path):
     assert manifest["generations"][0]["counts"]["valid_rows"] == len(GOOD)
 
 
+def test_ids_with_control_characters_are_quarantined_in_csv_and_parquet(tmp_path):
+    bad = [("u1", "i\x005"), ("u\x01", "i1"), ("u2", "i\x7f"), ("u3", "a\x1bb")]
+    rows = [{"user_id": u, "item_id": i, "timestamp": 1_600_000_000 + n} for n, (u, i) in enumerate(bad)]
+    rows += [{"user_id": f"u{n % 7}", "item_id": f"i{n % 11}", "timestamp": 1_600_001_000 + n} for n in range(200)]
+    parquet = tmp_path / "events.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    csv = tmp_path / "events.csv"
+    csv.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"{r['user_id']},{r['item_id']},{r['timestamp']}\n" for r in rows)
+    )
+    expected = ["item_id_control_character", "user_id_control_character", "item_id_control_character",
+                "item_id_control_character"]  # fmt: skip
+    for path in (parquet, csv):
+        out = tmp_path / path.suffix[1:]
+        manifest = shard([path], out, max_bad_fraction=0.05)
+        got = quarantine_rows(out)
+        assert [r["reason"] for r in got] == expected
+        assert manifest["generations"][0]["counts"]["valid_rows"] == 200
+        vocab = pq.read_table(out / "g0001" / "items.parquet").column(0).to_pylist()
+        assert not any(ch in str(v) for v in vocab for ch in "\x00\x7f\x1b")
+
+
 def test_undecodable_bytes_and_a_truncated_last_line_are_quarantined(tmp_path):
     data = (HEADER + "\n" + "\n".join(GOOD) + "\n").encode()
     data += b"u1,i\xff\xfe,1600000000,view,3\n" + b"u2,i2,16000"  # bad bytes, then a cut-off line
@@ -93,6 +117,7 @@ def test_unusable_files_give_a_one_line_error_naming_the_file(tmp_path, content,
         shard([path], tmp_path / "out")
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # no empty --out folder left behind
 
 
 def test_zero_valid_rows_is_an_error(tmp_path):

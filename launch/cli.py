@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -250,7 +251,17 @@ def _run_train(args: argparse.Namespace) -> int:
     metrics = train_run(Path(args.out), cfg)
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return 0
+    return _train_status(metrics)
+
+
+def _train_status(metrics: dict) -> int:
+    """0 when the run finished; EXIT_STOPPED when it stopped with a checkpoint (a rank under
+    `bgpt launch` exits 0 then, and the launcher reports the stop, so no launcher reads it as a crash)."""
+    from launch.distributed import LAUNCHED_ENV
+    from trainer.loop import EXIT_STOPPED
+
+    stopped = metrics is not None and "stopped_at_step" in metrics
+    return EXIT_STOPPED if stopped and not os.environ.get(LAUNCHED_ENV) else 0
 
 
 def _add_retrain(sub: argparse._SubParsersAction) -> None:
@@ -292,7 +303,7 @@ def _run_retrain(args: argparse.Namespace) -> int:
     )
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return 0
+    return _train_status(metrics)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:

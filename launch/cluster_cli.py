@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def _cuda() -> bool:
 
 
 def run_launch(args: argparse.Namespace) -> int:
+    from trainer.loop import EXIT_STOPPED, current_attempt, stopped_marker
+
     train_args = _with_accum(args.train_args, args.grad_accum)
     cfg, run = train_config(train_args)
     lc = dist.LaunchConfig(
@@ -89,7 +92,39 @@ def run_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.call(cmd, env=env)
+    env[dist.LAUNCHED_ENV] = "1"
+    status = _run_with_stop_requests(cmd, env, run, current_attempt())
+    marker = stopped_marker(run)
+    if marker is not None and marker.get("attempt") == current_attempt():
+        # The checkpoint is complete before the marker is written, whatever the launcher's status.
+        print(f"bgpt launch: stopped with a checkpoint at step {marker['step']}; resume with the same command",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_STOPPED
+    return status
+
+
+def _run_with_stop_requests(cmd: list[str], env: dict, run: Path, attempt: str) -> int:
+    """Run the launcher; SIGUSR1 or SIGTERM to this process becomes a stop request in the run
+    folder (every rank stops at the same step and checkpoints). Slurm signals every process of a
+    job step: the launcher processes between this one and the ranks inherit SIGUSR1 and SIGTERM
+    ignored, so a stop signal cannot end them before the ranks have checkpointed (the ranks and
+    torch's elastic agent install their own handlers)."""
+    from trainer.loop import STOP_FILE
+
+    def request_stop(signum, frame) -> None:
+        (run / STOP_FILE).write_text(attempt + "\n")
+        print(f"bgpt launch: {signal.Signals(signum).name}: asked the ranks to checkpoint and stop", file=sys.stderr)
+
+    signals = (signal.SIGUSR1, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        proc = subprocess.Popen(cmd, env=env)  # inherits the two signals ignored
+        for sig in signals:
+            signal.signal(sig, request_stop)
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- plan ----------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from trainer.errors import ConfigError
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 LAUNCH_DIR = "launch"
+LAUNCHED_ENV = "BGPT_LAUNCHED"
+"""Set for the processes `bgpt launch` starts: a rank that stopped with a checkpoint exits 0 and
+the launcher, seeing the run's STOPPED marker, exits EXIT_STOPPED for the whole node."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from launch import distributed as dist
 from launch.cluster_cli import train_config
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
+from trainer.loop import EXIT_STOPPED
 from trainer.run import evaluate_run, load_run_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,12 +75,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bgpt(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def bgpt(*args: str, timeout: int = 600, env: dict | None = None, status: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.returncode == status, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
 
@@ -164,14 +165,21 @@ def test_a_stop_signal_checkpoints_and_the_same_command_resumes(small_data, tmp_
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]  # stopped with a checkpoint: not "done"
     assert "stop requested" in out
     stopped = json.loads(out.strip().splitlines()[-1])["stopped_at_step"]
     assert 5 <= stopped < 400
     assert ckpt.latest_valid(run).name == f"step-{stopped:08d}"
     assert not (run / "metrics.json").exists()
+    assert json.loads((run / "STOPPED").read_text())["step"] == stopped
+    # As if a later attempt had run past that checkpoint and been killed mid-write:
+    with open(log, "a") as f:
+        f.writelines(json.dumps({"step": stopped + k, "loss": 1.0}) + "\n" for k in range(1, 4))
+        f.write('{"step": ')
 
     done = bgpt("train", *args)
+    assert "dropped 4 log records" in done.stdout + done.stderr
+    assert not (run / "STOPPED").exists()
     assert f"resumed from {ckpt.step_dir(run, stopped)}" in done.stdout + done.stderr
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, 401))  # every step exactly once, none repeated after the resume
@@ -182,9 +190,28 @@ def test_the_stop_file_stops_a_run_at_once(small_data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "STOP").touch()
-    done = bgpt("train", *train_args(small_data, run, 0, steps=50))
+    done = bgpt("train", *train_args(small_data, run, 0, steps=50), status=EXIT_STOPPED)
     assert json.loads(done.stdout.strip().splitlines()[-1])["stopped_at_step"] == 1
     assert not (run / "STOP").exists()  # consumed: the resumed run goes on
+
+
+def test_a_stop_request_of_an_earlier_attempt_is_ignored(small_data, tmp_path):
+    """A requeued Slurm job (restart 1) must not stop on the request its killed predecessor left."""
+    run = tmp_path / "run"
+    run.mkdir()
+    attempt = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}
+    (run / "STOP").write_text("7.0\n")
+    done = bgpt("train", *train_args(small_data, run, 0, steps=12), env=attempt)
+    assert "ignored" in done.stdout + done.stderr and "attempt 7.0" in done.stdout + done.stderr
+    assert (run / "metrics.json").exists() and not (run / "STOP").exists()
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    (run / "STOP").write_text("7.1\n")  # addressed to this attempt: honoured
+    done = bgpt("train", *train_args(small_data, run, 0, steps=20), env=attempt, status=EXIT_STOPPED)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["stopped_at_step"] == 13
+    assert json.loads((run / "STOPPED").read_text()) == {
+        "step": 13, "checkpoint": str(ckpt.step_dir(run, 13)), "attempt": "7.1"
+    }  # fmt: skip
 
 
 def test_launch_files_keep_the_global_batch_when_the_process_count_changes(small_data, tmp_path):

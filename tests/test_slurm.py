@@ -59,7 +59,18 @@ def test_two_node_job_trains_as_one_process_group(cluster, small_data, tmp_path)
     assert "hr@10" in json.loads((run / "metrics.json").read_text())
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, small_data, tmp_path):  # noqa: F811
+STOPS = {
+    # what --signal=B:USR1@N does before the time limit: USR1 to the batch script
+    "usr1_to_the_batch_script": ("scancel", "--batch", "--signal=USR1"),
+    # USR1 to every process of the job steps (launchers included), not to the batch script
+    "usr1_to_the_job_steps": ("scancel", "--signal=USR1"),
+    # the scheduler takes the job back: TERM to everything, then KILL after KillWait
+    "scontrol_requeue": ("scontrol", "requeue"),
+}
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluster, small_data, tmp_path, how):  # noqa: F811
     run = tmp_path / "run"
     total = 600
     job = submit(cluster, run, train_args(small_data, run, 1, steps=total), "--signal-seconds", "30")
@@ -68,20 +79,26 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, small_data, tmp_pa
     while time.time() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 20):
         assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run, job)[-4000:]
         time.sleep(0.2)
-    # What --signal=B:USR1@N does before the time limit: USR1 to the batch script.
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    cluster.run(*STOPS[how], job)
     deadline = time.time() + 600
     while time.time() < deadline and "restart 1" not in job_log(run, job):
         time.sleep(0.5)
     state = cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 600)
     log = job_log(run, job)
     assert state == "COMPLETED", log[-4000:]
-    assert "preemption signal" in log and "requeueing job" in log
-    stopped = [line for line in log.splitlines() if "stop requested: checkpoint at step" in line]
-    assert len(stopped) == 1, log[-4000:]
-    step = int(re.search(r"checkpoint at step (\d+)", stopped[0]).group(1))
-    assert 20 <= step < total
-    assert f"resumed from {run / f'step-{step:08d}'} at step {step}" in log  # not from step 0
+    assert "run finished" in log and "requeueing job" in log
+    written = re.findall(r"checkpoint at step (\d+) written; requeueing", log)
+    lost = re.findall(r"no checkpoint written by this attempt .*it resumes from (.*)", log)
+    assert len(written) + len(lost) == 1, log[-4000:]  # one stop, reported once, as it happened
+    if how != "scontrol_requeue":  # a signal the ranks can act on: they must checkpoint
+        assert written, log[-4000:]
+    if written:
+        step = int(written[0])
+        assert 20 <= step < total
+        assert f"resumed from {run / f'step-{step:08d}'} at step {step}" in log  # not from step 0
+    else:
+        assert lost[0].startswith("the start")  # checkpoint.every_steps=0: nothing before the stop
+    assert "stopped at step 1" not in log and "checkpoint at step 1 saved" not in log  # no stale STOP honoured
     steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
-    assert steps == list(range(1, total + 1))  # exactly the requested steps, none twice
-    assert (run / "metrics.json").exists()
+    assert steps == list(range(1, total + 1))  # exactly the requested steps, each logged once
+    assert (run / "metrics.json").exists() and not (run / "STOPPED").exists()

@@ -31,8 +31,55 @@ from trainer.next_period import evaluate_model_on_period
 from trainer.periods import Period
 
 STOP_FILE = "STOP"
-"""Created in a run folder (e.g. by the Slurm script on its preemption signal): checkpoint and exit."""
+"""Created in a run folder (e.g. by the Slurm script on its preemption signal): checkpoint and exit.
+Empty, it stops whichever attempt reads it; holding an attempt id (:func:`current_attempt`), only
+that attempt, so a request left behind by a killed job never stops the requeued one."""
+STOPPED_FILE = "STOPPED"
+"""Written when a run stopped on request with a checkpoint: {"step", "checkpoint", "attempt"}."""
+EXIT_STOPPED = 75
+"""Exit status of `bgpt train`/`retrain`/`launch` that stopped with a checkpoint (EX_TEMPFAIL):
+run the same command to resume. 0: finished (metrics.json written); 1: failed; 2: bad input."""
 LOG_FILE = "train_log.jsonl"
+VALID_LOG = "valid_metrics.jsonl"
+
+
+def current_attempt() -> str:
+    """This attempt of a Slurm job ("JOBID.RESTARTS"), or "" outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}" if job else ""
+
+
+def stopped_marker(run: Path) -> dict | None:
+    """What the run's last stop on request left (None when the run did not stop that way)."""
+    try:
+        return json.loads((Path(run) / STOPPED_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def trim_logs(run: Path, step: int) -> int:
+    """Drop log records after ``step``: they belong to an attempt that died before its next
+    checkpoint, and the resumed run logs those steps again. Each step is then logged once across
+    restarts. Returns how many records were dropped (a half-written last line counts)."""
+    dropped = 0
+    for name in (LOG_FILE, VALID_LOG):
+        path = Path(run) / name
+        if not path.exists():
+            continue
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass
+        if len(keep) < len(lines):
+            dropped += len(lines) - len(keep)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+    return dropped
 
 
 @dataclass
@@ -265,6 +312,9 @@ class Trainer:
         self.stop_requested = False
         self.preempted = False
         self._last_save = time.perf_counter()
+        self.attempt = current_attempt()
+        if accelerator.is_main_process:
+            self._clear_stale_stop()
         self._install_signal_handlers()
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -335,6 +385,10 @@ class Trainer:
         self.loader.load_state_dict(rank["loader"])
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
         self.log(f"resumed from {path} at step {self.state.step}")
+        if self.accelerator.is_main_process:
+            dropped = trim_logs(self.run, self.state.step)
+            if dropped:
+                self.log(f"dropped {dropped} log records after step {self.state.step} (not in any checkpoint)")
 
     # -- stop requests (preemption) -------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -347,6 +401,18 @@ class Trainer:
 
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, request)
+
+    def _clear_stale_stop(self) -> None:
+        """A new attempt: forget the last one's STOPPED, and a STOP addressed to another attempt."""
+        (self.run / STOPPED_FILE).unlink(missing_ok=True)
+        stop = self.run / STOP_FILE
+        try:
+            owner = stop.read_text().strip()
+        except FileNotFoundError:
+            return
+        if owner and owner != self.attempt:
+            stop.unlink(missing_ok=True)
+            self.log(f"ignored {stop}: a stop request of attempt {owner}, not of this one ({self.attempt or 'no job'})")
 
     def _stop_now(self) -> bool:
         """A signal to any rank, or the run's stop file, stops every rank at the same step."""
@@ -413,7 +479,7 @@ class Trainer:
         """Log the validation metrics, keep the best weights; True when patience ran out."""
         score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
         record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
-        with open(self.run / "valid_metrics.jsonl", "a") as f:
+        with open(self.run / VALID_LOG, "a") as f:
             f.write(json.dumps({**record, "valid": metrics}) + "\n")
         if score > self.state.best_metric:
             self.state.best_metric, self.state.best_step, self.state.evals_since_best = score, self.state.step, 0
@@ -531,5 +597,10 @@ class Trainer:
             self.save()
         if acc.is_main_process:
             (self.run / STOP_FILE).unlink(missing_ok=True)
+            marker = {"step": self.state.step, "checkpoint": str(ckpt.step_dir(self.run, self.state.step))}
+            tmp = self.run / (STOPPED_FILE + ".tmp")
+            tmp.write_text(json.dumps({**marker, "attempt": self.attempt}) + "\n")
+            os.replace(tmp, self.run / STOPPED_FILE)
+        acc.wait_for_everyone()  # every rank exits after the marker exists (launchers read it)
         self.preempted = True
         self.log(f"stop requested: checkpoint at step {self.state.step} saved; resume with the same command")

@@ -21,7 +21,7 @@ from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
-from trainer.loop import Trainer, all_cores, make_accelerator
+from trainer.loop import LOG_FILE, STOPPED_FILE, VALID_LOG, Trainer, all_cores, make_accelerator
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
 from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
@@ -64,7 +64,7 @@ def train_run(run: Path, cfg, log=print) -> dict:
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            for stale in ("best", "valid_metrics.jsonl", "metrics.json"):
+            for stale in ("best", VALID_LOG, LOG_FILE, STOPPED_FILE, "metrics.json"):
                 target = run / stale
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         (run / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))

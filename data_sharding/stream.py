@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,6 +316,16 @@ class ShardDataset(IterableDataset):
             yield self.collate(users, cut, seen)
 
 
+def _quiet_exit_on_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to their rank. Slurm signals every process of a job step,
+    and a worker killed by SIGTERM makes the rank's loader raise at once, before the rank reaches
+    its checkpoint. So a worker ignores SIGUSR1 and exits with status 0 on SIGTERM (also how the
+    loader ends a worker that does not stop by itself): the rank, asked to stop by the same
+    signal, checkpoints at the end of its step without fetching another batch."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 class StreamLoader:
     """The rank's batch iterator with a resumable position (epoch, batches consumed)."""
 
@@ -340,6 +352,7 @@ class StreamLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             generator=generator,
+            worker_init_fn=_quiet_exit_on_stop_signals if self.num_workers else None,
         )
         for batch in loader:
             self.batches += 1

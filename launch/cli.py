@@ -154,8 +154,11 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarise a dataset; --verify re-hashes every shard")
-    p.add_argument("dir", metavar="DIR")
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a dataset (--verify re-hashes every shard) or say what a run folder holds",
+    )
+    p.add_argument("dir", metavar="DIR|RUN")
     p.add_argument("--verify", action="store_true", help="re-hash all shards; exit 1 naming any bad one")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_inspect)
@@ -166,6 +169,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from data_sharding.inspect import format_summary, summary
 
     root = Path(args.dir)
+    if (root / "config.yaml").exists() and not (root / shards.MANIFEST).exists():
+        return _inspect_run(root, args.json)
     info = summary(root)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     if args.verify:
@@ -176,6 +181,31 @@ def _run_inspect(args: argparse.Namespace) -> int:
             return 1
         n = sum(g["shards"] for g in info["generations"])
         print(f"\nverified {n} shards and their indexes: all checksums match")
+    return 0
+
+
+def _inspect_run(run: Path, as_json: bool) -> int:
+    from trainer.run import run_status
+
+    st = run_status(run)
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return 0
+    requested = st["requested_steps"] or f"{st['epochs']} epochs"
+    state = "finished (metrics.json)" if st["finished"] else "not finished"
+    if st["stopped"]:
+        state += f"; stopped on request at step {st['stopped']['step']} (attempt {st['stopped']['attempt'] or '-'})"
+    lines = [
+        f"{run}: {state}",
+        f"  steps logged: {st['last_logged_step']} of {requested}",
+        f"  latest valid checkpoint: {st['latest_checkpoint'] or 'none'}"
+        + (f" (step {st['latest_checkpoint_step']})" if st["latest_checkpoint"] else ""),
+        *(f"  invalid (skipped on resume): {line}" for line in st["invalid_newer_checkpoints"]),
+        f"  best validated weights: {'step ' + str(st['best_step']) if st['best_step'] is not None else 'none'}",
+    ]
+    if st["stop_requested"]:
+        lines.append(f"  stop requested (RUN/STOP) for: {st['stop_requested']}")
+    print("\n".join(lines))
     return 0
 
 

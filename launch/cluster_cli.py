@@ -93,6 +93,10 @@ def run_launch(args: argparse.Namespace) -> int:
         return 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env[dist.LAUNCHED_ENV] = "1"
+    # torch's elastic agent ends its workers on SIGTERM (what preemption and `scontrol requeue`
+    # send to every process): let it keep SIGTERM ignored, so the ranks checkpoint before they exit.
+    # (torchrun's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate starts it)
+    env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
     status = _run_with_stop_requests(cmd, env, run, current_attempt())
     marker = stopped_marker(run)
     if marker is not None and marker.get("attempt") == current_attempt():

@@ -212,6 +212,11 @@ def test_a_stop_request_of_an_earlier_attempt_is_ignored(small_data, tmp_path):
     assert json.loads((run / "STOPPED").read_text()) == {
         "step": 13, "checkpoint": str(ckpt.step_dir(run, 13)), "attempt": "7.1"
     }  # fmt: skip
+    status = json.loads(bgpt("inspect", str(run), "--json").stdout)
+    assert not status["finished"]  # the 12-step run's metrics.json does not vouch for this request
+    assert (status["requested_steps"], status["last_logged_step"], status["latest_checkpoint_step"]) == (20, 13, 13)
+    assert status["stopped"]["attempt"] == "7.1" and status["stop_requested"] is None
+    assert "13 of 20" in bgpt("inspect", str(run)).stdout
 
 
 def test_launch_files_keep_the_global_batch_when_the_process_count_changes(small_data, tmp_path):

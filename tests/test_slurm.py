@@ -87,7 +87,7 @@ def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluste
     log = job_log(run, job)
     assert state == "COMPLETED", log[-4000:]
     assert "run finished" in log and "requeueing job" in log
-    written = re.findall(r"checkpoint at step (\d+) written; requeueing", log)
+    written = re.findall(r"checkpoint at step (\d+) written by this attempt; (?:Slurm is )?requeueing", log)
     lost = re.findall(r"no checkpoint written by this attempt .*it resumes from (.*)", log)
     assert len(written) + len(lost) == 1, log[-4000:]  # one stop, reported once, as it happened
     if how != "scontrol_requeue":  # a signal the ranks can act on: they must checkpoint
@@ -102,3 +102,24 @@ def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluste
     steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
     assert steps == list(range(1, total + 1))  # exactly the requested steps, each logged once
     assert (run / "metrics.json").exists() and not (run / "STOPPED").exists()
+
+
+def test_a_cancelled_job_stays_cancelled_and_the_same_command_resumes(cluster, small_data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    total = 600
+    args = train_args(small_data, run, 1, steps=total)
+    job = submit(cluster, run, args)
+    log_file = run / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 20):
+        assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run, job)[-4000:]
+        time.sleep(0.2)
+    cluster.run("scancel", job)
+    assert cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, 300) == "CANCELLED"
+    log = job_log(run, job)
+    assert "not requeued: the same command resumes from" in log and "restart 1" not in log, log[-4000:]
+    again = submit(cluster, run, args)
+    assert cluster.wait_for(again, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 600) == "COMPLETED"
+    steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
+    assert (run / "metrics.json").exists()

@@ -6,6 +6,7 @@ evaluation and prediction; ``evaluate_run`` scores a split and writes ``metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -21,7 +22,16 @@ from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
-from trainer.loop import LOG_FILE, STOPPED_FILE, VALID_LOG, Trainer, all_cores, make_accelerator
+from trainer.loop import (
+    LOG_FILE,
+    STOP_FILE,
+    STOPPED_FILE,
+    VALID_LOG,
+    Trainer,
+    all_cores,
+    make_accelerator,
+    stopped_marker,
+)
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
 from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
@@ -64,9 +74,10 @@ def train_run(run: Path, cfg, log=print) -> dict:
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            for stale in ("best", VALID_LOG, LOG_FILE, STOPPED_FILE, "metrics.json"):
+            for stale in ("best", VALID_LOG, LOG_FILE, STOPPED_FILE):
                 target = run / stale
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        (run / "metrics.json").unlink(missing_ok=True)  # proves that this request finished, once it has
         (run / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
         (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if cfg.model.transition_prior and (resume_from is None or not (run / PAIRS_FILE).exists()):
@@ -144,6 +155,40 @@ def _final_metrics(run: Path, cfg, trainer: Trainer, log) -> dict:
 
 def _quiet(*args, **kwargs) -> None:
     return None
+
+
+def run_status(run: Path) -> dict:
+    """What a run folder holds: finished or not, the latest valid checkpoint (and any newer one
+    that fails verification), steps logged of those requested, a pending stop request."""
+    if not (run / CONFIG).exists():
+        raise ConfigError(f"{run}: not a run folder (no {CONFIG})")
+    train = (yaml.safe_load((run / CONFIG).read_text()) or {}).get("train", {})
+    invalid, latest = [], None
+    for path in reversed(ckpt.checkpoints(run)):
+        problem = ckpt.verify(path)
+        if problem is None:
+            latest = path
+            break
+        invalid.append(f"{path.name}: {problem}")
+    logged = 0
+    if (run / LOG_FILE).exists():
+        for line in (run / LOG_FILE).read_text().splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                logged = max(logged, int(json.loads(line).get("step", 0)))
+    stop = run / STOP_FILE
+    return {
+        "run": str(run),
+        "finished": (run / "metrics.json").exists(),
+        "requested_steps": train.get("max_steps"),
+        "epochs": train.get("epochs"),
+        "latest_checkpoint": str(latest) if latest else None,
+        "latest_checkpoint_step": ckpt.read_state(latest)["step"] if latest else None,
+        "invalid_newer_checkpoints": invalid,
+        "last_logged_step": logged,
+        "stopped": stopped_marker(run),
+        "stop_requested": (stop.read_text().strip() or "any attempt") if stop.exists() else None,
+        "best_step": ckpt.read_state(run / "best")["step"] if ckpt.verify(run / "best") is None else None,
+    }
 
 
 def load_run_config(run: Path):

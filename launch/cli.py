@@ -200,7 +200,7 @@ def _inspect_run(run: Path, as_json: bool) -> int:
         f"  steps logged: {st['last_logged_step']} of {requested}",
         f"  latest valid checkpoint: {st['latest_checkpoint'] or 'none'}"
         + (f" (step {st['latest_checkpoint_step']})" if st["latest_checkpoint"] else ""),
-        *(f"  invalid (skipped on resume): {line}" for line in st["invalid_newer_checkpoints"]),
+        *(f"  {line} (on resume too)" for line in st["invalid_newer_checkpoints"]),
         f"  best validated weights: {'step ' + str(st['best_step']) if st['best_step'] is not None else 'none'}",
     ]
     if st["stop_requested"]:

@@ -97,9 +97,10 @@ def run_launch(args: argparse.Namespace) -> int:
     # send to every process): let it keep SIGTERM ignored, so the ranks checkpoint before they exit.
     # (torchrun's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate starts it)
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
-    status = _run_with_stop_requests(cmd, env, run, current_attempt())
+    attempt = current_attempt()
+    status = _run_with_stop_requests(cmd, env, run, attempt)
     marker = stopped_marker(run)
-    if marker is not None and marker.get("attempt") == current_attempt():
+    if marker is not None and marker.get("attempt") == attempt:
         # The checkpoint is complete before the marker is written, whatever the launcher's status.
         print(f"bgpt launch: stopped with a checkpoint at step {marker['step']}; resume with the same command",
               file=sys.stderr)  # fmt: skip
@@ -113,10 +114,10 @@ def _run_with_stop_requests(cmd: list[str], env: dict, run: Path, attempt: str) 
     job step: the launcher processes between this one and the ranks inherit SIGUSR1 and SIGTERM
     ignored, so a stop signal cannot end them before the ranks have checkpointed (the ranks and
     torch's elastic agent install their own handlers)."""
-    from trainer.loop import STOP_FILE
+    from trainer.loop import request_stop
 
-    def request_stop(signum, frame) -> None:
-        (run / STOP_FILE).write_text(attempt + "\n")
+    def on_signal(signum, frame) -> None:
+        request_stop(run, attempt)
         print(f"bgpt launch: {signal.Signals(signum).name}: asked the ranks to checkpoint and stop", file=sys.stderr)
 
     signals = (signal.SIGUSR1, signal.SIGTERM)
@@ -124,7 +125,7 @@ def _run_with_stop_requests(cmd: list[str], env: dict, run: Path, attempt: str) 
     try:
         proc = subprocess.Popen(cmd, env=env)  # inherits the two signals ignored
         for sig in signals:
-            signal.signal(sig, request_stop)
+            signal.signal(sig, on_signal)
         return proc.wait()
     finally:
         for sig, handler in previous.items():

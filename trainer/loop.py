@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_sharding import storage
+from data_sharding import shards, storage
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
@@ -76,10 +76,13 @@ def trim_logs(run: Path, step: int) -> int:
                 pass
         if len(keep) < len(lines):
             dropped += len(lines) - len(keep)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            shards.write_atomic(path, "".join(line + "\n" for line in keep).encode())
     return dropped
+
+
+def request_stop(run: Path, attempt: str) -> None:
+    """Ask the run to checkpoint and stop: ``RUN/STOP`` addressed to ``attempt`` ("" for any)."""
+    (Path(run) / STOP_FILE).write_text(attempt + "\n")
 
 
 @dataclass
@@ -598,9 +601,9 @@ class Trainer:
         if acc.is_main_process:
             (self.run / STOP_FILE).unlink(missing_ok=True)
             marker = {"step": self.state.step, "checkpoint": str(ckpt.step_dir(self.run, self.state.step))}
-            tmp = self.run / (STOPPED_FILE + ".tmp")
-            tmp.write_text(json.dumps({**marker, "attempt": self.attempt}) + "\n")
-            os.replace(tmp, self.run / STOPPED_FILE)
+            shards.write_atomic(
+                self.run / STOPPED_FILE, (json.dumps({**marker, "attempt": self.attempt}) + "\n").encode()
+            )
         acc.wait_for_everyone()  # every rank exits after the marker exists (launchers read it)
         self.preempted = True
         self.log(f"stop requested: checkpoint at step {self.state.step} saved; resume with the same command")

@@ -160,17 +160,16 @@ class TransitionPrior(nn.Module):
         ``src`` (N, steps) to every item / to ``dst`` (C,) or (N, C). ``leave_out`` (N,): each row's
         own target, whose pair from source d counted 1/d (training: the pair itself)."""
         out = []
-        rows = torch.arange(len(src), device=src.device)
         for d in range(self.steps):
-            own = (1.0 / (d + 1)) * (src[:, d] != PAD_ITEM).to(self.count.dtype)
-            if dst is None:
+            if dst is None and leave_out is None:
                 logs = self._log_rows(src[:, d])
-                if leave_out is not None:
-                    kept = (self.counts(src[:, d], leave_out[:, None])[:, 0] - own).clamp(min=0)
-                    logs[rows, leave_out] = torch.log1p(kept)
+            elif dst is None:
+                rows = torch.empty(len(src), self.num_items, dtype=self.count.dtype, device=src.device)
+                logs = self._step_rows(src, d, leave_out, rows)
             else:
                 counts = self.counts(src[:, d], dst)
                 if leave_out is not None:
+                    own = (1.0 / (d + 1)) * (src[:, d] != PAD_ITEM).to(self.count.dtype)
                     hit = (dst if dst.dim() == 2 else dst[None, :]) == leave_out[:, None]
                     counts = torch.where(hit, (counts - own[:, None]).clamp(min=0), counts)
                 logs = torch.log1p(counts)

@@ -163,13 +163,8 @@ def run_status(run: Path) -> dict:
     if not (run / CONFIG).exists():
         raise ConfigError(f"{run}: not a run folder (no {CONFIG})")
     train = (yaml.safe_load((run / CONFIG).read_text()) or {}).get("train", {})
-    invalid, latest = [], None
-    for path in reversed(ckpt.checkpoints(run)):
-        problem = ckpt.verify(path)
-        if problem is None:
-            latest = path
-            break
-        invalid.append(f"{path.name}: {problem}")
+    invalid: list[str] = []
+    latest = ckpt.latest_valid(run, log=invalid.append)
     logged = 0
     if (run / LOG_FILE).exists():
         for line in (run / LOG_FILE).read_text().splitlines():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from data_sharding.errors import BgptError
@@ -106,6 +107,11 @@ def _baseline_list(text: str | None) -> list[str]:
     return kinds
 
 
+def _log(*args) -> None:
+    """Progress and decisions go to stderr: stdout is the result (its last line JSON), for `> file`."""
+    print(*args, file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.run]
     exclude_seen = _exclude_seen(args.exclude_seen)
@@ -120,6 +126,7 @@ def run_eval(args: argparse.Namespace) -> int:
             exclude_seen=exclude_seen,
             baseline_kinds=_baseline_list(args.baselines),
             cold_items=args.cold_items,
+            log=_log,
         )
         return _report_period(result, args.out)
     from trainer.run import evaluate_run
@@ -127,7 +134,7 @@ def run_eval(args: argparse.Namespace) -> int:
     period = _period_args(args)
     if args.data or args.baselines:
         raise BgptError("--data and --baselines need --protocol next-period")
-    metrics = evaluate_run(runs, period["split"] or "test", _ks(args.k), exclude_seen=exclude_seen)
+    metrics = evaluate_run(runs, period["split"] or "test", _ks(args.k), exclude_seen=exclude_seen, log=_log)
     if len(runs) == 1:  # an ensemble's metrics belong to no single run: printed only
         name = {None: "metrics.json", True: "metrics_exclude_seen.json", False: "metrics_with_seen.json"}
         (runs[0] / name.get(exclude_seen, "metrics.json")).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -159,7 +166,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     exclude_seen = _exclude_seen(args.exclude_seen)
     result = evaluate_on_period(
         [], args.data, **period, ks=_ks(args.k), exclude_seen="auto" if exclude_seen is None else exclude_seen,
-        baseline_kinds=list(dict.fromkeys(args.kind)),
+        baseline_kinds=list(dict.fromkeys(args.kind)), log=_log,
     )  # fmt: skip
     if len(args.kind) == 1:  # one baseline: its metrics at the top level, as `bgpt eval` prints a run's
         (kind,) = args.kind

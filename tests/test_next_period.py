@@ -194,6 +194,8 @@ def test_cli_next_period_and_baselines(tmp_path, capsys):
     assert "generation 2: 4 events scored of 5" in printed and "transition" in printed
     assert main(["baseline", "popularity", "--data", str(data), "--protocol", "next-period", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["breakdown"]["cold_items"]["count"] == 1
+    printed = capsys.readouterr()  # one baseline: stdout is its JSON alone (`> file`); decisions on stderr
+    assert json.loads(printed.out) == json.loads(out.read_text()) and "exclude_seen auto" in printed.err
     assert main(["baseline", "popularity", "--data", str(data), "--split", "test"]) == 2  # --split none: no test
     assert "has no events" in capsys.readouterr().err
     assert main(["baseline", "popularity", "--data", str(data), "--protocol", "next-period", "--from", "x"]) == 2

@@ -12,16 +12,15 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-from tqdm import tqdm
 
 from data_sharding import ingest, sequences, shards, storage, validate, vocab, writer
+from data_sharding.duckdb_engine import DuckDBEngine
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
 from data_sharding.sequences import SplitConfig
@@ -97,20 +96,6 @@ class _Phases:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._last, 3)
         self._last = now
-
-
-class _Fingerprints(threading.Thread):
-    """Hashes the inputs in the background (hashlib releases the GIL) while DuckDB reads them."""
-
-    def __init__(self, inputs: list[tuple[str, str]]) -> None:
-        super().__init__(daemon=True)
-        self.inputs, self.result, self.error = inputs, [], None
-
-    def run(self) -> None:
-        try:
-            self.result = [storage.fingerprint_input(given, fetched) for given, fetched in self.inputs]
-        except (OSError, DataError) as e:
-            self.error = e
 
 
 def _connect(work: Path, cfg: ShardConfig) -> duckdb.DuckDBPyConnection:
@@ -189,58 +174,25 @@ def _build_generation(
     generation: int,
     started: float,
 ) -> dict:
+    """Build generation ``generation`` into ``out_dir``; return the manifest that lists it."""
     for p in cfg.input.paths:
         ingest.check_readable(p)
     con = _connect(work, cfg)
     engine = _engine(cfg, con, work)
     phase = _Phases()
     try:
-        files = engine.stage(generation)
-        phase("read_validate")
-        quarantine_path = out_dir / "quarantine.jsonl"
-        report = validate.write_quarantine(con, files, quarantine_path)
-        phase("quarantine")
-        try:
-            validate.check_bad_budget(report, cfg.max_bad_fraction, root / f"rejected-g{generation:04d}.jsonl")
-        except DataError:
-            # Keep the rejected rows for the user to inspect; write nothing else.
-            shutil.copyfile(quarantine_path, root / f"rejected-g{generation:04d}.jsonl")
-            raise
-        has_meta = cfg.items is not None
-        if has_meta:
-            items = storage.fetch_input(cfg.items, work / "inputs", len(cfg.input.paths))
-            ingest.read_items_file(con, items, cfg.items_format, cfg.input.item_col)
+        report = _read_inputs(cfg, con, engine, root, work, out_dir, generation, phase)
         previous = vocab.load_vocab(root / manifest["vocab"]["dir"]) if manifest else None
         prev_users = root / manifest["vocab"]["files"]["users"] if manifest else None
         n_item_codes, n_type_codes = vocab.create_code_tables(con, previous, prev_users, *engine.seen_ids())
         logs = [str(root / g["events_log"]) for g in manifest["generations"]] if manifest else []
         total_rows = _stream_size(con, prev_users)
-        num_shards = max(1, math.ceil(total_rows / cfg.events_per_shard))
-        num_shards = math.ceil(num_shards / cfg.shard_multiple) * cfg.shard_multiple
-        con.execute(
-            f"CREATE OR REPLACE TABLE user_shards AS SELECT user, uidx, n, "
-            f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"
-        )
+        num_shards = _assign_shards(con, cfg, total_rows)
         phase("codes")
         p1 = engine.sorted_pass(logs, total_rows, num_shards, generation, n_item_codes, n_type_codes)
         phase("sort_dedup")
-        num_known = previous.num_items if previous else vocab.NUM_RESERVED_ITEMS
-        item_map = vocab.finalize_codes(p1.item_counts, num_known, cfg.min_item_count)
-        num_known_types = previous.num_event_types if previous else vocab.NUM_RESERVED_TYPES
-        type_map = vocab.finalize_codes(p1.type_counts, num_known_types, 1)
-        new_vocab = vocab.build_vocab(
-            con, generation, previous, item_map, p1.item_counts, type_map, p1.type_counts, has_meta
-        )
-        valid_ms = _iso_ms(con, cfg.split.valid_start, "--valid-start")
-        test_ms = _iso_ms(con, cfg.split.test_start, "--test-start")
+        new_vocab, remap = _final_vocab(con, cfg, generation, previous, p1)
         phase("vocab")
-        remap = {
-            "item_map": item_map,
-            "type_map": type_map,
-            "split": cfg.split,
-            "valid_ms": valid_ms,
-            "test_ms": test_ms,
-        }
         written = writer.write_shards(out_dir, p1, num_shards, generation, remap, mapper=engine.map_shards)
         phase("write_shards")
         user_counts = pa.table({"uidx": written["uidx"], "n_events": written["n_events"]})
@@ -255,56 +207,104 @@ def _build_generation(
     finally:
         engine.close()
         con.close()
-    gen_name = out_dir.name
-    info = {
-        "generation": generation,
-        "dir": gen_name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - started, 3),
-        "phase_seconds": phase.seconds,
-        "sources": sources,
-        "options": _options(cfg),
-        "vocab_version": new_vocab.version,
-        "events_log": f"{gen_name}/events/*.parquet",
-        "quarantine": {**report.to_dict(), "file": f"{gen_name}/quarantine.jsonl"},
-        "counts": {
-            "rows_read": report.valid_rows + report.bad_rows,
-            "valid_rows": report.valid_rows,
-            "quarantined": report.bad_rows,
-            "duplicates": p1.duplicates,
-            "rare_item_events": written["rare"],
-            "new_events": written["new_events"],
-            "events_in_shards": int(written["n_events"].sum()),
-            "users_in_shards": len(written["uidx"]),
-            "new_items": int(new_vocab.num_items - (previous.num_items if previous else vocab.NUM_RESERVED_ITEMS)),
-        },
-        "shards": [s.to_dict() for s in written["shards"]],
+    entry = shards.generation_entry(
+        generation=generation,
+        gen_dir=out_dir.name,
+        seconds=round(time.time() - started, 3),
+        phase_seconds=phase.seconds,
+        sources=sources,
+        options=_options(cfg),
+        vocab_version=new_vocab.version,
+        quarantine=report.to_dict(),
+        counts=_counts(report, p1, written, new_vocab, previous),
+        shard_list=written["shards"],
+    )
+    vocab_entry = vocab.manifest_entry(new_vocab, out_dir.name, vocab_files)
+    return shards.build_manifest(manifest, entry, cfg.split.to_dict(), vocab_entry, totals)
+
+
+def _read_inputs(
+    cfg: ShardConfig,
+    con: duckdb.DuckDBPyConnection,
+    engine,
+    root: Path,
+    work: Path,
+    out_dir: Path,
+    generation: int,
+    phase: _Phases,
+) -> validate.QuarantineReport:
+    """Parse and validate the inputs, quarantine bad rows (refusing the run over the budget), read the items file."""
+    files = engine.stage(generation)
+    phase("read_validate")
+    quarantine_path = out_dir / "quarantine.jsonl"
+    report = validate.write_quarantine(con, files, quarantine_path)
+    phase("quarantine")
+    try:
+        validate.check_bad_budget(report, cfg.max_bad_fraction, root / f"rejected-g{generation:04d}.jsonl")
+    except DataError:
+        # Keep the rejected rows for the user to inspect; write nothing else.
+        shutil.copyfile(quarantine_path, root / f"rejected-g{generation:04d}.jsonl")
+        raise
+    if cfg.items is not None:
+        items = storage.fetch_input(cfg.items, work / "inputs", len(cfg.input.paths))
+        ingest.read_items_file(con, items, cfg.items_format, cfg.input.item_col)
+    return report
+
+
+def _assign_shards(con: duckdb.DuckDBPyConnection, cfg: ShardConfig, total_rows: int) -> int:
+    """Hash every user of the generation to a shard (table ``user_shards``); return the shard count."""
+    num_shards = max(1, math.ceil(total_rows / cfg.events_per_shard))
+    num_shards = math.ceil(num_shards / cfg.shard_multiple) * cfg.shard_multiple
+    con.execute(
+        f"CREATE OR REPLACE TABLE user_shards AS SELECT user, uidx, n, "
+        f"(md5_number(user) % {num_shards})::INTEGER AS shard FROM user_codes"
+    )
+    return num_shards
+
+
+def _final_vocab(
+    con: duckdb.DuckDBPyConnection,
+    cfg: ShardConfig,
+    generation: int,
+    previous: vocab.Vocab | None,
+    p1: sequences.PassOneResult,
+) -> tuple[vocab.Vocab, dict]:
+    """The generation's vocabulary, and how pass two maps codes and marks splits (``writer.write_shards``)."""
+    num_known = previous.num_items if previous else vocab.NUM_RESERVED_ITEMS
+    item_map = vocab.finalize_codes(p1.item_counts, num_known, cfg.min_item_count)
+    num_known_types = previous.num_event_types if previous else vocab.NUM_RESERVED_TYPES
+    type_map = vocab.finalize_codes(p1.type_counts, num_known_types, 1)
+    new_vocab = vocab.build_vocab(
+        con, generation, previous, item_map, p1.item_counts, type_map, p1.type_counts, cfg.items is not None
+    )
+    remap = {
+        "item_map": item_map,
+        "type_map": type_map,
+        "split": cfg.split,
+        "valid_ms": _iso_ms(con, cfg.split.valid_start, "--valid-start"),
+        "test_ms": _iso_ms(con, cfg.split.test_start, "--test-start"),
     }
-    generations = (manifest["generations"] if manifest else []) + [info]
+    return new_vocab, remap
+
+
+def _counts(
+    report: validate.QuarantineReport,
+    p1: sequences.PassOneResult,
+    written: dict,
+    new_vocab: vocab.Vocab,
+    previous: vocab.Vocab | None,
+) -> dict:
+    """The generation's event counts, stage by stage, for the manifest."""
     return {
-        "schema_version": shards.SCHEMA_VERSION,
-        "format": "behavior-gpt/webdataset",
-        "generation": generation,
-        "time_unit": "ms",
-        "record_dtype": [list(d) for d in shards.SEQ_DTYPE.descr],
-        "index_dtype": [list(d) for d in shards.INDEX_DTYPE.descr],
-        "split": cfg.split.to_dict(),
-        "vocab": {
-            "version": new_vocab.version,
-            "dir": gen_name,
-            "files": {k: f"{gen_name}/{Path(v).name}" for k, v in vocab_files.items()},
-            "num_items": new_vocab.num_items,
-            "num_reserved_items": vocab.NUM_RESERVED_ITEMS,
-            "num_event_types": new_vocab.num_event_types,
-            "event_types": new_vocab.event_types,
-        },
-        "totals": {
-            "users": int(totals[0]),
-            "events": int(totals[1]),
-            "shards": sum(len(g["shards"]) for g in generations),
-            "bytes": sum(s["bytes"] for g in generations for s in g["shards"]),
-        },
-        "generations": generations,
+        "rows_read": report.valid_rows + report.bad_rows,
+        "valid_rows": report.valid_rows,
+        "quarantined": report.bad_rows,
+        "duplicates": p1.duplicates,
+        "rare_item_events": written["rare"],
+        "new_events": written["new_events"],
+        "events_in_shards": int(written["n_events"].sum()),
+        "users_in_shards": len(written["uidx"]),
+        "new_items": int(new_vocab.num_items - (previous.num_items if previous else vocab.NUM_RESERVED_ITEMS)),
     }
 
 
@@ -324,85 +324,12 @@ def _stream_size(con: duckdb.DuckDBPyConnection, prev_users: Path | None) -> int
     return int(events)
 
 
-class DuckDBEngine:
-    """The one-machine engine: every stage in the pipeline's own DuckDB connection."""
-
-    def __init__(self, cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path) -> None:
-        self.cfg, self.con, self.work = cfg, con, work
-        self._fingerprints: _Fingerprints | None = None
-
-    def stage(self, generation: int) -> list[validate.FileQuarantine]:
-        """Parse and validate every input; leave the valid rows in view ``events``."""
-        paths = self.cfg.input.paths
-        fetched = [storage.fetch_input(given, self.work / "inputs", i) for i, given in enumerate(paths)]
-        self._fingerprints = _Fingerprints(list(zip(paths, fetched, strict=True)))
-        self._fingerprints.start()
-        sources, files = [], []
-        for i, (given, local) in enumerate(zip(paths, fetched, strict=True)):
-            try:
-                sources.append(ingest.stage_file(self.con, i, local, self.cfg.input))
-            except DataError as e:
-                raise DataError(str(e).replace(local, given)) from None
-            files.append(validate.file_quarantine(self.con, sources[-1]).named(given))
-        union = " UNION ALL ".join(ingest.valid_events_sql(s, generation) for s in sources)
-        if len(sources) == 1:
-            self.con.execute(f"CREATE OR REPLACE VIEW events AS {union}")
-            return files
-        # Several files: one table of valid events, staged tables dropped. Joining and sorting a
-        # UNION ALL of many staged tables ran out of memory at 100M events in 8 files under a 3 GB
-        # limit (one table of the same rows does not; benchmarks/README.md).
-        self.con.execute(f"CREATE OR REPLACE TABLE events AS {union}")
-        for s in sources:
-            self.con.execute(f"DROP TABLE {s.table}")
-        return files
-
-    def seen_ids(self) -> tuple[str, str, str]:
-        """Relations of the distinct items, the distinct event types and (user, n) events per user."""
-        return "events", "events", "(SELECT user, count(*) AS n FROM events GROUP BY user)"
-
-    def sorted_pass(
-        self, logs: list[str], total_rows: int, num_shards: int, generation: int, n_items: int, n_types: int
-    ) -> sequences.PassOneResult:
-        """Sort events by (shard, user, time, input order) out of core and run pass one over the stream."""
-        with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
-            reader = self.con.sql(sorted_events_sql(logs)).to_arrow_reader(1_000_000)
-            return sequences.pass_one(reader, self.work, generation, n_items, n_types, bar)
-
-    map_shards = staticmethod(writer.thread_map)
-
-    def fingerprints(self) -> list[dict]:
-        """Path, bytes and sha256 of every input (hashed in a thread while DuckDB parsed)."""
-        self._fingerprints.join()
-        if self._fingerprints.error:
-            raise DataError(f"cannot read an input to fingerprint it: {self._fingerprints.error}")
-        return self._fingerprints.result
-
-    def close(self) -> None:
-        pass
-
-
 def _engine(cfg: ShardConfig, con: duckdb.DuckDBPyConnection, work: Path):
     if cfg.engine == "spark":
         from data_sharding.spark_engine import SparkEngine
 
         return SparkEngine(cfg, con, work)
     return DuckDBEngine(cfg, con, work)
-
-
-def sorted_events_sql(logs: list[str]) -> str:
-    new = (
-        "SELECT u.shard, u.uidx, e.ts, e.ord, i.code AS item, t.code::SMALLINT AS type, e.value "
-        "FROM events e JOIN user_shards u ON e.user = u.user JOIN item_codes i ON e.item = i.key "
-        "JOIN type_codes t ON e.event_type = t.key"
-    )
-    if logs:
-        # Touched users' earlier events, so each new event lands with its preceding history.
-        files = "[" + ", ".join(f"'{p}'" for p in logs) + "]"
-        new += (
-            " UNION ALL SELECT u.shard, o.uidx, o.ts, o.ord, o.item, o.type, o.value "
-            f"FROM read_parquet({files}) o JOIN user_shards u ON o.uidx = u.uidx"
-        )
-    return f"SELECT * FROM ({new}) ORDER BY shard, uidx, ts, ord"
 
 
 def _save_users(

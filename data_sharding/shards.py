@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def build_shard(records: np.ndarray, uidx: np.ndarray, lengths: np.ndarray) -> t
     npy[:, _SHAPE_AT : _SHAPE_AT + _SHAPE_WIDTH] = _decimal_digits(lengths.astype(np.int64), _SHAPE_WIDTH)
     blocks[first_block + 1, :NPY_HEADER_SIZE] = npy
     raw = records.view(np.uint8)
-    starts = (np.concatenate([[0], np.cumsum(lengths)[:-1]]) * SEQ_DTYPE.itemsize).astype(np.int64)
+    starts = (np.concatenate([[0], np.cumsum(lengths)])[:-1] * SEQ_DTYPE.itemsize).astype(np.int64)
     ends = starts + lengths.astype(np.int64) * SEQ_DTYPE.itemsize
     data_at = offsets[:-1] + _BLOCK + NPY_HEADER_SIZE
     for dst, a, b in zip(data_at.tolist(), starts.tolist(), ends.tolist(), strict=True):
@@ -197,6 +198,62 @@ class ShardInfo:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def generation_entry(
+    *,
+    generation: int,
+    gen_dir: str,
+    seconds: float,
+    phase_seconds: dict[str, float],
+    sources: list[dict],
+    options: dict,
+    vocab_version: str,
+    quarantine: dict,
+    counts: dict,
+    shard_list: list[ShardInfo],
+) -> dict:
+    """One generation's record in the manifest: what built it, where its files are, what it holds."""
+    return {
+        "generation": generation,
+        "dir": gen_dir,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": seconds,
+        "phase_seconds": phase_seconds,
+        "sources": sources,
+        "options": options,
+        "vocab_version": vocab_version,
+        "events_log": f"{gen_dir}/events/*.parquet",
+        "quarantine": {**quarantine, "file": f"{gen_dir}/quarantine.jsonl"},
+        "counts": counts,
+        "shards": [s.to_dict() for s in shard_list],
+    }
+
+
+def build_manifest(previous: dict | None, entry: dict, split: dict, vocab: dict, users_events: tuple[int, int]) -> dict:
+    """The dataset manifest once generation ``entry`` is added to manifest ``previous`` (None: the first).
+
+    ``vocab`` describes the newest vocabulary; ``users_events`` counts the users with events and
+    their events in the newest state of the dataset.
+    """
+    generations = (previous["generations"] if previous else []) + [entry]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "behavior-gpt/webdataset",
+        "generation": entry["generation"],
+        "time_unit": "ms",
+        "record_dtype": [list(d) for d in SEQ_DTYPE.descr],
+        "index_dtype": [list(d) for d in INDEX_DTYPE.descr],
+        "split": split,
+        "vocab": vocab,
+        "totals": {
+            "users": int(users_events[0]),
+            "events": int(users_events[1]),
+            "shards": sum(len(g["shards"]) for g in generations),
+            "bytes": sum(s["bytes"] for g in generations for s in g["shards"]),
+        },
+        "generations": generations,
+    }
 
 
 def load_manifest(root: Path | str) -> dict:

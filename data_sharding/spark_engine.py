@@ -171,7 +171,7 @@ def _spark_map(spark, fn, jobs: list) -> list:
 
 
 class SparkEngine:
-    """The pipeline's engine interface (see ``pipeline.DuckDBEngine``) on a Spark session."""
+    """The pipeline's engine interface (see ``duckdb_engine.DuckDBEngine``) on a Spark session."""
 
     def __init__(self, cfg, con: duckdb.DuckDBPyConnection, work: Path) -> None:
         self.cfg, self.con, self.work = cfg, con, work.resolve()

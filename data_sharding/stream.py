@@ -135,7 +135,6 @@ class ShardDataset(IterableDataset):
         self.num_samples = int(sum(c.sum() for c in self._counts))
         self.epoch = 0
         self.skip_batches = 0
-        self.num_workers = 1
 
     # -- sample bookkeeping -------------------------------------------------------------------
     def _window_counts(self) -> list[np.ndarray]:
@@ -297,10 +296,9 @@ class ShardDataset(IterableDataset):
         # resume comes from the worker whose turn it was.
         logical = (worker + self.skip_batches) % workers
         already = (self.skip_batches - logical + workers - 1) // workers
-        slots = self.world_size * workers
         if self.num_samples == 0:
             return
-        shard_pos, rows, windows = self._slot_samples(self.rank * workers + logical, slots)
+        shard_pos, rows, windows = self._slot_samples(self.rank * workers + logical, self.world_size * workers)
         size = self.cfg.batch_size
         loaded_shard, data = -1, b""
         for start in range(already * size, len(rows), size):

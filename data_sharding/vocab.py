@@ -240,6 +240,19 @@ def _attach_text(con: duckdb.DuckDBPyConnection, items: pa.Table, previous: Voca
     return table
 
 
+def manifest_entry(vocab: Vocab, gen_dir: str, files: dict[str, str]) -> dict:
+    """The manifest's description of the vocabulary saved in ``gen_dir`` as ``files`` (name -> file)."""
+    return {
+        "version": vocab.version,
+        "dir": gen_dir,
+        "files": {k: f"{gen_dir}/{Path(v).name}" for k, v in files.items()},
+        "num_items": vocab.num_items,
+        "num_reserved_items": NUM_RESERVED_ITEMS,
+        "num_event_types": vocab.num_event_types,
+        "event_types": vocab.event_types,
+    }
+
+
 def save_vocab(gen_dir: Path, vocab: Vocab) -> dict[str, str]:
     """Write vocab.json and items.parquet into ``gen_dir``; return their file names."""
     pq.write_table(vocab.items, gen_dir / "items.parquet")

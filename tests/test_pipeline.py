@@ -12,6 +12,7 @@ from test_ingest import all_events
 from data_sharding import pipeline, writer
 from data_sharding.errors import DataError
 from data_sharding.shards import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, load_manifest
+from data_sharding.stream import ShardDataset, StreamConfig
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 
 HEADER = "user_id,item_id,timestamp,event_type,rating"
@@ -231,6 +232,18 @@ def test_shard_multiple_rounds_the_shard_count_up_for_the_readers(tmp_path, synt
     count = len(manifest["generations"][0]["shards"])
     assert count % 6 == 0 and count == 12  # 8 by size, rounded up to a multiple of 6
     assert manifest["totals"]["events"] == sum(s["events"] for s in manifest["generations"][0]["shards"])
+
+
+def test_a_log_with_fewer_users_than_shards_writes_empty_shards_that_read_as_nothing(tmp_path):
+    # One user, four shards (--shard-multiple 4): three shards get no user. They used to crash the writer.
+    rows = [HEADER, *(f"u1,i{t % 3},{1_600_000_000 + t},view," for t in range(6))]
+    manifest = shard([write_lines(tmp_path / "e.csv", rows)], tmp_path / "ds", shard_multiple=4)
+    shards = manifest["generations"][0]["shards"]
+    assert len(shards) == 4 and sorted(s["users"] for s in shards) == [0, 0, 0, 1]
+    dataset = ShardDataset(tmp_path / "ds", StreamConfig(max_len=8, batch_size=4, shuffle=False))
+    assert dataset.num_samples == 1
+    (batch,) = list(dataset)
+    assert batch["items"].shape[0] == 1
 
 
 def test_appended_generations_keep_every_touched_users_history_items(tmp_path):

@@ -1,5 +1,7 @@
 """Datasets read through fsspec URLs stream exactly what the local folder streams."""
 
+import json
+
 import fsspec
 import pytest
 import torch
@@ -51,9 +53,28 @@ def test_a_corrupt_shard_behind_a_url_is_named(dataset):
         shards.load_manifest("memory://nowhere")
 
 
-def test_training_reads_its_data_from_a_url(tmp_path, cyclic_data):
-    metrics = train_run(tmp_path / "run", tiny_config(f"file://{cyclic_data}", max_steps=10), log=lambda *a: None)
-    assert metrics["count"] > 0 and (tmp_path / "run" / "data_manifest.json").exists()
+def logged_losses(run):
+    return [
+        (r["step"], r["loss"], r["lr"]) for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+    ]
+
+
+def test_training_from_a_url_matches_training_from_the_folder(tmp_path, cyclic_data):
+    """Same config and seed: the URL run sees the same batches, so its losses and test metrics are the folder run's."""
+    quiet = {"log": lambda *a: None}
+    local = train_run(tmp_path / "local", tiny_config(cyclic_data, max_steps=10), **quiet)
+    remote = train_run(tmp_path / "url", tiny_config(f"file://{cyclic_data}", max_steps=10), **quiet)
+    assert (tmp_path / "url" / "data_manifest.json").exists()
+    assert len(logged_losses(tmp_path / "local")) == 2  # log_every=5 over 10 steps
+    assert logged_losses(tmp_path / "url") == logged_losses(tmp_path / "local")
+    assert local["count"] > 0
+    where = {"run", "train"}  # the run folder; the training state (with its wall clock) is compared below
+    assert {k: v for k, v in remote.items() if k not in where} == {k: v for k, v in local.items() if k not in where}
+    timing = {"seconds", "wall_seconds_this_process"}
+    assert {k: v for k, v in remote["train"].items() if k not in timing} == {
+        k: v for k, v in local["train"].items() if k not in timing
+    }
+    assert remote["train"]["step"] == 10
 
 
 def test_shard_reads_its_inputs_from_urls(tmp_path, synth_log):

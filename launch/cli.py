@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from data_sharding import storage
 from data_sharding.errors import BgptError
 
 
@@ -169,8 +167,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from data_sharding.inspect import format_summary, summary
 
     root = Path(args.dir)
-    if (root / "config.yaml").exists() and not (root / shards.MANIFEST).exists():
-        return _inspect_run(root, args.json)
+    if not (root / shards.MANIFEST).exists():
+        from trainer.config import CONFIG
+
+        if (root / CONFIG).exists():
+            return _inspect_run(root, args.json)
     info = summary(root)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     if args.verify:
@@ -185,7 +186,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_run(run: Path, as_json: bool) -> int:
-    from trainer.run import run_status
+    from trainer.run_folder import run_status
 
     st = run_status(run)
     if as_json:
@@ -209,233 +210,21 @@ def _inspect_run(run: Path, as_json: bool) -> int:
     return 0
 
 
-TRAIN_SHORTCUTS = {
-    "backbone": ("model", "backbone"),
-    "num_layers": ("model", "num_layers"),
-    "max_len": ("model", "max_len"),
-    "lora_r": ("lora", "r"),
-    "lora_alpha": ("lora", "alpha"),
-    "lora_dropout": ("lora", "dropout"),
-    "full_finetune": ("lora", "full_finetune"),
-    "max_steps": ("train", "max_steps"),
-    "max_minutes": ("train", "max_minutes"),
-    "epochs": ("train", "epochs"),
-    "lr": ("train", "lr"),
-    "batch_size": ("train", "micro_batch_size"),
-    "seed": ("train", "seed"),
-    "num_workers": ("data", "num_workers"),
-    "resume": ("checkpoint", "resume"),
-    "checkpoint_every": ("checkpoint", "every_steps"),
-    "checkpoint_minutes": ("checkpoint", "every_minutes"),
-}
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a next-behaviour model on shards",
-        description="Train a model. Any config field can be set with --section.field=value "
-        "(sections: data, model, lora, heads, train, checkpoint, eval); they override --config.",
-    )
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder written by `bgpt shard`")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder (resumed when it has checkpoints)")
-    p.add_argument("--config", metavar="YAML", help="run configuration file")
-    p.add_argument("--backbone", help="smollm2-135m (default), scratch, or a local Hugging Face model directory")
-    p.add_argument("--num-layers", type=int, help="keep the first N blocks (pretrained) / build N (scratch)")
-    p.add_argument("--max-len", type=int, help="history length the model reads")
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--full-finetune", action="store_const", const="true", help="train all backbone weights")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="micro batch size per device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="data loader workers per process")
-    p.add_argument(
-        "--resume", help="auto (latest valid checkpoint of --out; the default), none, or a checkpoint folder"
-    )
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every N optimizer steps")
-    p.add_argument("--checkpoint-minutes", type=float, metavar="MIN", help="checkpoint every M minutes")
-    p.set_defaults(func=_run_train, accepts_overrides=True)
-
-
-def _train_config(args: argparse.Namespace):
-    from launch.configs import load_config, merge, parse_overrides
-
-    overrides = parse_overrides(args.overrides)
-    shortcuts: dict[str, dict] = {"data": {"path": args.data}}
-    for flag, (section, key) in TRAIN_SHORTCUTS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            shortcuts.setdefault(section, {})[key] = value
-    return load_config(args.config, merge(shortcuts, overrides))
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from trainer.run import train_run
-
-    cfg = _train_config(args)
-    metrics = train_run(Path(args.out), cfg)
-    if metrics:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return _train_status(metrics)
-
-
-def _train_status(metrics: dict) -> int:
-    """0 when the run finished; EXIT_STOPPED when it stopped with a checkpoint (a rank under
-    `bgpt launch` exits 0 then, and the launcher reports the stop, so no launcher reads it as a crash)."""
-    from launch.distributed import LAUNCHED_ENV
-    from trainer.loop import EXIT_STOPPED
-
-    stopped = metrics is not None and "stopped_at_step" in metrics
-    return EXIT_STOPPED if stopped and not os.environ.get(LAUNCHED_ENV) else 0
-
-
-def _add_retrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "retrain",
-        help="continue a run on the next data generation (new events + replay, grown item tables)",
-        description="Incremental retraining from RUN's latest checkpoint on DIR's newest generation, into a "
-        "new run folder. Config fields can be overridden with --section.field=value.",
-    )
-    p.add_argument("--run", required=True, metavar="RUN", help="the run to continue (left unchanged)")
-    p.add_argument(
-        "--data", required=True, metavar="DIR", help="the dataset with the new generation (bgpt shard --append)"
-    )
-    p.add_argument("--out", required=True, metavar="NEW", help="the new run folder (resumed when it has checkpoints)")
-    p.add_argument("--replay-fraction", type=float, help="share of users whose whole history trains again (0.1)")
-    p.add_argument("--epochs", type=int, help="passes over the new events (default 1)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--lr", type=float)
-    p.set_defaults(func=_run_retrain, accepts_overrides=True)
-
-
-def _run_retrain(args: argparse.Namespace) -> int:
-    from launch.configs import merge, parse_overrides
-    from trainer.retrain import retrain
-
-    shortcuts: dict[str, dict] = {}
-    for flag, (section, key) in {
-        "replay_fraction": ("data", "replay_fraction"),
-        "epochs": ("train", "epochs"),
-        "max_steps": ("train", "max_steps"),
-        "max_minutes": ("train", "max_minutes"),
-        "lr": ("train", "lr"),
-    }.items():
-        if getattr(args, flag) is not None:
-            shortcuts.setdefault(section, {})[key] = getattr(args, flag)
-    metrics = retrain(
-        Path(args.run), Path(args.data), Path(args.out), merge(shortcuts, parse_overrides(args.overrides))
-    )
-    if metrics:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return _train_status(metrics)
-
-
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="top-K next items per user (Parquet with --out, or printed for --users)",
-        description="Top-K next items (and next event type / time / value when those heads exist) from each "
-        "user's latest events: all users of --data (default: the run's own data), the named --users, or the "
-        "histories in a raw --events file.",
-    )
-    p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN", help="a run folder or an export")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="sharded dataset (default: the run's own)")
-    source.add_argument("--events", metavar="FILE", help="raw events file (csv, tsv, parquet, jsonl, movielens)")
-    p.add_argument("--format", default="auto", help="format of --events (default: by extension)")
-    p.add_argument("--users", help="only these user ids, comma separated (printed with titles without --out)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--exclude-seen", action="store_true", help="never recommend items in the history")
-    p.add_argument("--out", metavar="FILE.parquet", help="write predictions here")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--quantize", choices=("int8",), help="dynamic int8 quantization of the backbone")
-    p.add_argument(
-        "--at", metavar="TIME", help="when the predicted events happen, for models that score at a time (default: now)"
-    )
-    p.set_defaults(func=_run_predict)
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    from trainer.export import load_inference
-    from trainer.periods import parse_time
-    from trainer.predict import histories_from_data, histories_from_events, predict, write_predictions
-
-    if args.k < 1:
-        raise BgptError("--k must be >= 1")
-    run = Path(args.run)
-    model = load_inference(run, args.quantize)
-    users = [u.strip() for u in args.users.split(",") if u.strip()] if args.users else None
-    if args.events:
-        histories = histories_from_events(Path(args.events), model, args.format)
-        if users is not None:
-            histories = (h for h in histories if h.user in set(users))
-    else:
-        data = args.data
-        if data is None:
-            if not (run / "config.yaml").exists():
-                raise BgptError(f"{run} is an export: pass --data DIR or --events FILE")
-            from trainer.run import load_run_config
-
-            data = load_run_config(run).data.path
-        histories = histories_from_data(storage.as_root(data), model, users)
-    at_ms = parse_time(args.at, "--at")
-    if args.out:
-        stats = write_predictions(
-            model, histories, Path(args.out), args.k, args.exclude_seen, args.batch_size, at_ms=at_ms
-        )
-        print(json.dumps({"out": args.out, **stats}))
-        return 0
-    if users is None:
-        raise BgptError("pass --out FILE.parquet (every user) or --users to print a few")
-    histories = list(histories)
-    for h, record in zip(histories, predict(model, histories, args.k, args.exclude_seen, at_ms), strict=True):
-        last = [model.titles[i] or model.items[i] for i in h.items[-3:]]
-        print(f"{h.user}  (recently: {' | '.join(last)})")
-        for rank, (item, score) in enumerate(zip(record["items"], record["scores"], strict=True), 1):
-            title = model.titles[model.item_index[item]] or ""
-            print(f"  {rank:>2}. {item:<12} {score:8.3f}  {title}")
-    return 0
-
-
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="a self-contained model directory for serving and plain transformers")
-    p.add_argument("--run", required=True, metavar="RUN")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the backbone weights")
-    p.add_argument("--quantize", choices=("int8",), help="serve with dynamic int8 quantization")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export (atomically)")
-    p.set_defaults(func=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from trainer.export import export_run
-
-    meta = export_run(Path(args.run), Path(args.out), args.merge_lora, args.quantize, args.overwrite)
-    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("version", "merged_lora", "quantize")}}))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgpt", description="behavior-gpt: next-behaviour prediction with LMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    from launch import cluster_cli, eval_cli, serve_cli
+    from launch import cluster_cli, eval_cli, predict_cli, serve_cli, train_cli
 
     for add in (
         _add_synth,
         _add_shard,
         _add_inspect,
-        _add_train,
-        _add_retrain,
+        train_cli.add_train,
+        train_cli.add_retrain,
         eval_cli.add_eval,
         eval_cli.add_baseline,
-        _add_predict,
-        _add_export,
+        predict_cli.add_predict,
+        predict_cli.add_export,
     ):
         add(sub)
     for add in (cluster_cli.add_launch, cluster_cli.add_plan, cluster_cli.add_slurm, serve_cli.add_serve):

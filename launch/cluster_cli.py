@@ -17,22 +17,11 @@ import sys
 from pathlib import Path
 
 from launch import distributed as dist
+from launch.train_cli import config_from_train_args
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TEMPLATE = REPO / "slurm" / "train.sbatch"
-
-
-def train_config(train_args: list[str]):
-    """The RunConfig `bgpt train` would build from these arguments, and its run folder."""
-    from launch.cli import _train_config, build_parser
-
-    if not train_args:
-        raise ConfigError("give the training arguments after --, e.g. -- --data DIR --out RUN")
-    parser = build_parser()
-    args, rest = parser.parse_known_args(["train", *train_args])
-    args.overrides = rest
-    return _train_config(args), Path(args.out)
 
 
 def _launch_options(p: argparse.ArgumentParser) -> None:
@@ -70,10 +59,10 @@ def _cuda() -> bool:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from trainer.loop import EXIT_STOPPED, current_attempt, stopped_marker
+    from trainer.run_folder import EXIT_STOPPED, current_attempt, stopped_marker
 
     train_args = _with_accum(args.train_args, args.grad_accum)
-    cfg, run = train_config(train_args)
+    cfg, run = config_from_train_args(train_args)
     lc = dist.LaunchConfig(
         nproc=args.nproc,
         nnodes=args.nnodes,
@@ -114,7 +103,7 @@ def _run_with_stop_requests(cmd: list[str], env: dict, run: Path, attempt: str) 
     job step: the launcher processes between this one and the ranks inherit SIGUSR1 and SIGTERM
     ignored, so a stop signal cannot end them before the ranks have checkpointed (the ranks and
     torch's elastic agent install their own handlers)."""
-    from trainer.loop import request_stop
+    from trainer.run_folder import request_stop
 
     def on_signal(signum, frame) -> None:
         request_stop(run, attempt)
@@ -145,10 +134,10 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-layers", type=int, help="keep the first N blocks")
     p.add_argument("--num-items", type=int, default=1_000_000, help="catalogue size (the item table trains)")
     p.add_argument("--data", help="dataset folder: take the catalogue size from its vocabulary")
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default: the training default, lora.r)")
     p.add_argument("--full-finetune", action="store_true")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--micro-batch", type=int, help="windows per GPU (default: train.micro_batch_size)")
+    p.add_argument("--max-len", type=int, help="positions per window (default: model.max_len)")
     p.add_argument("--precision", default="bf16", help="bf16 (GPU) or fp32")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_plan)
@@ -175,8 +164,13 @@ def _meta_backbone(name: str, num_layers: int | None):
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from trainer.config import RunConfig
     from trainer.model import LORA_TARGETS
 
+    defaults = RunConfig()  # unset options plan what `bgpt train` would run
+    args.lora_r = defaults.lora.r if args.lora_r is None else args.lora_r
+    args.micro_batch = defaults.train.micro_batch_size if args.micro_batch is None else args.micro_batch
+    args.max_len = defaults.model.max_len if args.max_len is None else args.max_len
     num_items = args.num_items
     if args.data:
         from trainer.factory import dataset_info
@@ -226,39 +220,54 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", choices=("render", "submit"))
     _launch_options(p)
-    p.add_argument("--nodes", type=int, default=1)
+    header = _template_header(SLURM_TEMPLATE.read_text())
+    p.add_argument("--nodes", type=int, default=int(header["nodes"]))
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU-only nodes")
     p.add_argument("--cpus-per-task", type=int)
     p.add_argument("--mem", help="memory per node, e.g. 200G")
     p.add_argument("--partition")
     p.add_argument("--account")
-    p.add_argument("--time", default="24:00:00")
-    p.add_argument("--job-name", default="bgpt-train")
-    p.add_argument("--signal-seconds", type=int, default=300, help="preemption warning before the time limit")
+    p.add_argument("--time", default=header["time"])
+    p.add_argument("--job-name", default=header["job-name"])
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=int(header["signal"].rpartition("@")[2]),
+        help="preemption warning before the time limit",
+    )
     p.add_argument("--python", default=sys.executable, help="the Python with behavior-gpt installed on the nodes")
     p.add_argument("--script", help="where to write the script (default: RUN/launch/train.sbatch)")
     p.set_defaults(func=run_slurm, takes_train_args=True)
 
 
+def _template_header(text: str) -> dict[str, str | None]:
+    """The template's ``#SBATCH --key[=value]`` lines, in order: the one source of their defaults."""
+    header: dict[str, str | None] = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, sep, value = line[len("#SBATCH --") :].partition("=")
+            header[key.strip()] = value.strip() if sep else None
+    return header
+
+
 def render_slurm(args: argparse.Namespace, train_args: list[str], run: Path) -> str:
     """The template with its #SBATCH header and defaults filled in from the options."""
     text = SLURM_TEMPLATE.read_text()
-    header = [
-        f"#SBATCH --job-name={args.job_name}",
-        f"#SBATCH --nodes={args.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --time={args.time}",
-        f"#SBATCH --signal=B:USR1@{args.signal_seconds}",
-        "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={run.resolve() / 'slurm-%j.out'}",
-    ]
-    if args.gpus_per_node:
-        header.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
-    for flag in ("cpus_per_task", "mem", "partition", "account"):
+    values = _template_header(text)
+    values.update(
+        {
+            "job-name": args.job_name,
+            "nodes": str(args.nodes),
+            "time": args.time,
+            "signal": f"B:USR1@{args.signal_seconds}",
+            "output": str(run.resolve() / "slurm-%j.out"),
+        }
+    )
+    for flag in ("gpus_per_node", "cpus_per_task", "mem", "partition", "account"):
         value = getattr(args, flag)
         if value:
-            header.append(f"#SBATCH --{flag.replace('_', '-')}={value}")
+            values[flag.replace("_", "-")] = str(value)
+    header = [f"#SBATCH --{key}" + ("" if value is None else f"={value}") for key, value in values.items()]
     nproc = args.nproc if args.nproc > 1 or not args.gpus_per_node else args.gpus_per_node
     settings = {
         "BGPT_PYTHON": args.python,
@@ -279,7 +288,7 @@ def render_slurm(args: argparse.Namespace, train_args: list[str], run: Path) -> 
 
 def run_slurm(args: argparse.Namespace) -> int:
     train_args = _with_accum(args.train_args, args.grad_accum)
-    cfg, run = train_config(train_args)
+    cfg, run = config_from_train_args(train_args)
     lc = dist.LaunchConfig(
         nproc=max(args.nproc, args.gpus_per_node or 1), nnodes=args.nodes, strategy=args.strategy, offload=args.offload
     )

@@ -134,10 +134,7 @@ def run_eval(args: argparse.Namespace) -> int:
     period = _period_args(args)
     if args.data or args.baselines:
         raise BgptError("--data and --baselines need --protocol next-period")
-    metrics = evaluate_run(runs, period["split"] or "test", _ks(args.k), exclude_seen=exclude_seen, log=_log)
-    if len(runs) == 1:  # an ensemble's metrics belong to no single run: printed only
-        name = {None: "metrics.json", True: "metrics_exclude_seen.json", False: "metrics_with_seen.json"}
-        (runs[0] / name.get(exclude_seen, "metrics.json")).write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = evaluate_run(runs, period["split"] or "test", _ks(args.k), exclude_seen, save=True, log=_log)
     _write(metrics, args.out)
     print(json.dumps(metrics))
     return 0

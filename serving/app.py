@@ -143,6 +143,33 @@ async def _too_large(limit: int, send) -> None:
 KNOWN_PATHS = ("/v1/events", "/v1/recommend", "/healthz", "/metrics", "/docs", "/openapi.json")
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """415 for a body that is not JSON, 400 for malformed JSON, 422 for JSON of the wrong shape."""
+    errors = exc.errors()
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and not content_type.startswith("application/json"):
+        return JSONResponse({"detail": "send the body as JSON with Content-Type: application/json"}, 415)
+    status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _gauges(service: Recommender) -> tuple[dict, dict]:
+    """The service's counters and gauges for /metrics, and the served model's info labels."""
+    current = service.current
+    gauges = {
+        "bgpt_events_total": ("Events accepted since start.", service.events_total),
+        "bgpt_model_reloads_total": ("Hot reloads of newer weights.", service.reloads),
+        "bgpt_model_reload_failures_total": ("Reloads that failed (old model kept).", service.reload_failures),
+        "bgpt_cache_hits_total": ("Recommends answered from a cached window.", service.cache_hits),
+        "bgpt_cache_misses_total": ("Recommends that encoded the stored history.", service.cache_misses),
+        "bgpt_cached_users": ("Users with a key/value cache in memory.", len(current.caches)),
+        "bgpt_model_loaded_timestamp_seconds": ("When the served model was loaded.", round(current.loaded_at, 3)),
+    }
+    info = {"version": current.model.version, "quantized": str(current.model.quantized).lower()}
+    return gauges, info
+
+
 def create_app(service: Recommender, token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     metrics = Metrics()
 
@@ -160,15 +187,7 @@ def create_app(service: Recommender, token: str | None = None, max_body_bytes: i
     )
     app.add_middleware(BodyLimit, limit=max_body_bytes, metrics=metrics)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        content_type = request.headers.get("content-type", "")
-        if request.method == "POST" and not content_type.startswith("application/json"):
-            return JSONResponse({"detail": "send the body as JSON with Content-Type: application/json"}, 415)
-        status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
-        return JSONResponse({"detail": detail}, status_code=status)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -204,17 +223,7 @@ def create_app(service: Recommender, token: str | None = None, max_body_bytes: i
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        current = service.current
-        gauges = {
-            "bgpt_events_total": ("Events accepted since start.", service.events_total),
-            "bgpt_model_reloads_total": ("Hot reloads of newer weights.", service.reloads),
-            "bgpt_model_reload_failures_total": ("Reloads that failed (old model kept).", service.reload_failures),
-            "bgpt_cache_hits_total": ("Recommends answered from a cached window.", service.cache_hits),
-            "bgpt_cache_misses_total": ("Recommends that encoded the stored history.", service.cache_misses),
-            "bgpt_cached_users": ("Users with a key/value cache in memory.", len(current.caches)),
-            "bgpt_model_loaded_timestamp_seconds": ("When the served model was loaded.", round(current.loaded_at, 3)),
-        }
-        info = {"version": current.model.version, "quantized": str(current.model.quantized).lower()}
+        gauges, info = _gauges(service)
         return metrics.render(gauges, info)
 
     return app

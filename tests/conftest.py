@@ -9,7 +9,7 @@ import pytest
 from data_sharding.ingest import InputConfig
 from data_sharding.pipeline import ShardConfig, build
 from data_sharding.synth import SynthConfig, generate
-from launch.configs import build_config
+from trainer.config import build_config
 
 
 def write_lines(path: Path, lines: list[str] | bytes) -> Path:

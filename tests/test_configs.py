@@ -3,7 +3,7 @@
 import pytest
 
 from launch.cli import main
-from launch.configs import build_config, load_config, merge, parse_overrides
+from trainer.config import build_config, load_config, merge, parse_overrides
 from trainer.errors import ConfigError
 
 

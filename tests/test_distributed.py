@@ -21,11 +21,11 @@ from conftest import shard, write_lines
 from safetensors.torch import load_file
 
 from launch import distributed as dist
-from launch.cluster_cli import train_config
+from launch.train_cli import config_from_train_args
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
-from trainer.loop import EXIT_STOPPED
 from trainer.run import evaluate_run, load_run_model
+from trainer.run_folder import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -220,7 +220,7 @@ def test_a_stop_request_of_an_earlier_attempt_is_ignored(small_data, tmp_path):
 
 
 def test_launch_files_keep_the_global_batch_when_the_process_count_changes(small_data, tmp_path):
-    cfg, run = train_config(train_args(small_data, tmp_path / "run", 1, **{"train.micro_batch_size": 4}))
+    cfg, run = config_from_train_args(train_args(small_data, tmp_path / "run", 1, **{"train.micro_batch_size": 4}))
     for nproc, accum in ((1, 4), (2, 2), (4, 1)):
         lc = dist.LaunchConfig(nproc=nproc, strategy="zero2")
         acc_file, ds_file = dist.write_launch_files(run, lc, cfg.train)

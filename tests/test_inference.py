@@ -10,7 +10,7 @@ from conftest import write_lines
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from launch.cli import main as bgpt
-from launch.configs import build_config
+from trainer.config import build_config
 from trainer.errors import ConfigError
 from trainer.export import export_run, load_export, load_inference
 from trainer.predict import History, histories_from_data, histories_from_events, predict, write_predictions

@@ -10,12 +10,13 @@ import torch
 from conftest import shard, write_lines
 
 from data_sharding.stream import ShardDataset, StreamConfig
-from launch.configs import build_config
 from trainer import checkpoint as ckpt
+from trainer.checkpoint import grow_and_load
+from trainer.config import build_config, load_run_config
 from trainer.errors import ConfigError
 from trainer.factory import build_model
-from trainer.retrain import grow_and_load, retrain
-from trainer.run import load_run_config, train_run
+from trainer.retrain import retrain
+from trainer.run import train_run
 
 QUIET = {"log": lambda *a: None}
 

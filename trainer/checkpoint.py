@@ -22,10 +22,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
 
 META = "meta.json"
 WEIGHTS = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+"""Optimizer (unless DeepSpeed shards it) and scheduler state."""
+STATE = "state.json"
+"""The train state: step, tokens, seconds, best metric, vocab version, world size."""
 ZERO_DIR = "zero"
 """DeepSpeed's own per-rank files (sharded optimizer states) inside a checkpoint."""
 
@@ -98,8 +103,8 @@ def finish_checkpoint(tmp: Path, target: Path, weights: dict, optimizer: dict, s
     """Add the weights, optimizer and state files to ``tmp``, then checksum every file (``meta.json``,
     written last and fsynced) and rename the folder to ``target``."""
     save_file(weights, str(tmp / WEIGHTS))
-    torch.save(optimizer, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    torch.save(optimizer, tmp / OPTIMIZER)
+    (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     with open(tmp / META, "w") as f:
         json.dump({"files": files, "step": state["step"]}, f, indent=2)
@@ -115,8 +120,21 @@ def write_checkpoint(target: Path, weights: dict, optimizer: dict, rank_states: 
     """Write a complete checkpoint folder at ``target`` atomically from one process."""
     tmp = begin_checkpoint(target)
     for rank, rank_state in enumerate(rank_states):
-        torch.save(rank_state, tmp / f"rank-{rank}.pt")
+        save_rank_state(tmp, rank, rank_state)
     return finish_checkpoint(tmp, target, weights, optimizer, state)
+
+
+def save_rank_state(folder: Path, rank: int, state: dict) -> None:
+    """One rank's RNG and data-stream position (``rank-N.pt``)."""
+    torch.save(state, folder / f"rank-{rank}.pt")
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    return torch.load(path / f"rank-{rank}.pt", weights_only=False)
+
+
+def load_optimizer(path: Path) -> dict:
+    return torch.load(path / OPTIMIZER, weights_only=False)
 
 
 def verify(path: Path) -> str | None:
@@ -158,7 +176,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / STATE).read_text())
 
 
 def prune(run: Path, keep_last: int) -> None:
@@ -169,3 +187,33 @@ def prune(run: Path, keep_last: int) -> None:
 def save_best(run: Path, weights: dict, state: dict) -> None:
     """``RUN/best/``: the weights with the best validation metric so far (atomic like a checkpoint)."""
     write_checkpoint(run / "best", weights, {}, [], state)
+
+
+@torch.no_grad()
+def grow_and_load(model: torch.nn.Module, source: Path, log=print) -> list[str]:
+    """Load ``source``'s trainable weights into ``model``, growing tables whose first dimension got
+    larger (new ids). Returns the names of the grown tables."""
+    saved = load_weights(source)
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    if missing:
+        raise ConfigError(f"{source}: lacks {missing[:3]}; was the model config changed since that run?")
+    grown = []
+    for name, value in saved.items():
+        if name not in params:
+            raise ConfigError(f"{source}: has {name}, which this model lacks; was the model config changed?")
+        target = params[name]
+        if target.shape == value.shape:
+            target.copy_(value)
+            continue
+        if target.dim() != value.dim() or target.shape[1:] != value.shape[1:] or target.shape[0] < value.shape[0]:
+            raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, this model {tuple(target.shape)}")
+        old = value.shape[0]
+        target[:old] = value
+        if name == "items.ids.weight" and getattr(model.items, "text_proj", None) is None:
+            # No text to start from: the average known item is a neutral prior for a new one.
+            target[old:] = value[NUM_RESERVED_ITEMS:].mean(dim=0)
+        grown.append(f"{name} {old:,} -> {target.shape[0]:,} rows")
+    for line in grown:
+        log(f"grew {line}")
+    return grown

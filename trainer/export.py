@@ -32,6 +32,7 @@ from torch import nn
 
 from data_sharding import shards
 from trainer import checkpoint as ckpt
+from trainer.config import CONFIG
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel, merge_lora, strip_lora
 from trainer.priors import PAIRS_FILE, RepeatPrior, TransitionPrior, load_pairs
@@ -92,7 +93,7 @@ def load_inference(path: Path, quantize: str | None = None, log=print) -> Infere
     path = Path(path)
     if (path / EXPORT_META).exists():
         model = load_export(path)
-    elif (path / "config.yaml").exists():
+    elif (path / CONFIG).exists():
         model = load_run(path, log)
     else:
         raise ConfigError(f"{path}: neither a run folder (config.yaml) nor an export ({EXPORT_META})")
@@ -184,35 +185,12 @@ def load_export(path: Path) -> InferenceModel:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: incomplete or corrupt export ({e})") from None
     if meta.get("lora"):
-        from peft import LoraConfig, inject_adapter_in_model
-
-        lora = meta["lora"]
-        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"])
-        backbone = inject_adapter_in_model(config, backbone)
-        missing = backbone.load_state_dict(load_file(str(path / "adapter.safetensors")), strict=False)
-        if missing.unexpected_keys:
-            raise ConfigError(f"{path}/adapter.safetensors does not fit the backbone: {missing.unexpected_keys[:3]}")
-        merge_lora(backbone)
+        backbone = _merged_adapter(path, backbone, meta["lora"])
     types = nn.Embedding.from_pretrained(weights["types"], freeze=True)
     gaps = nn.Embedding.from_pretrained(weights["gaps"], freeze=True)
-    heads = {}
-    for name in meta["heads"]:
-        weight, bias = weights[f"{name}_head.weight"], weights[f"{name}_head.bias"]
-        head = nn.Linear(weight.shape[1], weight.shape[0])
-        head.load_state_dict({"weight": weight, "bias": bias})
-        heads[name] = head
+    heads = _heads(weights, meta["heads"])
     query_gaps = nn.Embedding.from_pretrained(weights["query_gaps"], freeze=True) if "query_gaps" in weights else None
-    prior = None
-    if "prior_weight" in weights:
-        try:
-            prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]))
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
-        prior.weight.data.copy_(weights["prior_weight"])
-    repeat = None
-    if "repeat_weight" in weights:
-        repeat = RepeatPrior(len(weights["item_table"]))
-        repeat.weight.data.copy_(weights["repeat_weight"][0])
+    prior, repeat = _priors(path, weights)
     model = InferenceModel(
         backbone,
         weights["item_table"],
@@ -231,3 +209,42 @@ def load_export(path: Path) -> InferenceModel:
     if meta.get("quantize") == "int8":
         model.quantize()
     return model
+
+
+def _merged_adapter(path: Path, backbone: nn.Module, lora: dict) -> nn.Module:
+    """The export's separate LoRA adapter, loaded into ``backbone`` and merged."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"])
+    backbone = inject_adapter_in_model(config, backbone)
+    missing = backbone.load_state_dict(load_file(str(path / "adapter.safetensors")), strict=False)
+    if missing.unexpected_keys:
+        raise ConfigError(f"{path}/adapter.safetensors does not fit the backbone: {missing.unexpected_keys[:3]}")
+    merge_lora(backbone)
+    return backbone
+
+
+def _heads(weights: dict[str, torch.Tensor], names: list[str]) -> dict[str, nn.Linear]:
+    heads = {}
+    for name in names:
+        weight, bias = weights[f"{name}_head.weight"], weights[f"{name}_head.bias"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict({"weight": weight, "bias": bias})
+        heads[name] = head
+    return heads
+
+
+def _priors(path: Path, weights: dict[str, torch.Tensor]) -> tuple[TransitionPrior | None, RepeatPrior | None]:
+    """The transition prior (its pair counts are a file of the export) and the repeat prior, when trained."""
+    prior = None
+    if "prior_weight" in weights:
+        try:
+            prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
+        prior.weight.data.copy_(weights["prior_weight"])
+    repeat = None
+    if "repeat_weight" in weights:
+        repeat = RepeatPrior(len(weights["item_table"]))
+        repeat.weight.data.copy_(weights["repeat_weight"][0])
+    return prior, repeat

@@ -8,10 +8,7 @@ each rank reads its own part of the shards (see data_sharding.stream).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
 import resource
 import signal
 import threading
@@ -22,226 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_sharding import shards, storage
+from data_sharding import shards
 from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
+from trainer.config import RunConfig
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_model
 from trainer.next_period import evaluate_model_on_period
-from trainer.periods import Period
-
-STOP_FILE = "STOP"
-"""Created in a run folder (e.g. by the Slurm script on its preemption signal): checkpoint and exit.
-Empty, it stops whichever attempt reads it; holding an attempt id (:func:`current_attempt`), only
-that attempt, so a request left behind by a killed job never stops the requeued one."""
-STOPPED_FILE = "STOPPED"
-"""Written when a run stopped on request with a checkpoint: {"step", "checkpoint", "attempt"}."""
-EXIT_STOPPED = 75
-"""Exit status of `bgpt train`/`retrain`/`launch` that stopped with a checkpoint (EX_TEMPFAIL):
-run the same command to resume. 0: finished (metrics.json written); 1: failed; 2: bad input."""
-LOG_FILE = "train_log.jsonl"
-VALID_LOG = "valid_metrics.jsonl"
-
-
-def current_attempt() -> str:
-    """This attempt of a Slurm job ("JOBID.RESTARTS"), or "" outside Slurm."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}" if job else ""
-
-
-def stopped_marker(run: Path) -> dict | None:
-    """What the run's last stop on request left (None when the run did not stop that way)."""
-    try:
-        return json.loads((Path(run) / STOPPED_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def trim_logs(run: Path, step: int) -> int:
-    """Drop log records after ``step``: they belong to an attempt that died before its next
-    checkpoint, and the resumed run logs those steps again. Each step is then logged once across
-    restarts. Returns how many records were dropped (a half-written last line counts)."""
-    dropped = 0
-    for name in (LOG_FILE, VALID_LOG):
-        path = Path(run) / name
-        if not path.exists():
-            continue
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass
-        if len(keep) < len(lines):
-            dropped += len(lines) - len(keep)
-            shards.write_atomic(path, "".join(line + "\n" for line in keep).encode())
-    return dropped
-
-
-def request_stop(run: Path, attempt: str) -> None:
-    """Ask the run to checkpoint and stop: ``RUN/STOP`` addressed to ``attempt`` ("" for any)."""
-    (Path(run) / STOP_FILE).write_text(attempt + "\n")
-
-
-@dataclass
-class DataConfig:
-    """Which shards to train on and how to read them."""
-
-    path: str = ""
-    """Dataset folder written by `bgpt shard`."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank reading shards."""
-    generations: str = "state"
-    """state (every user's latest sequence), latest (the newest generation only) or a generation number."""
-    focus_new: bool = False
-    """Train only on the newest generation's events (with their history as context) plus a replay
-    sample; set by `bgpt retrain`."""
-    replay_fraction: float = 0.1
-    """With focus_new: share of users whose whole history is replayed alongside the new events."""
-    train_on_valid: bool = False
-    """A final refit: the validation events become training targets too, so the model also learns
-    each user's most recent transition before it is tested. Nothing is left to validate on: choose
-    the configuration and step count (train.max_steps) on an ordinary run first; the refit keeps
-    its last weights as ``best/``."""
-    validate_on_newest: bool = False
-    """Hold out the newest generation: train on the dataset as it stood before it, and validate by
-    predicting every event of it from everything before (next-period protocol, as deployed).
-    Choose the step count this way, then refit on everything (this false, train.max_steps set)."""
-
-    def __post_init__(self) -> None:
-        if self.validate_on_newest and (self.train_on_valid or self.focus_new):
-            raise ConfigError("data.validate_on_newest does not combine with train_on_valid or focus_new")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, schedule, budget and logging."""
-
-    micro_batch_size: int = 64
-    """Windows per device per forward pass."""
-    grad_accum: int = 1
-    """Micro batches per optimizer step; global batch = micro_batch_size x processes x grad_accum."""
-    global_batch_size: int | None = None
-    """Windows per optimizer step over all processes. When set, grad_accum is derived from it and
-    the process count, so the optimisation is the same on 1 process or 64."""
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    schedule: str = "cosine"
-    """cosine, linear or constant decay after warmup."""
-    epochs: int = 10
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (default: epochs x steps per epoch)."""
-    max_minutes: float | None = None
-    """Wall-clock training budget; the best validated weights are kept."""
-    clip_grad: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU: CPU bf16 matmuls are far slower), fp32 or bf16."""
-    eval_every: int = 200
-    """Validate every N optimizer steps (0: only at the end)."""
-    patience: int = 5
-    """Stop after this many validations without a better valid NDCG@10 (0: never)."""
-    log_every: int = 10
-    tensorboard: bool = False
-    init_from: str | None = None
-    """A checkpoint folder whose trainable weights start this run (item and event-type tables grown
-    for new ids, old rows unchanged); the optimizer and schedule start fresh (a warm restart)."""
-
-    def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"train.schedule {self.schedule!r}: choose cosine, linear or constant")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision {self.precision!r}: choose auto, fp32 or bf16")
-        if self.global_batch_size is not None and self.global_batch_size < 1:
-            raise ConfigError("train.global_batch_size must be >= 1")
-
-    def accumulation(self, world_size: int) -> int:
-        """Micro batches per optimizer step on each of ``world_size`` processes."""
-        if self.global_batch_size is None:
-            return self.grad_accum
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                f"{self.micro_batch_size} x {world_size} processes; change one of them"
-            )
-        return self.global_batch_size // per_step
-
-
-def newest_holdout(data) -> Period:
-    """The period that data.validate_on_newest holds out: the newest generation (there must be an
-    earlier one to train on)."""
-    from data_sharding import shards
-
-    latest = int(shards.load_manifest(data)["generation"])
-    if latest < 2:
-        raise ConfigError(
-            f"data.validate_on_newest: {data} has one generation; add the newest events with `bgpt shard --append`"
-        )
-    return Period(generation=latest)
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
-    """Warmup, then decay over whichever budget runs out first: steps or ``max_minutes``."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        if cfg.max_minutes:
-            progress = max(progress, min(1.0, elapsed() / (60 * cfg.max_minutes)))
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.schedule == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return factor
-
-
-@contextlib.contextmanager
-def all_cores():
-    """Main-process-only work on CPU (validation) while the other ranks wait: torchrun gives each
-    process one thread, so borrow the idle cores for the duration."""
-    before = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def uses_deepspeed() -> bool:
-    """True inside a process started by `accelerate launch` with a DeepSpeed config."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def make_accelerator(cfg: TrainConfig, run: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # The process-group backend is only set when launched with several processes: accelerate
-    # treats a backend as a request for a process group.
-    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo")] if world_size > 1 else []
-    deepspeed = uses_deepspeed()
-    return Accelerator(
-        # DeepSpeed runs on CPU through its own CPU accelerator, not accelerate's cpu mode.
-        cpu=not cuda and not deepspeed,
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=cfg.accumulation(world_size),
-        log_with="tensorboard" if cfg.tensorboard else None,
-        project_dir=str(run),
-        kwargs_handlers=handlers,
-    )
+from trainer.periods import newest_holdout
+from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs
+from trainer.runtime import all_cores, lr_lambda
 
 
 @dataclass
@@ -260,12 +47,12 @@ class TrainState:
 class Trainer:
     """Owns the model, optimizer, data stream and run folder of one training run."""
 
-    def __init__(self, run: Path, run_cfg, model, vocab_version: str, accelerator, log=print) -> None:
+    def __init__(self, run: Path, run_cfg: RunConfig, model, vocab_version: str, accelerator, log=print) -> None:
         self.run, self.cfg, self.accelerator, self.log = run, run_cfg, accelerator, log
         self.vocab_version = vocab_version
         self.state = TrainState()
         train = run_cfg.train
-        data = storage.as_root(run_cfg.data.path)
+        data = run_cfg.data.root
         self.holdout = newest_holdout(data) if run_cfg.data.validate_on_newest else None
         stream_cfg = StreamConfig(
             max_len=run_cfg.model.max_len,
@@ -338,7 +125,7 @@ class Trainer:
         tmp = ckpt.begin_checkpoint(target) if acc.is_main_process else ckpt.temp_dir(target)
         acc.wait_for_everyone()
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        torch.save(rank_state, tmp / f"rank-{acc.process_index}.pt")
+        ckpt.save_rank_state(tmp, acc.process_index, rank_state)
         if self.zero_stage is not None:
             # Sharded optimizer states: each rank writes its own partition (frozen base excluded).
             self.model.save_checkpoint(str(tmp / ckpt.ZERO_DIR), tag="state", exclude_frozen_parameters=True)
@@ -372,7 +159,7 @@ class Trainer:
         missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(weights)
         if missing:
             raise ConfigError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...; was the model config changed?")
-        saved = torch.load(path / "optimizer.pt", weights_only=False)
+        saved = ckpt.load_optimizer(path)
         if self.zero_stage is None:
             unwrapped.load_state_dict(weights, strict=False)
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -383,7 +170,7 @@ class Trainer:
                 str(path / ckpt.ZERO_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
             )
         self.scheduler.load_state_dict(saved["scheduler"])
-        rank = torch.load(path / f"rank-{self.accelerator.process_index}.pt", weights_only=False)
+        rank = ckpt.load_rank_state(path, self.accelerator.process_index)
         ckpt.set_rng_state(rank["rng"])
         self.loader.load_state_dict(rank["loader"])
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
@@ -468,15 +255,13 @@ class Trainer:
         if self.holdout is not None:
             return evaluate_model_on_period(
                 model,
-                storage.as_root(cfg.data.path),
+                cfg.data.root,
                 self.holdout,
                 cfg.eval,
                 cfg.model.max_len,
                 self.accelerator.device,
             )
-        return evaluate_model(
-            model, storage.as_root(cfg.data.path), "valid", cfg.eval, cfg.model.max_len, self.accelerator.device
-        )
+        return evaluate_model(model, cfg.data.root, "valid", cfg.eval, cfg.model.max_len, self.accelerator.device)
 
     def _record_validation(self, model, metrics: dict, weights: dict | None) -> bool:
         """Log the validation metrics, keep the best weights; True when patience ran out."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_sharding.stream import StreamConfig
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
@@ -44,8 +45,8 @@ class ModelConfig:
     """Scratch backbones only."""
     dropout: float = 0.2
     """Dropout on behaviour embeddings (and inside scratch backbones)."""
-    max_len: int = 50
-    """Longest history the model reads (positions)."""
+    max_len: int = StreamConfig.max_len
+    """Longest history the model reads (positions); the data stream's window length by default."""
     item_text: str = "auto"
     """Item text features: backbone (mean of the backbone's token embeddings of the title), minilm
     (all-MiniLM-L6-v2 sentence vectors), none; auto = backbone with pretrained weights, minilm for

@@ -157,3 +157,14 @@ def catalogue(root, period: Period) -> torch.Tensor:
         mask &= added <= period.generation
     mask[:NUM_RESERVED_ITEMS] = False
     return mask
+
+
+def newest_holdout(data) -> Period:
+    """The period that data.validate_on_newest holds out: the newest generation (there must be an
+    earlier one to train on)."""
+    latest = int(shards.load_manifest(data)["generation"])
+    if latest < 2:
+        raise ConfigError(
+            f"data.validate_on_newest: {data} has one generation; add the newest events with `bgpt shard --append`"
+        )
+    return Period(generation=latest)

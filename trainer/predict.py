@@ -18,6 +18,7 @@ from tqdm import tqdm
 from data_sharding import shards, storage
 from data_sharding.ingest import InputConfig, stage_file
 from data_sharding.stream import collate_windows, iter_sequences
+from trainer.config import CONFIG, load_run_config
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel
 
@@ -80,6 +81,27 @@ def histories_from_events(path: Path, model: InferenceModel, fmt: str = "auto", 
     for start, end in zip(starts, ends, strict=True):
         start = max(start, end - model.max_len)
         yield History(str(users[start]), *(c[start:end].astype(np.int64) for c in cols))
+
+
+def select_histories(
+    model: InferenceModel,
+    run: Path,
+    data: str | Path | None = None,
+    events: Path | None = None,
+    fmt: str = "auto",
+    users: list[str] | None = None,
+) -> Iterator[History]:
+    """The histories to predict from: a raw ``events`` file, else the sharded ``data`` (default:
+    the run's own dataset; an export has none, so it needs one of the two); only ``users`` when given."""
+    if events is not None:
+        histories = histories_from_events(events, model, fmt)
+        wanted = set(users) if users is not None else None
+        return histories if wanted is None else (h for h in histories if h.user in wanted)
+    if data is None:
+        if not (run / CONFIG).exists():
+            raise ConfigError(f"{run} is an export: pass --data DIR or --events FILE")
+        data = load_run_config(run).data.path
+    return histories_from_data(storage.as_root(data), model, users)
 
 
 def _batch(histories: list[History]) -> tuple[torch.Tensor, ...]:

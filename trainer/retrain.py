@@ -14,12 +14,11 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from data_sharding import shards
-from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer import checkpoint as ckpt
+from trainer.config import CONFIG, RunConfig, load_config, merge
 from trainer.errors import ConfigError
+from trainer.run import train_run
 
 LINEAGE = "lineage.json"
 
@@ -31,41 +30,8 @@ def vocab_generation(version: str) -> int:
     return int(match.group(1))
 
 
-@torch.no_grad()
-def grow_and_load(model: torch.nn.Module, source: Path, log=print) -> list[str]:
-    """Load ``source``'s trainable weights into ``model``, growing tables whose first dimension got
-    larger (new ids). Returns the names of the grown tables."""
-    saved = ckpt.load_weights(source)
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-    if missing:
-        raise ConfigError(f"{source}: lacks {missing[:3]}; was the model config changed since that run?")
-    grown = []
-    for name, value in saved.items():
-        if name not in params:
-            raise ConfigError(f"{source}: has {name}, which this model lacks; was the model config changed?")
-        target = params[name]
-        if target.shape == value.shape:
-            target.copy_(value)
-            continue
-        if target.dim() != value.dim() or target.shape[1:] != value.shape[1:] or target.shape[0] < value.shape[0]:
-            raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, this model {tuple(target.shape)}")
-        old = value.shape[0]
-        target[:old] = value
-        if name == "items.ids.weight" and getattr(model.items, "text_proj", None) is None:
-            # No text to start from: the average known item is a neutral prior for a new one.
-            target[old:] = value[NUM_RESERVED_ITEMS:].mean(dim=0)
-        grown.append(f"{name} {old:,} -> {target.shape[0]:,} rows")
-    for line in grown:
-        log(f"grew {line}")
-    return grown
-
-
-def retrain_config(parent: Path, data: Path, overrides: dict[str, dict], log=print):
+def retrain_config(parent: Path, data: Path, overrides: dict[str, dict], log=print) -> tuple[RunConfig, dict]:
     """The RunConfig of a retrain of ``parent`` on ``data``, and its lineage record."""
-    from launch.configs import load_config, merge
-    from trainer.run import CONFIG
-
     if not (parent / CONFIG).exists():
         raise ConfigError(f"{parent}: not a run folder (no {CONFIG}); give the folder `bgpt train --out` wrote")
     source = ckpt.latest_valid(parent, log)
@@ -110,8 +76,6 @@ def retrain_config(parent: Path, data: Path, overrides: dict[str, dict], log=pri
 
 
 def retrain(parent: Path, data: Path, out: Path, overrides: dict[str, dict], log=print) -> dict:
-    from trainer.run import train_run
-
     if out.resolve() == parent.resolve():
         raise ConfigError("--out must be a new run folder: the parent run stays as it was")
     cfg, lineage = retrain_config(parent, data, overrides, log)

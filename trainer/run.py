@@ -6,7 +6,6 @@ evaluation and prediction; ``evaluate_run`` scores a split and writes ``metrics.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -14,53 +13,61 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from data_sharding import shards, storage
 from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
+from trainer.config import CONFIG, RunConfig, check_compatible, load_run_config
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
-from trainer.loop import (
-    LOG_FILE,
-    STOP_FILE,
-    STOPPED_FILE,
-    VALID_LOG,
-    Trainer,
-    all_cores,
-    make_accelerator,
-    stopped_marker,
-)
+from trainer.loop import Trainer
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
 from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
-
-CONFIG = "config.yaml"
-# Sections that define the network: a run cannot resume with different values.
-FROZEN_SECTIONS = ("model", "lora", "heads")
+from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
+from trainer.runtime import all_cores, make_accelerator
 
 
-def _check_compatible(run: Path, cfg_dict: dict) -> None:
-    saved = yaml.safe_load((run / CONFIG).read_text())
-    for section in FROZEN_SECTIONS:
-        if saved.get(section) != cfg_dict[section]:
-            changed = sorted(k for k in cfg_dict[section] if saved.get(section, {}).get(k) != cfg_dict[section][k])
-            raise ConfigError(
-                f"{run} was trained with a different {section} section ({', '.join(changed)}); "
-                f"use a new --out or the original settings"
-            )
-
-
-def train_run(run: Path, cfg, log=print) -> dict:
+def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
     """Train (or resume) the run in ``run``; return the test metrics of the best validated weights."""
-    data = storage.as_root(cfg.data.path)
-    manifest = shards.load_manifest(data)
     accelerator = make_accelerator(cfg.train, run)
+    main_log = log if accelerator.is_main_process else _quiet
     if cfg.eval.exclude_seen == "auto":  # decided once, from the data, and recorded in config.yaml
-        quiet = log if accelerator.is_main_process else _quiet
-        cfg.eval.exclude_seen = resolve_exclude_seen("auto", data, quiet)
-    cfg_dict = dataclasses.asdict(cfg)
+        cfg.eval.exclude_seen = resolve_exclude_seen("auto", cfg.data.root, main_log)
+    resume_from = _resume_point(run, cfg, log)
+    if accelerator.is_main_process:
+        _prepare_run_folder(run, cfg, resumed=resume_from is not None)
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(cfg.train.seed)
+    model, info = build_model(cfg.model, cfg.lora, cfg.heads, cfg.data.root, cache=run)
+    if resume_from is None and cfg.train.init_from:
+        source = Path(cfg.train.init_from)
+        problem = ckpt.verify(source)
+        if problem:
+            raise ConfigError(f"train.init_from {source}: {problem}")
+        ckpt.grow_and_load(model, source, main_log)
+    trainable, total = parameter_counts(model)
+    main_log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
+    if cfg.train.tensorboard:
+        accelerator.init_trackers("bgpt")
+    trainer = Trainer(run, cfg, model, info.vocab_version, accelerator, main_log)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    started = time.perf_counter()
+    state = trainer.fit()
+    if trainer.preempted:
+        accelerator.end_training()  # also closes the process group
+        return {"stopped_at_step": state.step, "resume": "run the same command again"}
+    metrics = _finish(run, cfg, trainer, log, time.perf_counter() - started)
+    accelerator.end_training()
+    return metrics
+
+
+def _resume_point(run: Path, cfg: RunConfig, log) -> Path | None:
+    """The checkpoint this request continues from (checkpoint.resume), checked against the run's
+    network; None for a fresh start."""
     resume_from = None
     if cfg.checkpoint.resume == "auto" and (run / CONFIG).exists():
         resume_from = ckpt.latest_valid(run, log)
@@ -70,43 +77,29 @@ def train_run(run: Path, cfg, log=print) -> dict:
         if problem:
             raise ConfigError(f"cannot resume from {resume_from}: {problem}")
     if resume_from is not None:
-        _check_compatible(run, cfg_dict)
-    if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            for stale in ("best", VALID_LOG, LOG_FILE, STOPPED_FILE):
-                target = run / stale
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        (run / "metrics.json").unlink(missing_ok=True)  # proves that this request finished, once it has
-        (run / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-        (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if cfg.model.transition_prior and (resume_from is None or not (run / PAIRS_FILE).exists()):
-            _count_training_pairs(run, cfg, data, manifest)
-    accelerator.wait_for_everyone()
+        check_compatible(run, cfg)
+    return resume_from
 
-    torch.manual_seed(cfg.train.seed)
-    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
-    if resume_from is None and cfg.train.init_from:
-        from trainer.retrain import grow_and_load
 
-        source = Path(cfg.train.init_from)
-        problem = ckpt.verify(source)
-        if problem:
-            raise ConfigError(f"train.init_from {source}: {problem}")
-        grow_and_load(model, source, log if accelerator.is_main_process else _quiet)
-    trainable, total = parameter_counts(model)
-    if accelerator.is_main_process:
-        log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
-    if cfg.train.tensorboard:
-        accelerator.init_trackers("bgpt")
-    trainer = Trainer(run, cfg, model, info.vocab_version, accelerator, log if accelerator.is_main_process else _quiet)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-    started = time.perf_counter()
-    state = trainer.fit()
-    if trainer.preempted:
-        accelerator.end_training()  # also closes the process group
-        return {"stopped_at_step": state.step, "resume": "run the same command again"}
+def _prepare_run_folder(run: Path, cfg: RunConfig, resumed: bool) -> None:
+    """Main process: a fresh start clears what an earlier run left; every request drops
+    metrics.json (it proves that this request finished, once it has) and records its config,
+    the data manifest and, for the transition prior, the pair counts of its training events."""
+    manifest = shards.load_manifest(cfg.data.root)
+    run.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        for stale in ("best", VALID_LOG, LOG_FILE, STOPPED_FILE):
+            target = run / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (run / METRICS).unlink(missing_ok=True)
+    cfg.save(run)
+    (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if cfg.model.transition_prior and (not resumed or not (run / PAIRS_FILE).exists()):
+        _count_training_pairs(run, cfg, manifest)
+
+
+def _finish(run: Path, cfg: RunConfig, trainer: Trainer, log, seconds: float) -> dict:
+    """The final test of the best weights (main process) and ``metrics.json``, written last."""
     if trainer.zero_stage == 3:
         # Training is over: the test model below is built in one process, so transformers must not
         # partition it with deepspeed.zero.Init (a collective the other ranks would never join).
@@ -114,28 +107,27 @@ def train_run(run: Path, cfg, log=print) -> dict:
 
         unset_hf_deepspeed_config()
     metrics = {}
-    if accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:
         with all_cores():
             metrics = _final_metrics(run, cfg, trainer, log)
-        metrics["train"] = {**state.to_dict(), "wall_seconds_this_process": round(time.perf_counter() - started, 1)}
-        (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        metrics["train"] = {**trainer.state.to_dict(), "wall_seconds_this_process": round(seconds, 1)}
+        (run / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
     return metrics
 
 
-def _count_training_pairs(run: Path, cfg, data, manifest: dict) -> None:
+def _count_training_pairs(run: Path, cfg: RunConfig, manifest: dict) -> None:
     """The transition prior's counts, from exactly the events this run trains on."""
     holdout = int(manifest["generation"]) - 1 if cfg.data.validate_on_newest else None
     model = cfg.model
     num_items = int(manifest["vocab"]["num_items"])
     pairs = count_pairs(
-        data, num_items, model.transition_neighbors, model.transition_steps, holdout, cfg.data.train_on_valid
+        cfg.data.root, num_items, model.transition_neighbors, model.transition_steps, holdout, cfg.data.train_on_valid
     )
     save_pairs(run / PAIRS_FILE, pairs)
 
 
-def _final_metrics(run: Path, cfg, trainer: Trainer, log) -> dict:
+def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log) -> dict:
     """The test split of the best weights; for a run validated on the newest generation, that
     validation (there is nothing later to test on); nothing without a test split."""
     if trainer.holdout is not None:
@@ -146,7 +138,7 @@ def _final_metrics(run: Path, cfg, trainer: Trainer, log) -> dict:
             "best_step": best["step"],
             **best["valid"],
         }
-    test = ShardDataset(storage.as_root(cfg.data.path), StreamConfig(split="test"))
+    test = ShardDataset(cfg.data.root, StreamConfig(split="test"))
     if test.num_samples == 0:
         log("no test split in the data: evaluate with `bgpt eval --protocol next-period` on the next generation")
         return {"split": "test", "count": 0}
@@ -155,43 +147,6 @@ def _final_metrics(run: Path, cfg, trainer: Trainer, log) -> dict:
 
 def _quiet(*args, **kwargs) -> None:
     return None
-
-
-def run_status(run: Path) -> dict:
-    """What a run folder holds: finished or not, the latest valid checkpoint (and any newer one
-    that fails verification), steps logged of those requested, a pending stop request."""
-    if not (run / CONFIG).exists():
-        raise ConfigError(f"{run}: not a run folder (no {CONFIG})")
-    train = (yaml.safe_load((run / CONFIG).read_text()) or {}).get("train", {})
-    invalid: list[str] = []
-    latest = ckpt.latest_valid(run, log=invalid.append)
-    logged = 0
-    if (run / LOG_FILE).exists():
-        for line in (run / LOG_FILE).read_text().splitlines():
-            with contextlib.suppress(ValueError, AttributeError):
-                logged = max(logged, int(json.loads(line).get("step", 0)))
-    stop = run / STOP_FILE
-    return {
-        "run": str(run),
-        "finished": (run / "metrics.json").exists(),
-        "requested_steps": train.get("max_steps"),
-        "epochs": train.get("epochs"),
-        "latest_checkpoint": str(latest) if latest else None,
-        "latest_checkpoint_step": ckpt.read_state(latest)["step"] if latest else None,
-        "invalid_newer_checkpoints": invalid,
-        "last_logged_step": logged,
-        "stopped": stopped_marker(run),
-        "stop_requested": (stop.read_text().strip() or "any attempt") if stop.exists() else None,
-        "best_step": ckpt.read_state(run / "best")["step"] if ckpt.verify(run / "best") is None else None,
-    }
-
-
-def load_run_config(run: Path):
-    from launch.configs import build_config
-
-    if not (run / CONFIG).exists():
-        raise ConfigError(f"{run}: not a run folder (no {CONFIG}); train one with `bgpt train`")
-    return build_config(yaml.safe_load((run / CONFIG).read_text()))
 
 
 def weights_source(run: Path, weights: str = "best", log=print) -> Path:
@@ -231,10 +186,13 @@ def evaluate_run(
     split: str = "test",
     ks: list[int] | None = None,
     exclude_seen: bool | None = None,
+    save: bool = False,
     log=print,
 ) -> dict:
     """Full-ranking metrics of the run's best weights on ``split``; several runs trained on the same
-    data are scored as one ensemble (the mean of their log-probabilities)."""
+    data are scored as one ensemble (the mean of their log-probabilities). ``save``: also write them
+    into the run (``metrics.json``, or ``metrics_exclude_seen.json`` / ``metrics_with_seen.json``
+    when ``exclude_seen`` overrides the run's setting); an ensemble's belong to no single run."""
     runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
     loaded = [load_run_model(r, log=log) for r in runs]
     _, cfg, info = loaded[0]
@@ -244,7 +202,7 @@ def evaluate_run(
                 f"{other_run}: an ensemble needs runs trained on the same data (vocab) with the same "
                 f"model.max_len as {runs[0]}"
             )
-    data = storage.as_root(cfg.data.path)
+    data = cfg.data.root
     exclude = cfg.eval.exclude_seen if exclude_seen is None else exclude_seen
     eval_cfg = dataclasses.replace(
         cfg.eval, ks=ks or cfg.eval.ks, exclude_seen=resolve_exclude_seen(exclude, data, log)
@@ -253,15 +211,19 @@ def evaluate_run(
     models = [model.to(device) for model, _, _ in loaded]
     metrics = evaluate_model(models if len(models) > 1 else models[0], data, split, eval_cfg, cfg.model.max_len, device)
     named = str(runs[0]) if len(runs) == 1 else [str(r) for r in runs]
-    return {"split": split, "run": named, "exclude_seen": eval_cfg.exclude_seen, **metrics}
+    result = {"split": split, "run": named, "exclude_seen": eval_cfg.exclude_seen, **metrics}
+    if save and len(runs) == 1:
+        name = {None: METRICS, True: "metrics_exclude_seen.json", False: "metrics_with_seen.json"}.get(
+            exclude_seen, METRICS
+        )
+        (runs[0] / name).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def run_scorer(runs: list[Path], root, cold_items: bool = True, log=print) -> tuple[KnownItems, torch.Tensor, dict]:
     """(scorer, rankable items, facts) for trained runs (several: an ensemble) on ``root``'s
     vocabulary. ``cold_items``: rank items the runs never saw when they can encode them from text or
     attributes; otherwise (or for id-only models) such items are never recommended."""
-    from trainer.retrain import grow_and_load
-
     lineage = {g["vocab_version"] for g in shards.load_manifest(root)["generations"]}
     models, known = [], set()
     max_len = None
@@ -276,7 +238,7 @@ def run_scorer(runs: list[Path], root, cold_items: bool = True, log=print) -> tu
                 f"its item ids would not match; evaluate on the dataset it was trained on (or one appended to it)"
             )
         model, _ = build_model(cfg.model, cfg.lora, cfg.heads, root, cache=run)
-        grow_and_load(model, source, log=lambda *a: None)
+        ckpt.grow_and_load(model, source, log=_quiet)
         known.add(int(ckpt.load_weights(source)["items.ids.weight"].shape[0]))
         if max_len not in (None, cfg.model.max_len):
             raise ConfigError(f"{run}: an ensemble needs runs with the same model.max_len")

@@ -1,0 +1,262 @@
+"""RunConfig: the one typed configuration of a training run, composed from the sections' own configs.
+
+Precedence: defaults < YAML file (``--config``) < ``--section.field=value`` overrides. Unknown
+sections or fields are errors. Every run saves its RunConfig as ``config.yaml`` (:data:`CONFIG`);
+:func:`load_run_config` reads it back. The data and train sections are defined here; the others
+live with the code they configure (model, lora, heads, checkpoint, eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_sharding import storage
+from trainer.checkpoint import CheckpointConfig
+from trainer.errors import ConfigError
+from trainer.evaluate import EvalConfig
+from trainer.heads import HeadsConfig
+from trainer.model import LoraConfig, ModelConfig
+
+CONFIG = "config.yaml"
+"""The RunConfig of a run folder, as trained (``eval.exclude_seen: auto`` already decided)."""
+FROZEN_SECTIONS = ("model", "lora", "heads")
+"""Sections that define the network: a run cannot resume with different values."""
+
+
+@dataclass
+class DataConfig:
+    """Which shards to train on and how to read them."""
+
+    path: str = ""
+    """Dataset folder written by `bgpt shard`."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank reading shards."""
+    generations: str = "state"
+    """state (every user's latest sequence), latest (the newest generation only) or a generation number."""
+    focus_new: bool = False
+    """Train only on the newest generation's events (with their history as context) plus a replay
+    sample; set by `bgpt retrain`."""
+    replay_fraction: float = 0.1
+    """With focus_new: share of users whose whole history is replayed alongside the new events."""
+    train_on_valid: bool = False
+    """A final refit: the validation events become training targets too, so the model also learns
+    each user's most recent transition before it is tested. Nothing is left to validate on: choose
+    the configuration and step count (train.max_steps) on an ordinary run first; the refit keeps
+    its last weights as ``best/``."""
+    validate_on_newest: bool = False
+    """Hold out the newest generation: train on the dataset as it stood before it, and validate by
+    predicting every event of it from everything before (next-period protocol, as deployed).
+    Choose the step count this way, then refit on everything (this false, train.max_steps set)."""
+
+    @property
+    def root(self) -> storage.Root:
+        """The dataset location: a local folder as a Path, a URL as a string (one place derives it)."""
+        return storage.as_root(self.path)
+
+    def __post_init__(self) -> None:
+        if self.validate_on_newest and (self.train_on_valid or self.focus_new):
+            raise ConfigError("data.validate_on_newest does not combine with train_on_valid or focus_new")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, budget and logging."""
+
+    micro_batch_size: int = 64
+    """Windows per device per forward pass."""
+    grad_accum: int = 1
+    """Micro batches per optimizer step; global batch = micro_batch_size x processes x grad_accum."""
+    global_batch_size: int | None = None
+    """Windows per optimizer step over all processes. When set, grad_accum is derived from it and
+    the process count, so the optimisation is the same on 1 process or 64."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    """cosine, linear or constant decay after warmup."""
+    epochs: int = 10
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (default: epochs x steps per epoch)."""
+    max_minutes: float | None = None
+    """Wall-clock training budget; the best validated weights are kept."""
+    clip_grad: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU: CPU bf16 matmuls are far slower), fp32 or bf16."""
+    eval_every: int = 200
+    """Validate every N optimizer steps (0: only at the end)."""
+    patience: int = 5
+    """Stop after this many validations without a better valid NDCG@10 (0: never)."""
+    log_every: int = 10
+    tensorboard: bool = False
+    init_from: str | None = None
+    """A checkpoint folder whose trainable weights start this run (item and event-type tables grown
+    for new ids, old rows unchanged); the optimizer and schedule start fresh (a warm restart)."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"train.schedule {self.schedule!r}: choose cosine, linear or constant")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("train.global_batch_size must be >= 1")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro batches per optimizer step on each of ``world_size`` processes."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x {world_size} processes; change one of them"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, run: Path) -> None:
+        """Write ``run/config.yaml``."""
+        (run / CONFIG).write_text(self.to_yaml())
+
+
+def _convert(value, annotation, where: str):
+    """Coerce a YAML/CLI value to a field's annotated type (str, int, float, bool, list, optional)."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    if hints:
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in hints:
+            return None
+        errors = []
+        for hint in hints:
+            if hint is type(None):
+                continue
+            try:
+                return _convert(value, hint, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot use {value!r}")
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, inner, where) for v in items]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def build_config(sections: dict[str, dict]) -> RunConfig:
+    """RunConfig from nested dicts, checking every section and field name and value."""
+    root_types = typing.get_type_hints(RunConfig)
+    built = {}
+    for name, values in (sections or {}).items():
+        if name not in root_types:
+            raise ConfigError(f"unknown config section {name!r}; sections are {', '.join(root_types)}")
+        cls = root_types[name]
+        fields = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in (values or {}).items():
+            if key not in fields:
+                raise ConfigError(f"unknown config key {name}.{key}; {name} has {', '.join(fields)}")
+            kwargs[key] = _convert(value, fields[key], f"{name}.{key}")
+        try:
+            built[name] = cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"config section {name}: {e}") from None
+    return RunConfig(**built)
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict]:
+    """``--section.field=value`` (or ``--section.field value``) -> nested dict."""
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.field=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg}: missing value")
+            i += 1
+            value = args[i]
+        section, _, name = key.partition(".")
+        out.setdefault(section.replace("-", "_"), {})[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v or {}) for k, v in base.items()}
+    for section, values in extra.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: dict[str, dict]) -> RunConfig:
+    sections: dict = {}
+    if path is not None:
+        try:
+            sections = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
+        if not isinstance(sections, dict):
+            raise ConfigError(f"{path}: expected sections (data, model, lora, heads, train, checkpoint, eval)")
+    return build_config(merge(sections, overrides))
+
+
+def load_run_config(run: Path) -> RunConfig:
+    """The RunConfig a run folder was trained with."""
+    if not (run / CONFIG).exists():
+        raise ConfigError(f"{run}: not a run folder (no {CONFIG}); train one with `bgpt train`")
+    return build_config(yaml.safe_load((run / CONFIG).read_text()))
+
+
+def check_compatible(run: Path, cfg: RunConfig) -> None:
+    """A resumed run keeps the network it was trained with (:data:`FROZEN_SECTIONS`)."""
+    saved = yaml.safe_load((run / CONFIG).read_text())
+    wanted = cfg.to_dict()
+    for section in FROZEN_SECTIONS:
+        if saved.get(section) != wanted[section]:
+            changed = sorted(k for k in wanted[section] if saved.get(section, {}).get(k) != wanted[section][k])
+            raise ConfigError(
+                f"{run} was trained with a different {section} section ({', '.join(changed)}); "
+                f"use a new --out or the original settings"
+            )

@@ -1,0 +1,71 @@
+"""The process a run trains in: the Accelerator (precision, process group, DeepSpeed), the
+learning-rate schedule, and borrowing idle cores for main-process-only work."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int, elapsed=lambda: 0.0):
+    """Warmup, then decay over whichever budget runs out first: steps or ``max_minutes``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.max_minutes:
+            progress = max(progress, min(1.0, elapsed() / (60 * cfg.max_minutes)))
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Main-process-only work on CPU (validation) while the other ranks wait: torchrun gives each
+    process one thread, so borrow the idle cores for the duration."""
+    before = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def uses_deepspeed() -> bool:
+    """True inside a process started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(cfg: TrainConfig, run: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # The process-group backend is only set when launched with several processes: accelerate
+    # treats a backend as a request for a process group.
+    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo")] if world_size > 1 else []
+    deepspeed = uses_deepspeed()
+    return Accelerator(
+        # DeepSpeed runs on CPU through its own CPU accelerator, not accelerate's cpu mode.
+        cpu=not cuda and not deepspeed,
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.accumulation(world_size),
+        log_with="tensorboard" if cfg.tensorboard else None,
+        project_dir=str(run),
+        kwargs_handlers=handlers,
+    )

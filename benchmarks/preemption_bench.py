@@ -5,11 +5,20 @@
 Starts the test cluster (tests/slurm_cluster.py: Debian's slurm-wlm + munge, two node names on
 this host), shards a small synthetic log, and submits the same 2-node DDP job (`bgpt slurm
 submit`, checkpoints only at the end and on a stop) once uninterrupted, then once per stop path,
-interrupted after 20 logged steps:
+interrupted after 20 logged steps (node_failure: 120):
 
 - usr1_to_the_batch_script: what `--signal=B:USR1@N` does before the time limit
 - usr1_to_the_job_steps: `scancel --signal=USR1` (every process of the steps, launchers included)
+- usr1_to_both: `scancel --full --signal=USR1` (the batch script and the steps)
+- term_to_the_job_steps: `scancel --signal=TERM` (the steps only: the ranks checkpoint, the script requeues)
+- term_to_both: `scancel --full --signal=TERM` (a TERM to the batch script reads as "the job is
+  ending": not requeued, like scancel; the same command, submitted again, resumes)
 - scontrol_requeue: the scheduler takes the job back (TERM to everything, KILL after KillWait)
+- preemption: a job of a higher-priority partition needs both nodes (PreemptMode=REQUEUE, TERM,
+  then KILL after the partition's 120 s GraceTime)
+- node_failure: node n2's slurmd and the job's processes on it are SIGKILLed at once (a power
+  loss); Slurm declares the node failed after SlurmdTimeout (30 s) and requeues the job, which
+  resumes from its last periodic checkpoint (this path checkpoints every 50 steps) once n2 is back
 - time_limit: a 2-minute limit with the warning 60 s before it, attempt after attempt until done
 - scancel: a user's plain cancel (TERM, then KILL): the job ends CANCELLED; the same command,
   submitted again, resumes
@@ -45,7 +54,12 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 PATHS = {
     "usr1_to_the_batch_script": ("scancel", "--batch", "--signal=USR1"),
     "usr1_to_the_job_steps": ("scancel", "--signal=USR1"),
+    "usr1_to_both": ("scancel", "--full", "--signal=USR1"),
+    "term_to_the_job_steps": ("scancel", "--signal=TERM"),
+    "term_to_both": ("scancel", "--full", "--signal=TERM"),
     "scontrol_requeue": ("scontrol", "requeue"),
+    "preemption": ("sbatch", "--partition=urgent", "--nodes=2", "--exclusive", "--wrap=sleep 5"),
+    "node_failure": None,
     "time_limit": None,
     "scancel": ("scancel",),
 }
@@ -131,13 +145,26 @@ def run_path(cluster: Cluster, name: str, data: Path, root: Path, steps: int, re
     started = time.perf_counter()
     if name == "time_limit":
         job = submit(cluster, run, args, time_limit="2", signal_s=60)
+    elif name == "node_failure":
+        args.append("--checkpoint.every_steps=50")
+        job = submit(cluster, run, args)
+        wait_for_steps(cluster, job, run / "train_log.jsonl", 120)
+        cluster.fail_node("n2")
+        deadline = time.time() + 300
+        while time.time() < deadline and job_facts(cluster, job)["restarts"] in (None, "0"):
+            time.sleep(1)
+        cluster.start_slurmd("n2")
+    elif name == "preemption":
+        job = submit(cluster, run, args)
+        wait_for_steps(cluster, job, run / "train_log.jsonl", 20)
+        cluster.run(*PATHS[name], f"--output={root / 'urgent-%j.out'}")
     else:
         job = submit(cluster, run, args)
         wait_for_steps(cluster, job, run / "train_log.jsonl", 20)
         cluster.run(*PATHS[name], job)
     cluster.wait_for(job, ENDED, 1200)
     record = {"job": job, **job_facts(cluster, job)}
-    if name == "scancel":  # cancelled on purpose: the same command, submitted again, resumes
+    if name in ("scancel", "term_to_both"):  # ended on purpose: the same command, submitted again, resumes
         second = submit(cluster, run, args)
         cluster.wait_for(second, ENDED, 1200)
         record["resubmitted"] = {"job": second, **job_facts(cluster, second)}
@@ -194,7 +221,7 @@ def report(args, base: dict, paths: dict) -> None:
         "# Preemption: every stop path on a real two-node Slurm cluster",
         "",
         f"`{result['command']}` on {result['machine']}; {args.steps} steps, checkpoints only at the end and on "
-        f"a stop. Uninterrupted reference: {base['state']} (exit {base['exit_code']}).",
+        f"a stop (node_failure: also every 50 steps). Uninterrupted reference: {base['state']} (exit {base['exit_code']}).",
         "",
         "| path | Slurm reports | restarts | checkpoint on stop (step) | stop without checkpoint: resumed from "
         "| steps logged once each | max abs weight diff vs uninterrupted | resumed exactly |",

@@ -314,14 +314,13 @@ class ShardDataset(IterableDataset):
             yield self.collate(users, cut, seen)
 
 
-def _quiet_exit_on_stop_signals(worker_id: int) -> None:
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """Loader workers leave stop signals to their rank. Slurm signals every process of a job step,
-    and a worker killed by SIGTERM makes the rank's loader raise at once, before the rank reaches
-    its checkpoint. So a worker ignores SIGUSR1 and exits with status 0 on SIGTERM (also how the
-    loader ends a worker that does not stop by itself): the rank, asked to stop by the same
-    signal, checkpoints at the end of its step without fetching another batch."""
+    and a dead worker (even one that exited 0) makes the rank's next fetch raise before the rank
+    reaches its checkpoint. So a worker ignores SIGUSR1 and its first SIGTERM; a second SIGTERM
+    (how the loader and Python's exit end a worker that does not stop by itself) ends it."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGTERM, lambda *a: signal.signal(signal.SIGTERM, lambda *b: os._exit(0)))
 
 
 class StreamLoader:
@@ -350,7 +349,7 @@ class StreamLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             generator=generator,
-            worker_init_fn=_quiet_exit_on_stop_signals if self.num_workers else None,
+            worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers else None,
         )
         for batch in loader:
             self.batches += 1

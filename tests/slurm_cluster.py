@@ -1,14 +1,18 @@
 """A real two-node Slurm cluster on this host, for tests: Debian's slurm-wlm and munge.
 
 Both node names (n1, n2) run a ``slurmd`` on this machine at 127.0.0.1 with their own ports;
-``slurmctld`` runs beside them. Everything (config, state, spool, logs) lives in a temporary
-folder; teardown cancels the jobs, waits until the queue drains and stops the daemons.
+``slurmctld`` runs beside them. Two partitions share the nodes: ``debug`` (the default) and
+``urgent``, whose jobs preempt debug's (PreemptMode=REQUEUE, with a 120 s grace time).
+Everything (config, state, spool, logs) lives in a temporary folder; teardown cancels the jobs,
+waits until the queue drains and stops the daemons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -74,6 +78,7 @@ class Cluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.slurmd: dict[str, subprocess.Popen] = {}
         self.munge: subprocess.Popen | None = None
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
@@ -106,15 +111,45 @@ JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
 ReturnToService=2
 MinJobAge=60
+SlurmdTimeout=30
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={d1} CPUs=2 RealMemory=8000 State=UNKNOWN
 NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2} CPUs=2 RealMemory=8000 State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """
         )
 
-    def _daemon(self, *cmd: str) -> None:
+    def _daemon(self, *cmd: str) -> subprocess.Popen:
         with open(self.root / "logs" / f"{cmd[0]}-{len(self.procs)}.out", "w") as log:
             self.procs.append(subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        return self.procs[-1]
+
+    def start_slurmd(self, node: str) -> None:
+        self.slurmd[node] = self._daemon("slurmd", "-D", "-N", node, "-f", str(self.conf))
+
+    def fail_node(self, node: str) -> int:
+        """What a node's power loss does to the cluster: its slurmd, and every process of the job
+        steps on it (each task's slurmstepd and its children), die at once (SIGKILL). Returns how
+        many job processes were killed."""
+        self.slurmd[node].kill()
+        self.slurmd[node].wait()
+        victims = set()
+        for proc in Path("/proc").iterdir():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if f"SLURMD_NODENAME={node}".encode() in env and f"SLURM_CONF={self.conf}".encode() in env:
+                victims.add(int(proc.name))
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if (Path("/proc") / str(parent) / "comm").read_text().strip() == "slurmstepd":
+                    victims.add(parent)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(victims)
 
     def start(self) -> Cluster:
         ensure_installed()
@@ -123,7 +158,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscr
         self._daemon("slurmctld", "-D", "-i", "-f", str(self.conf))
         time.sleep(1)
         for node in ("n1", "n2"):
-            self._daemon("slurmd", "-D", "-N", node, "-f", str(self.conf))
+            self.start_slurmd(node)
         deadline = time.time() + 60
         while time.time() < deadline:
             out = self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split()

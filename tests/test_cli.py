@@ -29,3 +29,22 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "not a dataset written by `bgpt shard`" in capsys.readouterr().err
     assert main(["shard", "--input", "x.csv", "--out", str(tmp_path / "o"), "--split", "weekly"]) == 2
     assert "unknown --split 'weekly'" in capsys.readouterr().err
+
+
+def test_slurm_render_fills_the_templates_sbatch_header_from_its_own_defaults(tmp_path, capsys, dataset):
+    from launch.cluster_cli import SLURM_TEMPLATE
+
+    run = tmp_path / "run"
+    assert main(["slurm", "render", "--", "--data", str(dataset), "--out", str(run)]) == 0
+    script = run / "launch" / "train.sbatch"
+    rendered = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    template = [line for line in SLURM_TEMPLATE.read_text().splitlines() if line.startswith("#SBATCH")]
+    expected = [f"#SBATCH --output={run.resolve() / 'slurm-%j.out'}" if "--output=" in t else t for t in template]
+    assert rendered == expected  # without options, the template's values (one source of the defaults)
+    assert main(["slurm", "render", "--nodes", "3", "--time", "1:00:00", "--signal-seconds", "90",
+                 "--partition", "gpu", "--gpus-per-node", "8", "--", "--data", str(dataset), "--out", str(run)]) == 0  # fmt: skip
+    header = {line.split("=")[0]: line.split("=", 1)[1] for line in script.read_text().splitlines() if "=" in line and line.startswith("#SBATCH")}  # fmt: skip
+    assert header["#SBATCH --nodes"] == "3" and header["#SBATCH --time"] == "1:00:00"
+    assert header["#SBATCH --signal"] == "B:USR1@90" and header["#SBATCH --partition"] == "gpu"
+    assert header["#SBATCH --gpus-per-node"] == "8"
+    assert "#SBATCH --requeue" in script.read_text()

@@ -64,22 +64,29 @@ STOPS = {
     "usr1_to_the_batch_script": ("scancel", "--batch", "--signal=USR1"),
     # USR1 to every process of the job steps (launchers included), not to the batch script
     "usr1_to_the_job_steps": ("scancel", "--signal=USR1"),
+    # TERM to every process of the steps (loader workers included), not to the batch script
+    "term_to_the_job_steps": ("scancel", "--signal=TERM"),
     # the scheduler takes the job back: TERM to everything, then KILL after KillWait
     "scontrol_requeue": ("scontrol", "requeue"),
+    # a job of a higher-priority partition needs the nodes: TERM, then KILL after GraceTime
+    "preemption": ("sbatch", "--partition=urgent", "--nodes=2", "--exclusive", "--wrap=sleep 5; echo preemptor done"),
 }
 
 
 @pytest.mark.parametrize("how", list(STOPS))
 def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluster, small_data, tmp_path, how):  # noqa: F811
     run = tmp_path / "run"
-    total = 600
+    total = 300
     job = submit(cluster, run, train_args(small_data, run, 1, steps=total), "--signal-seconds", "30")
     log_file = run / "train_log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 20):
         assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run, job)[-4000:]
         time.sleep(0.2)
-    cluster.run(*STOPS[how], job)
+    if how == "preemption":
+        cluster.run(*STOPS[how], f"--output={tmp_path / 'urgent.out'}")
+    else:
+        cluster.run(*STOPS[how], job)
     deadline = time.time() + 600
     while time.time() < deadline and "restart 1" not in job_log(run, job):
         time.sleep(0.5)
@@ -87,7 +94,10 @@ def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluste
     log = job_log(run, job)
     assert state == "COMPLETED", log[-4000:]
     assert "run finished" in log and "requeueing job" in log
-    written = re.findall(r"checkpoint at step (\d+) written by this attempt; (?:Slurm is )?requeueing", log)
+    written = re.findall(
+        r"checkpoint at step (\d+) written by this attempt; (?:Slurm is |job \d+ was preempted at \S+; )?requeueing",
+        log,
+    )
     lost = re.findall(r"no checkpoint written by this attempt .*it resumes from (.*)", log)
     assert len(written) + len(lost) == 1, log[-4000:]  # one stop, reported once, as it happened
     if how != "scontrol_requeue":  # a signal the ranks can act on: they must checkpoint
@@ -102,11 +112,14 @@ def test_every_stop_ends_in_a_requeued_run_at_exactly_the_requested_steps(cluste
     steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
     assert steps == list(range(1, total + 1))  # exactly the requested steps, each logged once
     assert (run / "metrics.json").exists() and not (run / "STOPPED").exists()
+    if how == "preemption":  # the preemptor ran in between, and the job knew it had been preempted
+        assert "was preempted at" in log
+        assert (tmp_path / "urgent.out").read_text().strip() == "preemptor done"
 
 
 def test_a_cancelled_job_stays_cancelled_and_the_same_command_resumes(cluster, small_data, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    total = 600
+    total = 300
     args = train_args(small_data, run, 1, steps=total)
     job = submit(cluster, run, args)
     log_file = run / "train_log.jsonl"
@@ -123,3 +136,35 @@ def test_a_cancelled_job_stays_cancelled_and_the_same_command_resumes(cluster, s
     steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
     assert steps == list(range(1, total + 1))
     assert (run / "metrics.json").exists()
+
+
+def test_a_node_failure_requeues_the_job_and_it_resumes_from_its_last_checkpoint(cluster, small_data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    total = 300
+    job = submit(cluster, run, train_args(small_data, run, 1, steps=total, **{"checkpoint.every_steps": 50}))
+    log_file = run / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log_file.exists() or len(log_file.read_text().splitlines()) < 120):
+        assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), job_log(run, job)[-4000:]
+        time.sleep(0.2)
+    assert cluster.fail_node("n2") > 0  # slurmd and the job's processes on n2, all at once
+    deadline = time.time() + 300  # SlurmdTimeout (30 s) before Slurm declares the node failed
+    while time.time() < deadline and "Slurm is requeueing" not in job_log(run, job):
+        time.sleep(1)
+    cluster.start_slurmd("n2")  # the node comes back (ReturnToService=2); the requeued job waits for it
+    state = cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
+    log = job_log(run, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert "DUE TO NODE FAILURE" in log
+    lost = re.findall(
+        r"no checkpoint written by this attempt .*Slurm is requeueing job \d+: it resumes from (\S+)", log
+    )
+    assert len(lost) == 1, log[-4000:]
+    step = int(lost[0].rsplit("-", 1)[1])
+    assert step >= 100 and f"resumed from {lost[0]} at step {step}" in log  # the last checkpoint, not step 0
+    steps = [json.loads(line)["step"] for line in log_file.read_text().splitlines()]
+    assert steps == list(range(1, total + 1))  # the steps after the checkpoint were logged once, not twice
+    assert (run / "metrics.json").exists()
+    deadline = time.time() + 60
+    while time.time() < deadline and cluster.run("sinfo", "-h", "-o", "%T %D").stdout.split()[:2] != ["idle", "2"]:
+        time.sleep(0.5)  # both nodes back in service for whatever runs next

@@ -1,8 +1,15 @@
 """The streaming loader: exact partitioning across ranks and workers, exact resume, clear errors."""
 
 import itertools
+import multiprocessing
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +83,61 @@ def test_mid_epoch_resume_continues_with_the_uninterrupted_order(dataset, worker
     assert state["batches"] == 7
     assert head + tail == full
     assert resumed.epoch == 1 and resumed.batches == 0
+
+
+def _workers_ready(loader_iter) -> list:
+    """The loader's worker processes, once each has installed its signal handlers."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        workers = multiprocessing.active_children()
+        masks = [Path(f"/proc/{w.pid}/status").read_text() for w in workers]
+        caught = [int(line.split()[1], 16) for m in masks for line in m.splitlines() if line.startswith("SigCgt")]
+        if len(workers) == 2 and all(c & (1 << (signal.SIGTERM - 1)) for c in caught):
+            return workers
+        time.sleep(0.05)
+    raise TimeoutError("loader workers never installed their handlers")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_loader_workers_keep_serving_through_a_stop_signal(dataset, sig):
+    # Slurm signals every process of a job step; a worker that died made the rank's next fetch
+    # raise before the rank could checkpoint. The workers leave the signal to the rank.
+    cfg = StreamConfig(batch_size=8, max_len=20, seed=5)
+    expected = [sample_ids(b) for b in StreamLoader(ShardDataset(dataset, cfg), num_workers=2)]
+    loader = iter(StreamLoader(ShardDataset(dataset, cfg), num_workers=2))
+    got = [sample_ids(next(loader))]
+    workers = _workers_ready(loader)
+    for worker in workers:
+        os.kill(worker.pid, sig)
+    got += [sample_ids(b) for b in loader]
+    assert got == expected
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0  # ended by the loader at the end of the epoch
+
+
+STOP_MID_EPOCH = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_stream import _workers_ready
+from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+loader = iter(StreamLoader(ShardDataset(sys.argv[1], StreamConfig(batch_size=8, max_len=20)), num_workers=2))
+next(loader)
+for worker in _workers_ready(loader):
+    os.kill(worker.pid, signal.SIGTERM)  # what Slurm sends every process of the step
+next(loader)
+sys.exit(0)  # the rank stops mid-epoch, its workers still running
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_rank_that_stops_mid_epoch_after_a_sigterm_exits_without_waiting_on_its_workers(dataset):
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_MID_EPOCH, str(dataset), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_uneven_shards_still_give_every_rank_the_same_number_of_batches(dataset):

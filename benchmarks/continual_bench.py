@@ -154,9 +154,10 @@ def retrain(parent: Path, data: Path, out: Path, epochs: int, replay: float, lr:
     return {"run": out, **compute(out)}
 
 
-def score(run: Path | None, data: Path, ks=(10,)) -> dict:
-    """Next-period result of a run (or, with None, the baselines) on the data's newest generation."""
-    quiet = {"ks": list(ks), "log": lambda *a: None}
+def score(run: Path | None, data: Path, generation: int, ks=(10,)) -> dict:
+    """Next-period result of a run (or, with None, the baselines) on ``generation``: named, not the
+    data's newest, because a resumed invocation finds generations that later increments appended."""
+    quiet = {"generation": generation, "ks": list(ks), "log": lambda *a: None}
     if run is None:
         return evaluate_on_period([], data, baseline_kinds=BASELINES, **quiet)
     return evaluate_on_period([run], data, **quiet)
@@ -220,14 +221,16 @@ def main() -> None:
         full = train_full(f"full{k}", data, work, config, args.search_minutes)
         append(k + 2)  # the next period, predicted by every arm
         if epochs is None:
-            tried = {e: score(c["run"], data)["scorers"]["model"]["overall"]["ndcg@10"] for e, c in candidates.items()}
+            tried = {
+                e: score(c["run"], data, k + 3)["scorers"]["model"]["overall"]["ndcg@10"] for e, c in candidates.items()
+            }
             epochs = max(tried, key=tried.get)
             print(json.dumps({"incremental_budget_epochs": tried, "chosen": epochs}), flush=True)
         arms = {"incremental": candidates[epochs], "full": full, "stale": base}
         point = {"increment": k, "eval_generation": k + 3, "compute": {a: _public(v) for a, v in arms.items()}}
-        point["baselines"] = score(None, data)
+        point["baselines"] = score(None, data, k + 3)
         for arm, record in arms.items():
-            point[arm] = score(record["run"], data)
+            point[arm] = score(record["run"], data, k + 3)
         series.append(point)
         print(
             json.dumps({"increment": k, **{a: point[a]["scorers"]["model"]["overall"]["ndcg@10"] for a in arms}}),

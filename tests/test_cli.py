@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from launch.cli import main
 
 
@@ -48,3 +50,30 @@ def test_slurm_render_fills_the_templates_sbatch_header_from_its_own_defaults(tm
     assert header["#SBATCH --signal"] == "B:USR1@90" and header["#SBATCH --partition"] == "gpu"
     assert header["#SBATCH --gpus-per-node"] == "8"
     assert "#SBATCH --requeue" in script.read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}, "8"),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4"),
+        ({}, "1"),  # a CPU-only allocation: one process per node uses its cores
+        ({"BGPT_NPROC_PER_NODE": "3", "SLURM_GPUS_ON_NODE": "8"}, "3"),
+        ({"SLURM_GPUS_PER_NODE": "4"}, None),  # GPUs asked for, count unreadable: an error, not 1
+    ],
+)
+def test_the_sbatch_script_takes_processes_per_node_from_the_gpus_slurm_gives(env, expected):
+    import subprocess
+
+    from launch.cluster_cli import SLURM_TEMPLATE
+
+    lines = SLURM_TEMPLATE.read_text().splitlines()
+    start = lines.index('if [ -z "${BGPT_NPROC_PER_NODE:-}" ]; then')
+    block = "\n".join(lines[start : lines.index("fi", start) + 1])
+    done = subprocess.run(
+        ["bash", "-c", block + '\necho "$BGPT_NPROC_PER_NODE"'], env=env, capture_output=True, text=True
+    )
+    if expected is None:
+        assert done.returncode == 2 and "set BGPT_NPROC_PER_NODE" in done.stderr
+    else:
+        assert (done.returncode, done.stdout.strip()) == (0, expected)

@@ -45,3 +45,17 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys, dataset):
     assert err.startswith("bgpt: error: unknown config key train.nope") and "\n" not in err
     assert main([*args, "--backbone", str(tmp_path / "no-such-model"), "--max-steps", "1"]) == 2
     assert "unknown backbone" in capsys.readouterr().err
+
+
+def test_the_collective_timeout_reaches_the_process_group_settings():
+    from datetime import timedelta
+
+    from trainer.runtime import process_group_kwargs
+
+    cfg = build_config({"train": {"collective_timeout_minutes": "90"}}).train
+    assert process_group_kwargs(cfg, world_size=1, cuda=False) == []  # one process: no group at all
+    (handler,) = process_group_kwargs(cfg, world_size=2, cuda=False)
+    assert (handler.backend, handler.timeout) == ("gloo", timedelta(minutes=90))
+    assert build_config({}).train.collective_timeout_minutes == 60
+    with pytest.raises(ConfigError, match="collective_timeout_minutes must be > 0"):
+        build_config({"train": {"collective_timeout_minutes": 0}})

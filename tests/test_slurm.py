@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import Cluster, ClusterUnavailable
+from slurm_cluster import Cluster, ClusterUnavailable, _free_ports
 from test_distributed import small_data, train_args  # noqa: F401  (fixture and helper)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,10 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: Cluster, run: Path, args: list[str], *options: str) -> str:
-    env = {**cluster.env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # Its own rendezvous port: the script's default (20000 + job id) is the same for the equal job
+    # ids of the two test clusters that `pytest -n 2` starts on this one host.
+    (port,) = _free_ports(1)
+    env = {**cluster.env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "BGPT_MASTER_PORT": str(port)}
     cmd = [sys.executable, "-m", "launch.cli", "slurm", "submit", "--nodes", "2", "--time", "20:00", *options]
     done = subprocess.run([*cmd, "--", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -93,6 +93,10 @@ class TrainConfig:
     """Validate every N optimizer steps (0: only at the end)."""
     patience: int = 5
     """Stop after this many validations without a better valid NDCG@10 (0: never)."""
+    collective_timeout_minutes: float = 60.0
+    """How long a collective (all-reduce, barrier) waits for every rank before the process group
+    fails. The other ranks wait in one while the main process validates, so it must outlast the
+    longest validation (torch's default, 10 to 30 minutes by backend, does not at scale)."""
     log_every: int = 10
     tensorboard: bool = False
     init_from: str | None = None
@@ -108,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("train.global_batch_size must be >= 1")
+        if self.collective_timeout_minutes <= 0:
+            raise ConfigError("train.collective_timeout_minutes must be > 0")
 
     def accumulation(self, world_size: int) -> int:
         """Micro batches per optimizer step on each of ``world_size`` processes."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,16 +50,23 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def process_group_kwargs(cfg: TrainConfig, world_size: int, cuda: bool) -> list:
+    """The process group's backend and collective timeout, only when launched with several
+    processes: accelerate treats these settings as a request for a process group."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if world_size <= 1:
+        return []
+    timeout = timedelta(minutes=cfg.collective_timeout_minutes)
+    return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
+
+
 def make_accelerator(cfg: TrainConfig, run: Path):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # The process-group backend is only set when launched with several processes: accelerate
-    # treats a backend as a request for a process group.
-    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo")] if world_size > 1 else []
     deepspeed = uses_deepspeed()
     return Accelerator(
         # DeepSpeed runs on CPU through its own CPU accelerator, not accelerate's cpu mode.
@@ -67,5 +75,5 @@ def make_accelerator(cfg: TrainConfig, run: Path):
         gradient_accumulation_steps=cfg.accumulation(world_size),
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(run),
-        kwargs_handlers=handlers,
+        kwargs_handlers=process_group_kwargs(cfg, world_size, cuda),
     )

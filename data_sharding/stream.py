@@ -296,21 +296,22 @@ class ShardDataset(IterableDataset):
         # resume comes from the worker whose turn it was.
         logical = (worker + self.skip_batches) % workers
         already = (self.skip_batches - logical + workers - 1) // workers
+        yield from self.slot_batches(self.rank * workers + logical, self.world_size * workers, already)
+
+    def slot_batches(self, slot: int, slots: int, skip: int = 0):
+        """Collated batches of slot ``slot`` of ``slots`` this epoch, after its first ``skip`` (no worker lookup)."""
         if self.num_samples == 0:
             return
-        shard_pos, rows, windows = self._slot_samples(self.rank * workers + logical, self.world_size * workers)
-        size = self.cfg.batch_size
-        loaded_shard, data = -1, b""
-        for start in range(already * size, len(rows), size):
-            users, cut, seen = [], [], []
+        shard_pos, rows, windows = self._slot_samples(slot, slots)
+        size, loaded_shard, data = self.cfg.batch_size, -1, b""
+        for start in range(skip * size, len(rows), size):
+            picked = []  # (user, window, items seen before it) per sample
             chunk = slice(start, start + size)
             for s, r, w in zip(shard_pos[chunk], rows[chunk], windows[chunk], strict=True):
                 if s != loaded_shard:
                     loaded_shard, data = int(s), self._load_shard(int(s))
-                uidx, window, before = self._window(data, int(s), int(r), int(w))
-                users.append(uidx)
-                cut.append(window)
-                seen.append(before)
+                picked.append(self._window(data, int(s), int(r), int(w)))
+            users, cut, seen = map(list, zip(*picked, strict=True))
             yield self.collate(users, cut, seen)
 
 

@@ -41,13 +41,20 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 def _add_shard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="validate raw events and write webdataset shards + manifest")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="event files, folders (a datasets.save_to_disk folder or a Hub-style Parquet layout: every data "
+        "file in it) or glob patterns; local paths or fsspec URLs",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--format", default="auto", help="auto|csv|tsv|parquet|jsonl|movielens")
-    p.add_argument("--items", metavar="ITEMS_FILE", help="item metadata: id, title/text, attributes")
-    p.add_argument("--items-format", default="auto")
+    p.add_argument("--format", default="auto", help="auto|csv|tsv|parquet|jsonl|movielens|arrow")
     for role in ("user", "item", "time", "type", "value"):
         p.add_argument(f"--{role}-col", metavar="NAME")
+    _add_layout_flags(p, "", "event files")
+    _add_items_flags(p)
     p.add_argument("--time-unit", default="auto", help="numeric timestamps: auto|s|ms")
     p.add_argument("--min-time", default="1970-01-02", help="earliest valid timestamp (ISO 8601)")
     p.add_argument("--max-time", default="2100-01-01", help="latest valid timestamp (ISO 8601)")
@@ -109,9 +116,34 @@ def _split_config(args: argparse.Namespace):
     return SplitConfig(args.split or "loo", args.valid_start, args.test_start)
 
 
+def _add_items_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", metavar="ITEMS_FILE", help="item metadata: id, title/text, attributes")
+    p.add_argument("--items-format", default="auto")
+    p.add_argument("--items-id-col", metavar="NAME", help="item id column of the items file (default: guessed)")
+    p.add_argument("--items-title-col", metavar="NAME", help="title/text column (default: title, name, text...)")
+    p.add_argument("--items-attribute-cols", metavar="A,B", help="columns that become attributes (default: all others)")
+    _add_layout_flags(p, "items-", "the items file")
+
+
+def _add_layout_flags(p: argparse.ArgumentParser, prefix: str, what: str) -> None:
+    p.add_argument(f"--{prefix}columns", metavar="A,B,C", help=f"column names of {what} without a header row, in order")
+    p.add_argument(f"--{prefix}delimiter", metavar="CHAR", help=f"field separator of {what} (csv: ',', tsv: tab)")
+    p.add_argument(f"--{prefix}encoding", default="utf-8", help=f"{what}: utf-8, latin-1 or utf-16")
+
+
+def _delimiter(text: str | None) -> str | None:
+    """A separator as typed on a command line: ``\\t`` or ``tab`` mean a tab."""
+    return "\t" if text in ("\\t", "tab") else text
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",")]
+
+
 def _run_shard(args: argparse.Namespace) -> int:
     from data_sharding.ingest import InputConfig
     from data_sharding.inspect import format_summary, summary
+    from data_sharding.items_file import ItemsConfig
     from data_sharding.pipeline import ShardConfig, build
 
     cfg = ShardConfig(
@@ -119,6 +151,9 @@ def _run_shard(args: argparse.Namespace) -> int:
         input=InputConfig(
             paths=args.input,
             format=args.format,
+            columns=_names(args.columns),
+            delimiter=_delimiter(args.delimiter),
+            encoding=args.encoding,
             user_col=args.user_col,
             item_col=args.item_col,
             time_col=args.time_col,
@@ -130,7 +165,15 @@ def _run_shard(args: argparse.Namespace) -> int:
         ),
         split=_split_config(args),
         items=args.items,
-        items_format=args.items_format,
+        items_options=ItemsConfig(
+            format=args.items_format,
+            id_col=args.items_id_col,
+            title_col=args.items_title_col,
+            attribute_cols=_names(args.items_attribute_cols),
+            columns=_names(args.items_columns),
+            delimiter=_delimiter(args.items_delimiter),
+            encoding=args.items_encoding,
+        ),
         append=args.append,
         overwrite=args.overwrite,
         events_per_shard=args.events_per_shard,

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import shard, write_lines
 
+from data_sharding.items_file import ItemsConfig
 from data_sharding.stream import iter_sequences
 
 
@@ -50,7 +51,13 @@ def test_movielens_latin1_files_with_items(tmp_path):
     )
     movies = tmp_path / "movies.dat"
     movies.write_bytes("10::Am\xe9lie (2001)::Comedy|Romance\n20::Heat (1995)::Action\n".encode("latin-1"))
-    manifest = shard([ratings], tmp_path / "out", format="movielens", items=str(movies), items_format="movielens")
+    manifest = shard(
+        [ratings],
+        tmp_path / "out",
+        format="movielens",
+        items=str(movies),
+        items_options=ItemsConfig(format="movielens"),
+    )
     items = pq.read_table(tmp_path / "out" / manifest["vocab"]["files"]["items"]).to_pylist()
     by_id = {row["item"]: row for row in items}
     assert by_id["10"]["title"] == "Amélie (2001)"

@@ -8,6 +8,7 @@ import pytest
 from conftest import shard
 from test_ingest import all_events
 
+from data_sharding.items_file import ItemsConfig
 from data_sharding.shards import SPLIT_TEST
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -40,7 +41,9 @@ def test_amazon_sports_sequences_follow_the_published_order(tmp_path):
 @pytest.mark.skipif(not ML1M.exists(), reason="../shared/data/ml-1m is absent")
 def test_movielens_users_1_to_2999(tmp_path):
     movies = ML1M.with_name("movies.dat")
-    manifest = shard([ML1M], tmp_path / "ml", format="movielens", items=str(movies), items_format="movielens")
+    manifest = shard(
+        [ML1M], tmp_path / "ml", format="movielens", items=str(movies), items_options=ItemsConfig(format="movielens")
+    )
     assert manifest["totals"]["events"] == 487_650
     assert manifest["totals"]["users"] == 2_999
     items = pq.read_table(tmp_path / "ml" / manifest["vocab"]["files"]["items"]).to_pylist()

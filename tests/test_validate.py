@@ -129,8 +129,9 @@ def test_zero_valid_rows_is_an_error(tmp_path):
 def test_unreadable_and_missing_paths_are_named(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         shard([tmp_path / "missing.csv"], tmp_path / "out")
-    with pytest.raises(DataError, match="is a directory"):
-        shard([tmp_path], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no data files"):
+        shard([tmp_path / "empty"], tmp_path / "out")
     locked = write_lines(tmp_path / "locked.csv", [HEADER, *GOOD])
     locked.chmod(0)
     if os.access(locked, os.R_OK):  # root reads anything

@@ -8,12 +8,21 @@ child's peak RSS. Writes benchmarks/results/shard_<name>.json and .md.
     python benchmarks/shard_bench.py ml1m                          # ../shared/data/ml-1m
     python benchmarks/shard_bench.py sports                        # ../shared/data/amazon-sports
 
+Parquet part files as `bgpt synth --parts` writes them (issue 21: 100M and 1B events):
+
+    python benchmarks/shard_bench.py synth --events 100000000 --input-format parquet --parts 10 \
+        --name shard_synth_100m_parquet
+    python benchmarks/shard_bench.py synth --events 1000000000 --input-format parquet --parts 100 \
+        --name shard_synth_1b --verify --delete-input
+
 Engines on the same input (the 100M CSV split into 8 part files, as a data lake holds it):
 
     python benchmarks/shard_bench.py synth --events 100000000 --parts 8 --name duckdb_100m
     python benchmarks/shard_bench.py synth --events 100000000 --parts 8 --name spark_100m \
         --engine spark --master 'local[2]'
 
+Peak disk is the peak growth of the used bytes of the file system holding bench_data/ while the
+child runs (staged and coded scratch, parked rows, shards: sampled every second).
 Peak memory is the peak of the summed RSS of the whole process tree (sampled every 0.2 s, and never
 below the main process's own peak from wait4): Spark's JVM and its Python workers are children.
 
@@ -39,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 BGPT = [sys.executable, "-m", "launch.cli"]
 GOAL = ">= 1,000,000 events/s at 100M events on 2 cores; peak RSS <= 4 GiB and within 1.5x from 10M to 100M"
+SCALE_GOAL = "issue 21: >= 1,000,000 events/s on 2 cores, peak RSS <= 4 GiB at 100M and at 1B (1B within 1.2x of 100M)"
 ENGINE_GOAL = (
     "issue 8: DuckDB and Spark local[2] on the same 100M events in part files write identical shards; "
     "time, peak memory and bytes in/out are the basis of the 1B/10B plan (benchmarks/README.md)"
@@ -76,6 +86,21 @@ class TreeRss(threading.Thread):
             except psutil.NoSuchProcess:
                 return
             self.peak = max(self.peak, total)
+            self.stop.wait(self.every)
+
+
+class DiskPeak(threading.Thread):
+    """Peak growth of the used bytes of the file system holding ``path``, sampled."""
+
+    def __init__(self, path: Path, every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.path, self.every, self.stop = path, every, threading.Event()
+        self.start_used = shutil.disk_usage(path).used
+        self.peak = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, shutil.disk_usage(self.path).used - self.start_used)
             self.stop.wait(self.every)
 
 
@@ -123,13 +148,20 @@ def split_csv(path: Path, parts: int) -> list[Path]:
 def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
     """(result name, shard arguments, dataset description)."""
     if args.dataset == "synth":
-        data = REPO / "bench_data" / f"synth_{human(args.events)}"
-        events = data / "events.csv"
+        parquet = args.input_format == "parquet"
+        data = REPO / "bench_data" / f"synth_{human(args.events)}{'_pq' if parquet else ''}"
+        events = data / ("events" if parquet else "events.csv")
         if not events.exists():
             data.mkdir(parents=True, exist_ok=True)
             users, items = args.events // 50, max(1_000, args.events // 1000)
             cmd = [*BGPT, "synth", "--events", str(args.events), "--users", str(users), "--items", str(items)]
-            subprocess.run([*cmd, "--out", str(events)], check=True, cwd=REPO)
+            parts = ["--parts", str(args.parts)] if parquet else []
+            subprocess.run([*cmd, *parts, "--out", str(events)], check=True, cwd=REPO)
+        if parquet:
+            size = sum(f.stat().st_size for f in events.glob("*.parquet"))
+            desc = f"bgpt synth --events {args.events} --parts {args.parts} (Parquet, {size / 2**30:.2f} GiB)"
+            shard_args = ["--input", str(events), "--items", str(data / "items.parquet")]
+            return f"synth_{human(args.events)}_parquet", shard_args, desc
         desc = f"bgpt synth --events {args.events} (CSV, {events.stat().st_size / 2**30:.2f} GiB)"
         inputs = [events]
         if args.parts > 1:
@@ -150,6 +182,26 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
     return "sports", ["--input", str(interactions)], "Amazon Sports and Outdoors 5-core (296,337 reviews)"
 
 
+def verify(out: Path) -> dict:
+    """`bgpt inspect --verify` (re-hashes every shard) and the streaming loader over a sample of shards."""
+    started = time.perf_counter()
+    subprocess.run([*BGPT, "inspect", str(out), "--verify"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    verify_s = time.perf_counter() - started
+    code = (
+        "import sys, itertools, time; from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader\n"
+        "ds = ShardDataset(sys.argv[1], StreamConfig(max_len=50, batch_size=256, seed=0))\n"
+        "t = time.perf_counter(); n = sum(int(b['mask'].sum()) for b in itertools.islice(StreamLoader(ds), 200))\n"
+        "print(n, time.perf_counter() - t)"
+    )
+    line = subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=REPO, capture_output=True, text=True)
+    events, seconds = line.stdout.split()
+    return {
+        "verify_s": round(verify_s, 1),
+        "loader_sample_events": int(events),
+        "loader_sample_s": round(float(seconds), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=("synth", "ml1m", "sports"))
@@ -157,6 +209,9 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="3GB")
     parser.add_argument("--events-per-shard", type=int, default=2_000_000)
     parser.add_argument("--parts", type=int, default=1, help="split a synthetic CSV into this many files")
+    parser.add_argument("--input-format", default="csv", choices=("csv", "parquet"), help="synthetic input")
+    parser.add_argument("--verify", action="store_true", help="then run bgpt inspect --verify and stream shards")
+    parser.add_argument("--delete-input", action="store_true", help="delete the synthetic input afterwards")
     parser.add_argument("--engine", default="duckdb", choices=("duckdb", "spark"))
     parser.add_argument("--master", help="Spark master (engine spark)")
     parser.add_argument("--name", help="result name (default: shard_<dataset>)")
@@ -171,12 +226,14 @@ def main() -> None:
         cmd += ["--master", args.master]
     started = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
-    sampler = TreeRss(child.pid)
+    sampler, disk = TreeRss(child.pid), DiskPeak(out.parent)
     sampler.start()
+    disk.start()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not earlier children's
     seconds = time.perf_counter() - started
-    sampler.stop.set()
-    sampler.join()
+    for thread in (sampler, disk):
+        thread.stop.set()
+        thread.join()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"bgpt shard failed: {' '.join(cmd)}")
     peak_gib = max(usage.ru_maxrss * 1024, sampler.peak) / 2**30  # KiB -> GiB
@@ -204,9 +261,16 @@ def main() -> None:
             "shard_gib": round(out_bytes / 2**30, 3),
             "quarantined": gen["counts"]["quarantined"],
             "duplicates": gen["counts"]["duplicates"],
+            "disk_peak_gib": round(disk.peak / 2**30, 2),
+            "disk_out_gib": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30, 2),
+            **{f"phase_{k}_s": v for k, v in gen["phase_seconds"].items()},
         },
-        "goal": GOAL if args.parts == 1 else ENGINE_GOAL,
+        "goal": SCALE_GOAL if args.input_format == "parquet" else GOAL if args.parts == 1 else ENGINE_GOAL,
     }
+    if args.verify:
+        result["metrics"].update(verify(out))
+    if args.delete_input and args.dataset == "synth":
+        shutil.rmtree(REPO / "bench_data" / f"synth_{human(args.events)}_pq", ignore_errors=True)
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in gen["phase_seconds"].items())
     markdown = [
         f"# {result['benchmark']}: {desc}",

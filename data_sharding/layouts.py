@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 
@@ -41,6 +41,8 @@ class Layout:
     """Whether the file's first line holds the names (delimited formats)."""
     delimiter: str = ","
     encoding: str = "utf-8"
+    types: dict[str, str] = field(default_factory=dict)
+    """DuckDB type of each column of a typed format (Parquet, Arrow); empty for text formats."""
 
 
 def check_options(fmt: str, columns: list[str] | None, delimiter: str | None, encoding: str, flag: str = "") -> None:
@@ -141,16 +143,25 @@ def file_layout(
         return Layout(path, fmt, list(movielens_columns), False, "::", "latin-1")
     if fmt == "parquet":
         try:
-            names = [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()]
+            described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
         except duckdb.Error as e:
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        return Layout(path, fmt, names, False)
+        return Layout(path, fmt, [row[0] for row in described], False, types={row[0]: row[1] for row in described})
     if fmt == "arrow":
-        return Layout(path, fmt, list(arrow_stream(path).schema.names), False)
+        return Layout(path, fmt, list(arrow_stream(path).schema.names), False, types=_arrow_types(con, path))
     delimiter = delimiter or ("\t" if fmt == "tsv" else ",")
     if columns is not None:
         return Layout(path, fmt, list(columns), False, delimiter, encoding)
     return Layout(path, fmt, read_header(path, fmt, delimiter, encoding), True, delimiter, encoding)
+
+
+def _arrow_types(con: duckdb.DuckDBPyConnection, path: str) -> dict[str, str]:
+    """DuckDB's types for the columns of an Arrow stream (read from its schema, no batch scanned)."""
+    con.register("arrow_schema", arrow_stream(path).schema.empty_table())
+    try:
+        return {row[0]: row[1] for row in con.execute("DESCRIBE SELECT * FROM arrow_schema").fetchall()}
+    finally:
+        con.unregister("arrow_schema")
 
 
 def quote(name: str) -> str:

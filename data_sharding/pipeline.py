@@ -19,8 +19,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from data_sharding import layouts, sequences, shards, storage, validate, vocab, writer
-from data_sharding.duckdb_engine import DuckDBEngine
+from data_sharding import layouts, sequences, shards, staging, storage, validate, vocab, writer
+from data_sharding.duckdb_engine import DuckDBEngine, memory_bytes
 from data_sharding.errors import DataError
 from data_sharding.ingest import InputConfig
 from data_sharding.items_file import ItemsConfig, read_items_file
@@ -81,6 +81,7 @@ class ShardConfig:
             raise DataError("--append and --overwrite exclude each other")
         if not self.input.paths:
             raise DataError("--input needs at least one file")
+        memory_bytes(self.memory_limit)  # a clear error for a limit that is not a size
         if self.engine not in ENGINES:
             raise DataError(f"unknown --engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.engine != "spark" and (self.master or self.spark_conf):
@@ -180,6 +181,7 @@ def _build_generation(
     cfg.input.paths = storage.expand_inputs(cfg.input.paths)
     for p in cfg.input.paths:
         layouts.check_readable(p)
+    staging.check_disk(cfg.input.paths, cfg.input.format, root)
     con = _connect(work, cfg)
     engine = _engine(cfg, con, work)
     phase = _Phases()
@@ -194,6 +196,7 @@ def _build_generation(
         phase("codes")
         p1 = engine.sorted_pass(logs, total_rows, num_shards, generation, n_item_codes, n_type_codes)
         phase("sort_dedup")
+        phase.seconds.update(getattr(engine, "sub_phases", {}))
         new_vocab, remap = _final_vocab(con, cfg, generation, previous, p1)
         phase("vocab")
         written = writer.write_shards(out_dir, p1, num_shards, generation, remap, mapper=engine.map_shards)

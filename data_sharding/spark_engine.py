@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_sharding import ingest, sequences, storage, validate
+from data_sharding import ingest, sequences, staging, storage, validate
 from data_sharding.errors import DataError
 
 _COUNTS_SCHEMA = "kind string, key long, count long"
@@ -131,17 +131,11 @@ def _stage_file_task(
         con.execute(f"SET threads = {max(1, min(threads, os.cpu_count() or 1))}")
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute("SET preserve_insertion_order = true")
+        events = Path(staged) / f"events-{index:06d}.parquet"
         try:
-            src = ingest.stage_file(con, index, path, cfg)
+            fq = staging.stage_to_parquet(con, index, path, cfg, generation, events).named(given)
         except DataError as e:
             return str(e).replace(path, given), 0, None
-        fq = validate.file_quarantine(con, src).named(given)
-        events = Path(staged) / f"events-{index:06d}.parquet"
-        tmp = events.with_suffix(".tmp")
-        con.execute(
-            f"COPY ({ingest.valid_events_sql(src, generation)}) TO '{tmp}' (FORMAT parquet, ROW_GROUP_SIZE 1000000)"
-        )
-        tmp.replace(events)
         pq.write_table(fq.rows, Path(staged) / f"quarantine-{index:06d}.parquet")
         return None, fq.valid_rows, storage.fingerprint_input(source, path)
     finally:
@@ -202,7 +196,8 @@ class SparkEngine:
             rows = pq.read_table(staged / f"quarantine-{index:06d}.parquet")
             files.append(validate.FileQuarantine(given, rows, valid))
             self._fingerprints.append(fingerprint)
-        self.events = self.spark.read.parquet(*(str(staged / f"events-{index:06d}.parquet") for index, _, _ in jobs))
+        staged_files = (str(staged / f"events-{index:06d}.parquet") for index, _, _ in jobs)
+        self.events = self.spark.read.parquet(*staged_files).where("reason IS NULL").drop("reason", "raw")
         return files
 
     # -- distinct ids, aggregated by Spark, numbered by the driver -----------------------------

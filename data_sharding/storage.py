@@ -82,6 +82,12 @@ def local_file(value: str) -> str | None:
     return None
 
 
+def size(url: str) -> int:
+    """Bytes of the file behind a URL."""
+    fs, path = _fs(url)
+    return int(fs.size(path))
+
+
 def check_remote_input(url: str) -> None:
     """One-line errors for a missing, directory or empty input behind a URL."""
     fs, path = _fs(url)

@@ -129,57 +129,61 @@ def _sequence_lengths(cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
 def _generate_chunk(
     cfg: SynthConfig, cat: _Catalogue, rng: np.random.Generator, user_ids: np.ndarray, lengths: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Events for a chunk of users, as flat arrays in (user, time) order."""
-    # Longest sequences first, so the users still active at position t are a prefix [:active[t]].
+    """Events for a chunk of users, as flat arrays in (user, time) order.
+
+    Users are sorted longest first, so the users still active at position t are a prefix
+    [:active[t]]; items and types are generated position by position into a flat position-major
+    array (position t's events at ``col[t]:col[t] + active[t]``), which holds exactly the chunk's
+    events whatever the longest sequence (a dense users x longest matrix would not)."""
     order = np.argsort(-lengths, kind="stable")
     user_ids, lengths = user_ids[order], lengths[order]
-    n_users = len(user_ids)
-    max_len = int(lengths.max())
+    n_users, total = len(user_ids), int(lengths.sum())
+    active = np.bincount(lengths, minlength=int(lengths.max()) + 1)[::-1].cumsum()[::-1][1:]
+    col = np.concatenate([[0], np.cumsum(active)])
     taste = rng.integers(0, cat.num_categories, size=(n_users, 2))
-    items = np.zeros((n_users, max_len), dtype=np.int64)
-    types = np.zeros((n_users, max_len), dtype=np.int64)
-    items[:, 0] = cat.sample_in_category(taste[:, 0], rng.random(n_users))
-    types[:, 0] = 0
+    items = np.empty(total, dtype=np.int64)
+    types = np.zeros(total, dtype=np.int64)
+    items[: active[0]] = cat.sample_in_category(taste[:, 0], rng.random(n_users))
     type_cdf = np.cumsum(TYPE_TRANSITIONS, axis=1)
-    active = (lengths[None, :] > np.arange(max_len)[:, None]).sum(axis=1)
-    for t in range(1, max_len):
-        n = int(active[t])
-        prev = items[:n, t - 1]
+    for t in range(1, len(active)):
+        n, here, before = int(active[t]), int(col[t]), int(col[t - 1])
+        prev = items[before : before + n]
         choice = rng.random(n)
-        follow = cat.successor[prev, rng.integers(0, cfg.successors, size=n)]
-        in_taste = cat.sample_in_category(taste[np.arange(n), rng.integers(0, 2, n)], rng.random(n))
-        anywhere = cat.sample_global(rng.random(n))
-        items[:n, t] = np.where(
-            choice < cfg.follow_prob,
-            follow,
-            np.where(choice < cfg.follow_prob + (1 - cfg.follow_prob) * cfg.taste_prob, in_taste, anywhere),
-        )
+        step = cat.successor[prev, rng.integers(0, cfg.successors, size=n)]
+        which, u_taste, u_global = rng.integers(0, 2, n), rng.random(n), rng.random(n)
+        # Only the events that take a branch search its distribution (the searches are most of the cost).
+        in_taste = (choice >= cfg.follow_prob) & (choice < cfg.follow_prob + (1 - cfg.follow_prob) * cfg.taste_prob)
+        anywhere = choice >= cfg.follow_prob + (1 - cfg.follow_prob) * cfg.taste_prob
+        rows = np.flatnonzero(in_taste)
+        step[rows] = cat.sample_in_category(taste[rows, which[rows]], u_taste[rows])
+        step[anywhere] = cat.sample_global(u_global[anywhere])
+        items[here : here + n] = step
         u = rng.random(n)[:, None]
-        types[:n, t] = (u > type_cdf[types[:n, t - 1]]).sum(axis=1)
+        types[here : here + n] = (u > type_cdf[types[before : before + n]]).sum(axis=1)
+    # Position-major -> (user, position) order.
+    user = np.repeat(np.arange(n_users), lengths)
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position = np.arange(total) - first
+    flat = col[position] + user
+    items, types = items[flat], types[flat]
 
     # Bursty time: short gaps within a session, long gaps between sessions.
-    new_session = rng.random((n_users, max_len)) < 0.12
-    gaps = np.where(
-        new_session,
-        rng.exponential(1.5 * 86_400, (n_users, max_len)),
-        rng.exponential(90, (n_users, max_len)),
-    ).astype(np.int64)
-    gaps[:, 0] = 0
+    new_session = rng.random(total) < 0.12
+    gaps = np.where(new_session, rng.exponential(1.5 * 86_400, total), rng.exponential(90, total)).astype(np.int64)
+    gaps[position == 0] = 0
+    steps = np.cumsum(gaps + 1)
     span = cfg.span_days * 86_400
     start = cfg.start_time + (rng.random(n_users) * span * 0.5).astype(np.int64)
-    times = start[:, None] + np.cumsum(gaps + 1, axis=1)
+    times = start[user] + steps - steps[first]
 
-    liked = (cat.category[items] == taste[:, :1]) | (cat.category[items] == taste[:, 1:])
-    rating = np.clip(np.rint(2.6 + 1.4 * liked + rng.normal(0, 0.8, items.shape)), 1, 5)
-
-    valid = np.arange(max_len)[None, :] < lengths[:, None]
-    user_col = np.repeat(user_ids, lengths)
+    liked = (cat.category[items] == taste[user, 0]) | (cat.category[items] == taste[user, 1])
+    rating = np.clip(np.rint(2.6 + 1.4 * liked + rng.normal(0, 0.8, total)), 1, 5)
     return {
-        "user": user_col,
-        "item": items[valid],
-        "time": times[valid] * (1000 if cfg.time_unit == "ms" else 1),
-        "type": types[valid],
-        "rating": rating[valid],
+        "user": user_ids[user],
+        "item": items,
+        "time": times * (1000 if cfg.time_unit == "ms" else 1),
+        "type": types,
+        "rating": rating,
     }
 
 
@@ -207,7 +211,8 @@ class _TableWriter:
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
-        suffix = path.suffix.lower()
+        name = path.name.removesuffix(".tmp")
+        suffix = name[name.rfind(".") :].lower() if "." in name else ""
         self.kind = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl"}.get(suffix)
         if self.kind is None:
             raise ValueError(f"{path}: unsupported extension {suffix!r} (use .csv, .tsv, .parquet or .jsonl)")
@@ -241,31 +246,70 @@ def _items_table(cfg: SynthConfig, cat: _Catalogue, rng: np.random.Generator) ->
     return pa.table({"item_id": [f"i{i}" for i in range(cfg.items)], "title": titles, "category": names})
 
 
-def generate(cfg: SynthConfig, out: Path, items_out: Path | None = None, chunk_events: int = 2_000_000) -> int:
-    """Write ``cfg.events`` events to ``out`` (and item titles to ``items_out``); return the count."""
+class _PartWriter:
+    """Events into ``parts`` files ``part-00000<ext>`` ... in folder ``out`` (about equal event
+    counts, each renamed into place when complete), or into the one file ``out`` when parts is 1."""
+
+    def __init__(self, out: Path, parts: int, total: int, suffix: str) -> None:
+        self.out, self.parts, self.total, self.suffix = out, parts, total, suffix
+        self.part, self.written, self.paths = -1, 0, []
+        self._writer: _TableWriter | None = None
+
+    def _target(self) -> Path:
+        return self.out if self.parts == 1 else self.out / f"part-{self.part:05d}{self.suffix}"
+
+    def _close_part(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            if self.parts > 1:
+                self._writer.path.replace(self._target())
+            self.paths.append(self._target())
+            self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        boundary = (self.part + 1) * self.total // self.parts
+        if self._writer is None or (self.part < self.parts - 1 and self.written + table.num_rows // 2 >= boundary):
+            self._close_part()
+            self.part += 1
+            target = self._target()
+            self._writer = _TableWriter(
+                target if self.parts == 1 else target.with_name(target.name + ".tmp"), table.schema
+            )
+        self._writer.write(table)
+        self.written += table.num_rows
+
+    def close(self) -> list[Path]:
+        self._close_part()
+        return self.paths
+
+
+def generate(
+    cfg: SynthConfig, out: Path, items_out: Path | None = None, chunk_events: int = 2_000_000, parts: int = 1
+) -> int:
+    """Write ``cfg.events`` events to ``out`` (and item titles to ``items_out``); return the count.
+
+    With ``parts`` > 1, ``out`` is a folder of ``parts`` Parquet files (as a data lake holds a log);
+    chunks are generated and written one at a time, so memory does not grow with ``cfg.events``."""
     rng = np.random.default_rng(cfg.seed)
     cat = _Catalogue(cfg, rng)
     lengths = _sequence_lengths(cfg, rng)
     user_ids = rng.permutation(cfg.users)
     bounds = np.searchsorted(np.cumsum(lengths), np.arange(chunk_events, int(lengths.sum()), chunk_events))
     chunks = np.split(np.arange(cfg.users), bounds)
-    writer: _TableWriter | None = None
-    written = 0
+    if parts > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = _PartWriter(out, parts, int(lengths.sum()), ".parquet" if parts > 1 else out.suffix)
     with tqdm(total=int(lengths.sum()), unit="ev", unit_scale=True, desc="synth", disable=None) as bar:
         for users in chunks:
             if len(users) == 0:
                 continue
             table = _to_table(_generate_chunk(cfg, cat, rng, user_ids[users], lengths[users]), rng)
-            if writer is None:
-                writer = _TableWriter(out, table.schema)
             writer.write(table)
-            written += table.num_rows
             bar.update(table.num_rows)
-    assert writer is not None
     writer.close()
     if items_out is not None:
         items = _items_table(cfg, cat, rng)
         items_writer = _TableWriter(items_out, items.schema)
         items_writer.write(items)
         items_writer.close()
-    return written
+    return writer.written

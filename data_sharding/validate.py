@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from data_sharding.errors import DataError
 from data_sharding.ingest import SourceFile
+from data_sharding.sequences import FILE_SHIFT
 
 # DuckDB reader errors -> our reason names.
 READER_REASONS = {
@@ -82,7 +83,8 @@ class FileQuarantine:
 
 
 def file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> FileQuarantine:
-    """Both kinds of rejected rows of one staged file, by line, with the count of valid rows."""
+    """Both kinds of rejected rows of one file staged as Parquet (``ingest.stage_file(...,
+    parquet=...)``), by line, with the count of valid rows."""
     parts = []
     reject_lines = np.empty(0, dtype=np.int64)
     if src.rejects_table is not None:
@@ -93,14 +95,15 @@ def file_quarantine(con: duckdb.DuckDBPyConnection, src: SourceFile) -> FileQuar
         reject_lines = rejected["line"].to_numpy().astype(np.int64)
         reasons = [READER_REASONS.get(e, e.lower().replace(" ", "_")) for e in rejected["error_type"].to_pylist()]
         parts.append(pa.table([reject_lines, reasons, rejected["raw"]], schema=_ROW_SCHEMA))
+    # The record's position is ord's low bits: the Parquet row number, else the rowid among accepted rows.
     bad = con.sql(
-        f"SELECT rowid, rec, reason, raw FROM {src.table} WHERE reason IS NOT NULL ORDER BY rowid"
+        f"SELECT ord & {(1 << FILE_SHIFT) - 1} AS pos, reason, raw FROM {src.table} WHERE reason IS NOT NULL "
+        "ORDER BY pos"
     ).to_arrow_table()
     if bad.num_rows:
-        if src.format == "parquet":
-            lines = bad["rec"].to_numpy().astype(np.int64) + 1  # row number, 1-based
-        else:
-            lines = _line_numbers(bad["rowid"].to_numpy().astype(np.int64), reject_lines, src.header_lines)
+        positions = bad["pos"].to_numpy().astype(np.int64)
+        parquet = src.format == "parquet"  # a row number (1-based), else a line among the accepted ones
+        lines = positions + 1 if parquet else _line_numbers(positions, reject_lines, src.header_lines)
         parts.append(pa.table([lines, bad["reason"], bad["raw"].cast(pa.string())], schema=_ROW_SCHEMA))
     table = pa.concat_tables(parts or [_ROW_SCHEMA.empty_table()]).sort_by("line")
     table = table.add_column(0, "file", pa.array([src.path] * table.num_rows, pa.string()))

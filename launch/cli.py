@@ -17,8 +17,13 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=2_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-unit", choices=("s", "ms"), default="s")
-    p.add_argument("--out", required=True, help="events file: .csv, .tsv, .parquet or .jsonl")
-    p.add_argument("--items-out", help="item titles file (default: items.<ext> beside --out)")
+    p.add_argument("--out", required=True, help="events file: .csv, .tsv, .parquet or .jsonl (a folder with --parts)")
+    p.add_argument(
+        "--parts", type=int, default=1, help="write a folder of this many Parquet part files (streamed, bounded memory)"
+    )
+    p.add_argument(
+        "--items-out", help="item titles file (default: items.<ext> beside --out; items.parquet with --parts)"
+    )
     p.set_defaults(func=_run_synth)
 
 
@@ -26,7 +31,12 @@ def _run_synth(args: argparse.Namespace) -> int:
     from data_sharding.synth import SynthConfig, generate
 
     out = Path(args.out)
-    items_out = Path(args.items_out) if args.items_out else out.with_name("items" + out.suffix)
+    if args.parts < 1:
+        raise BgptError("--parts must be >= 1")
+    if args.parts > 1 and out.exists() and any(out.iterdir()):
+        raise BgptError(f"{out} is not empty: --parts writes a new folder of part files")
+    default_items = out.parent / "items.parquet" if args.parts > 1 else out.with_name("items" + out.suffix)
+    items_out = Path(args.items_out) if args.items_out else default_items
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         cfg = SynthConfig(
@@ -34,7 +44,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise BgptError(str(e)) from None
-    n = generate(cfg, out, items_out)
+    n = generate(cfg, out, items_out, parts=args.parts)
     print(f"wrote {n:,} events to {out} and {cfg.items:,} item titles to {items_out}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,24 @@ def write_lines(path: Path, lines: list[str] | bytes) -> Path:
     else:
         path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tree(root):
+    """sha256 of every file of a generation folder except the manifest copy (it records times and options)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def comparable(manifest: dict) -> dict:
+    """The manifest without wall times, creation stamps and the engine options (input sha256s stay)."""
+    out = json.loads(json.dumps(manifest))
+    for gen in out["generations"]:
+        for key in ("created", "seconds", "phase_seconds", "options"):
+            gen.pop(key)
+    return out
 
 
 def shard(inputs: list[Path], out: Path, **kwargs) -> dict:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
 import pytest
-from conftest import shard, write_lines
+from conftest import comparable, shard, tree, write_lines
 
 from data_sharding.errors import DataError
 from data_sharding.shards import load_manifest, verify_dataset
@@ -19,24 +18,6 @@ if shutil.which("java") is None:
 pytestmark = pytest.mark.slow
 SPARK = {"engine": "spark", "master": "local[2]"}
 HEADER = "user_id,item_id,timestamp,event_type,rating"
-
-
-def tree(root):
-    """sha256 of every file of a generation folder except the manifest copy (it records times and options)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
-
-
-def comparable(manifest: dict) -> dict:
-    """The manifest without wall times, creation stamps and the engine options (input sha256s stay)."""
-    out = json.loads(json.dumps(manifest))
-    for gen in out["generations"]:
-        for key in ("created", "seconds", "phase_seconds", "options"):
-            gen.pop(key)
-    return out
 
 
 def build_both(tmp_path, name, inputs, **kwargs):

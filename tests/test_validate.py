@@ -138,3 +138,34 @@ def test_unreadable_and_missing_paths_are_named(tmp_path):
         pytest.skip("running as root: permissions are not enforced")
     with pytest.raises(DataError, match="permission denied"):
         shard([locked], tmp_path / "out")
+
+
+def test_typed_parquet_columns_are_checked_like_their_text(tmp_path):
+    """Numeric time and value columns skip the text round trip; the reasons and events stay the same."""
+    nan, inf = float("nan"), float("inf")
+    times = [1_600_000_000.0 + k for k in range(200)] + [None, nan, 1e30, 1_600_000_300.0]
+    values = [1.0 + k % 5 for k in range(200)] + [2.0, 2.0, 2.0, inf]
+    users = [f"u{k % 9}" for k in range(len(times))]
+    table = pa.table({"user_id": users, "item_id": [f"i{k % 13}" for k in range(len(times))]})
+    pq.write_table(
+        table.append_column("timestamp", pa.array(times)).append_column("rating", pa.array(values)),
+        tmp_path / "typed.parquet",
+    )
+    text = ["user_id,item_id,timestamp,rating"] + [
+        f"{u},{i},{'' if t is None else ('nan' if t != t else repr(t))},{'inf' if v == inf else v}"
+        for u, i, t, v in zip(users, table["item_id"].to_pylist(), times, values, strict=True)
+    ]
+    write_lines(tmp_path / "text.csv", text)
+    shard([tmp_path / "typed.parquet"], tmp_path / "pq", max_bad_fraction=0.1)
+    shard([tmp_path / "text.csv"], tmp_path / "csv", max_bad_fraction=0.1)
+    assert [(r["line"], r["reason"]) for r in quarantine_rows(tmp_path / "pq")] == [
+        (201, "missing_timestamp"),
+        (202, "bad_timestamp"),
+        (203, "bad_timestamp"),
+        (204, "bad_value"),
+    ]
+    assert [r["reason"] for r in quarantine_rows(tmp_path / "csv")] == [
+        r["reason"] for r in quarantine_rows(tmp_path / "pq")
+    ]
+    read = [pq.read_table(out / "g0001" / "users.parquet").to_pylist() for out in (tmp_path / "pq", tmp_path / "csv")]
+    assert read[0] == read[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from data_sharding import storage
+from data_sharding.shards import write_atomic
 from trainer.checkpoint import CheckpointConfig
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig
@@ -145,8 +146,9 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, run: Path) -> None:
-        """Write ``run/config.yaml``."""
-        (run / CONFIG).write_text(self.to_yaml())
+        """Write ``run/config.yaml`` atomically: the other ranks of a resumed job read it meanwhile
+        (``check_compatible``), and a truncated file read as an empty config."""
+        write_atomic(run / CONFIG, self.to_yaml().encode())
 
 
 def _convert(value, annotation, where: str):

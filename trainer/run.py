@@ -93,7 +93,7 @@ def _prepare_run_folder(run: Path, cfg: RunConfig, resumed: bool) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     (run / METRICS).unlink(missing_ok=True)
     cfg.save(run)
-    (run / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shards.write_atomic(run / "data_manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     if cfg.model.transition_prior and (not resumed or not (run / PAIRS_FILE).exists()):
         _count_training_pairs(run, cfg, manifest)
 

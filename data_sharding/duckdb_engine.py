@@ -125,7 +125,6 @@ class DuckDBEngine:
                 ).to_arrow_reader(1_000_000)
                 results.append(sequences.pass_one(reader, self.work, generation, n_items, n_types, bar))
                 shutil.rmtree(folder)
-            self.sub_phases["sort_dedup.partitions"] = parts
             return merge_pass_one(results, n_items, n_types)
 
     map_shards = staticmethod(writer.thread_map)

@@ -66,7 +66,7 @@ def histories_from_events(path: Path, model: InferenceModel, fmt: str = "auto", 
     bad = con.execute(f"SELECT count(*) FROM {src.table} WHERE reason IS NOT NULL").fetchall()[0][0]
     con.register("vocab_items", pa.table({"item": model.items, "iid": np.arange(model.num_items)}))
     con.register("vocab_types", pa.table({"event_type": model.event_types, "tid": np.arange(len(model.event_types))}))
-    rel = con.execute(
+    rel = con.sql(
         f"SELECT e.user, v.iid, t.tid, e.ts FROM {src.table} e "
         "JOIN vocab_items v ON v.item = e.item AND v.iid >= 3 JOIN vocab_types t ON t.event_type = e.event_type "
         "WHERE e.reason IS NULL ORDER BY e.user, e.ts, e.rowid"

@@ -104,9 +104,14 @@ class DuckDBEngine:
         shards_per_part = max(1, rows_per_part // max(1, math.ceil(total_rows / num_shards)))
         parts = math.ceil(num_shards / shards_per_part)
         with tqdm(total=total_rows, unit="ev", unit_scale=True, desc="sort+dedup", disable=None) as bar:
-            if parts == 1:
-                reader = self.con.sql(f"{events_sql(logs)} ORDER BY shard, uidx, ts, ord").to_arrow_reader(1_000_000)
+
+            def sorted_pass_one(rows: str) -> sequences.PassOneResult:
+                query = f"SELECT * FROM {rows} ORDER BY shard, uidx, ts, ord"
+                reader = self.con.sql(query).to_arrow_reader(1_000_000)
                 return sequences.pass_one(reader, self.work, generation, n_items, n_types, bar)
+
+            if parts == 1:
+                return sorted_pass_one(f"({events_sql(logs)})")
             coded = self.work / "coded"
             started = time.perf_counter()
             self.con.execute(
@@ -118,13 +123,9 @@ class DuckDBEngine:
             results = []
             for part in range(parts):
                 folder = coded / f"part={part}"
-                if not folder.exists():  # no user hashed to any of its shards
-                    continue
-                reader = self.con.sql(
-                    f"SELECT * FROM read_parquet('{folder}/*.parquet') ORDER BY shard, uidx, ts, ord"
-                ).to_arrow_reader(1_000_000)
-                results.append(sequences.pass_one(reader, self.work, generation, n_items, n_types, bar))
-                shutil.rmtree(folder)
+                if folder.exists():  # else no user hashed to any of its shards
+                    results.append(sorted_pass_one(f"read_parquet('{folder}/*.parquet')"))
+                    shutil.rmtree(folder)
             return merge_pass_one(results, n_items, n_types)
 
     map_shards = staticmethod(writer.thread_map)

@@ -148,7 +148,8 @@ def file_layout(
             raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         return Layout(path, fmt, [row[0] for row in described], False, types={row[0]: row[1] for row in described})
     if fmt == "arrow":
-        return Layout(path, fmt, list(arrow_stream(path).schema.names), False, types=_arrow_types(con, path))
+        types = _arrow_types(con, path)  # in column order
+        return Layout(path, fmt, list(types), False, types=types)
     delimiter = delimiter or ("\t" if fmt == "tsv" else ",")
     if columns is not None:
         return Layout(path, fmt, list(columns), False, delimiter, encoding)

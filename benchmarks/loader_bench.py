@@ -5,7 +5,7 @@
 Reads training windows (max_len 50, batch 128) from the 10M-event synthetic dataset for a fixed
 time with 0, 1 and 2 loader worker processes, from the folder and through an fsspec ``file://``
 URL, and reports samples/s and target tokens/s (events predicted). Training's consumption is
-taken from benchmarks/results/train_speed.json (measured on the same machine). Writes
+taken from benchmarks/results/train_speed_configs.json (measured on the same machine). Writes
 benchmarks/results/loader.json and loader.md.
 """
 
@@ -57,7 +57,7 @@ def main() -> None:
         for workers in (0, 1, 2):
             results[f"{source}_w{workers}"] = measure(root, workers)
             print(source, workers, results[f"{source}_w{workers}"], flush=True)
-    speed = json.loads((REPO / "benchmarks" / "results" / "train_speed.json").read_text())["metrics"]
+    speed = json.loads((REPO / "benchmarks" / "results" / "train_speed_configs.json").read_text())["metrics"]
     consumption = {k: v for k, v in speed.items() if k.endswith("tokens_per_s")}
     metrics = {f"{k}_{f}": v for k, r in results.items() for f, v in r.items()}
     metrics.update({f"train_{k}": v for k, v in consumption.items()})
@@ -83,7 +83,7 @@ def main() -> None:
     for key, r in results.items():
         source, workers = key.rsplit("_w", 1)
         lines.append(f"| {source} | {workers} | {r['samples_per_s']} | {r['tokens_per_s']} | {r['first_batch_s']} |")
-    lines += ["", "Training consumption (benchmarks/results/train_speed.json, same machine):", ""]
+    lines += ["", "Training consumption (benchmarks/results/train_speed_configs.json, same machine):", ""]
     lines += ["| config | tokens/s |", "|---|---|"] + [f"| {k} | {v} |" for k, v in consumption.items()]
     write_results("loader", out, lines)
     print("\n".join(lines))

@@ -38,6 +38,7 @@ Even streaming, ``datasets`` puts a lock file in its cache (HF_DATASETS_CACHE, b
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from data_sharding.errors import DataError
@@ -92,7 +93,7 @@ def to_iterable_dataset(root: str | Path, cfg: StreamConfig | None = None, num_s
         from datasets import IterableDataset
     except ImportError:
         raise ImportError("data_sharding.hf needs the Hugging Face datasets library: pip install datasets") from None
-    cfg = cfg or StreamConfig()
+    cfg = replace(cfg or StreamConfig(), pack=False)  # examples are single windows: never packed rows
     if num_slots < 1:
         raise DataError(f"num_slots must be >= 1, got {num_slots}")
     dataset = ShardDataset(root, cfg)  # a bad root or configuration fails here, not in a worker

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_sharding import shards, storage
+from data_sharding.batching import collate_windows
 from data_sharding.errors import DataError, ShardError
 from data_sharding.shards import SPLIT_NAMES
 
@@ -54,6 +55,14 @@ class StreamConfig:
     """Check each shard's sha256 against the manifest when it is read."""
     pad_to_max_len: bool = False
     """Pad every batch to max_len + 1 positions (static shapes) instead of its longest window."""
+    pack: bool = False
+    """Training: pack a batch's windows into as few rows of ``pack_width`` positions as fit
+    (first-fit decreasing), with a ``positions`` tensor that restarts at each window; the model
+    then attends within each window only (block-diagonal causal mask). The same samples, targets
+    and loss as unpacked batches, with few padded positions (short histories no longer pad to the
+    batch's longest window)."""
+    pack_width: int | None = None
+    """Positions per packed row (default max_len + 1: one full window)."""
     focus_new: bool = False
     """Incremental training: only windows holding the newest generation's events, and only those
     events as targets (the older events before them are context), plus the replay sample."""
@@ -76,45 +85,17 @@ class StreamConfig:
             raise DataError("include_valid (a refit on train + valid) does not combine with focus_new")
         if self.split not in SPLIT_NAMES:
             raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
+        if self.pack_width is not None and self.pack_width < self.max_len + 1:
+            raise DataError(
+                f"pack_width {self.pack_width} cannot hold one window: a training window has up to "
+                f"max_len + 1 = {self.max_len + 1} events"
+            )
         if self.until_generation is not None and (self.generations != "state" or self.focus_new):
             raise DataError("until_generation reads the state at a generation: not with focus_new or one generation")
 
 
 def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([abs(int(k)) for k in keys])
-
-
-def collate_windows(
-    users: list[int], windows: list[np.ndarray], width: int | None = None, seen: list[np.ndarray] | None = None
-) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) tensors of SEQ_DTYPE windows; ``mask`` marks real events, ``has_value``
-    those with a value, ``targets`` the positions that count as prediction targets. ``seen``: per
-    window, the item ids of the user's whole history before the event to predict (evaluation
-    excludes them all, not only the visible window), as a 0-padded (B, S) ``seen`` tensor."""
-    width = width or max(len(w) for w in windows)
-    batch = np.zeros((len(windows), width), dtype=shards.SEQ_DTYPE)
-    mask = np.zeros((len(windows), width), dtype=bool)
-    for i, w in enumerate(windows):
-        batch[i, : len(w)] = w
-        mask[i, : len(w)] = True
-    has_value = mask & np.isfinite(batch["value"])
-    out = {
-        "items": torch.from_numpy(batch["item"].astype(np.int64)),
-        "times": torch.from_numpy(batch["ts"].copy()),
-        "types": torch.from_numpy(batch["type"].astype(np.int64)),
-        "values": torch.from_numpy(np.where(has_value, batch["value"], 0).astype(np.float32)),
-        "has_value": torch.from_numpy(has_value),
-        "new": torch.from_numpy(batch["new"].astype(bool)),
-        "mask": torch.from_numpy(mask),
-        "targets": torch.from_numpy(mask.copy()),
-        "users": torch.tensor(users, dtype=torch.int64),
-    }
-    if seen is not None:
-        items = np.zeros((len(seen), max(1, max(len(s) for s in seen))), dtype=np.int64)
-        for i, s in enumerate(seen):
-            items[i, : len(s)] = s
-        out["seen"] = torch.from_numpy(items)
-    return out
 
 
 class ShardDataset(IterableDataset):
@@ -282,12 +263,15 @@ class ShardDataset(IterableDataset):
     def collate(
         self, users: list[int], windows: list[np.ndarray], seen: list[np.ndarray] | None = None
     ) -> dict[str, torch.Tensor]:
+        train = self.cfg.split == "train"
         width = self.cfg.max_len + 1 if self.cfg.pad_to_max_len else None
-        batch = collate_windows(users, windows, width, None if self.cfg.split == "train" else seen)
-        if self.cfg.focus_new and self.cfg.split == "train":
-            replay = torch.from_numpy(self.replayed(np.array(users)))[:, None]
-            batch["targets"] &= batch["new"] | replay
-        return batch
+        pack_width = (self.cfg.pack_width or self.cfg.max_len + 1) if self.cfg.pack and train else None
+        targets = None
+        if self.cfg.focus_new and train:
+            # Only the new events are targets, except for the replay sample's users (every event).
+            replay = self.replayed(np.array(users))
+            targets = [(w["new"] == 1) | r for w, r in zip(windows, replay, strict=True)]
+        return collate_windows(users, windows, width, None if train else seen, pack_width, targets)
 
     def __iter__(self):
         info = get_worker_info()

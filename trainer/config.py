@@ -18,6 +18,7 @@ import yaml
 
 from data_sharding import storage
 from data_sharding.shards import write_atomic
+from data_sharding.stream import StreamConfig
 from trainer.checkpoint import CheckpointConfig
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig
@@ -38,6 +39,11 @@ class DataConfig:
     """Dataset folder written by `bgpt shard`."""
     num_workers: int = 1
     """DataLoader worker processes per rank reading shards."""
+    pack: bool = True
+    """Pack several windows into each row of a training batch (attention stays within each window):
+    the same samples, targets and loss, without computing the padding of short histories."""
+    pack_width: int | None = None
+    """Positions per packed row (default model.max_len + 1, one full window)."""
     generations: str = "state"
     """state (every user's latest sequence), latest (the newest generation only) or a generation number."""
     focus_new: bool = False
@@ -138,6 +144,29 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        width, window = self.data.pack_width, self.model.max_len + 1
+        if self.data.pack and width is not None and width < window:
+            raise ConfigError(
+                f"data.pack_width {width} cannot hold one training window: model.max_len + 1 = {window} events"
+            )
+
+    def training_stream(self, until_generation: int | None = None) -> StreamConfig:
+        """How the run's training windows are cut, ordered, batched and packed."""
+        data = self.data
+        return StreamConfig(
+            max_len=self.model.max_len,
+            batch_size=self.train.micro_batch_size,
+            seed=self.train.seed,
+            generations=data.generations,
+            focus_new=data.focus_new,
+            replay_fraction=data.replay_fraction if data.focus_new else 0.0,
+            include_valid=data.train_on_valid,
+            until_generation=until_generation,
+            pack=data.pack,
+            pack_width=data.pack_width,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

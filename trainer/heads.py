@@ -131,17 +131,28 @@ class MultiTaskHeads(nn.Module):
         freq[:NUM_RESERVED_ITEMS] = 0
         self.register_buffer("log_freq", torch.from_numpy(np.log(freq / freq.sum() + 1e-20)).float(), persistent=False)
 
+    def draw_negatives(self, device) -> torch.Tensor:
+        """The sampled softmax's uniform negatives of one step, shared by the batch."""
+        return torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=device)
+
     def item_loss(
-        self, h: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, priors: list | None = None
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        table: torch.Tensor,
+        priors: list | None = None,
+        negatives: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-item loss over rows of h (N, H) with targets (N,); ``priors``: (score prior,
-        its (N, ...) inputs for these rows) pairs (trainer.priors)."""
+        its (N, ...) inputs for these rows) pairs (trainer.priors); ``negatives``: the sampled
+        softmax's draw (drawn here when not given)."""
         priors = priors or []
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
             weights = [prior.weight for prior, _ in priors]
             return ChunkedSoftmaxCE.apply(h, table, targets, chunk, priors, *weights) / max(1, len(targets))
-        negatives = torch.randint(NUM_RESERVED_ITEMS, self.num_items, (self.cfg.num_negatives,), device=h.device)
+        if negatives is None:
+            negatives = self.draw_negatives(h.device)
         if not self.cfg.in_batch_negatives:
             # Column 0: the row's own target; then the shared uniform draws, a draw of the target
             # itself masked out (uniform sampling needs no logQ correction).
@@ -169,11 +180,12 @@ class MultiTaskHeads(nn.Module):
         table: torch.Tensor,
         item_states: torch.Tensor | None = None,
         priors: list | None = None,
+        negatives: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it;
         ``item_states``: the states that score the next item, when they differ from h (conditioned
         on the prediction time); ``priors``: score priors (trainer.priors), each reading its own
-        per-position inputs from the batch."""
+        per-position inputs from the batch; ``negatives``: the sampled softmax's draw."""
         # Positions whose next event is a training target (incremental runs: only the new events
         # and the replay sample; otherwise every real event).
         valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
@@ -187,7 +199,7 @@ class MultiTaskHeads(nn.Module):
         if self.cfg.item_weight > 0:
             item_h = hv if item_states is None else item_states[valid]
             inputs = [(prior, prior.training_inputs(batch)[valid]) for prior in priors or []]
-            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, inputs)
+            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, inputs, negatives)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:
             out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])

@@ -145,17 +145,37 @@ class ItemEncoder(nn.Module):
         if features.attribute_ids is not None and features.num_attributes > 1:
             self.register_buffer("attribute_ids", features.attribute_ids, persistent=False)
             self.register_buffer("attribute_offsets", features.attribute_offsets, persistent=False)
+            ends = torch.cat([features.attribute_offsets[1:], torch.tensor([len(features.attribute_ids)])])
+            self.register_buffer("attribute_lengths", ends - features.attribute_offsets, persistent=False)
             self.attributes = nn.EmbeddingBag(features.num_attributes, hidden, mode="mean", padding_idx=0)
             nn.init.normal_(self.attributes.weight, std=hidden**-0.5)
 
-    def table(self) -> torch.Tensor:
-        """(num_items, H) vectors of every item."""
+    def table(self, needed: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_items, H) vectors of every item. ``needed`` (unique ids): only those rows are complete
+        (the others hold their id embedding alone), for a step that reads no other row (a sampled
+        softmax): the text and attribute parts then cost the batch's items, not the catalogue's."""
         table = self.ids.weight
+        if needed is None:
+            if self.text_proj is not None:
+                table = table + self.text_proj(self.text)
+            if self.attributes is not None:
+                table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
+            return table
+        extra = torch.zeros((), device=table.device)
         if self.text_proj is not None:
-            table = table + self.text_proj(self.text)
+            extra = extra + self.text_proj(self.text[needed])
         if self.attributes is not None:
-            table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
-        return table
+            extra = extra + self._attribute_rows(needed)
+        return table if extra.dim() == 0 else table.index_add(0, needed, extra)
+
+    def _attribute_rows(self, needed: torch.Tensor) -> torch.Tensor:
+        """(len(needed), H) mean attribute embedding of the ``needed`` items (their bags gathered)."""
+        lengths = self.attribute_lengths[needed]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        # Position of every link of the needed items in attribute_ids: its item's start + its rank.
+        starts = torch.repeat_interleave(self.attribute_offsets[needed] - offsets, lengths)
+        links = starts + torch.arange(len(starts), device=starts.device)
+        return self.attributes(self.attribute_ids[links], offsets)
 
     def forward(self, items: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         return F.embedding(items, self.table() if table is None else table)
@@ -199,6 +219,8 @@ class BehaviorGPT(nn.Module):
         times = batch["times"]
         gaps = torch.zeros_like(times)
         gaps[:, 1:] = times[:, 1:] - times[:, :-1]
+        if "positions" in batch:  # packed rows: a window's first event has no gap before it
+            gaps = gaps.masked_fill(batch["positions"] == 0, 0)
         x = (
             self.items(batch["items"], table)
             + self.types(batch["types"])
@@ -210,7 +232,12 @@ class BehaviorGPT(nn.Module):
         """(B, T, H) last hidden states; position t has seen events 0..t."""
         table = self.items.table() if table is None else table
         x = self.embed(batch, table)
-        out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
+        if "positions" in batch:
+            # Packed rows (data_sharding.stream.collate_windows): with no 2D mask, transformers reads
+            # the restarting position ids as separate sequences and attends within each only.
+            out = self.backbone(inputs_embeds=x, position_ids=batch["positions"], use_cache=False)
+        else:
+            out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
         return out.last_hidden_state
 
     def with_query_time(self, hidden: torch.Tensor, gap_ms: torch.Tensor) -> torch.Tensor:
@@ -247,8 +274,14 @@ class BehaviorGPT(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training losses for a batch of windows: every position predicts the next event."""
-        table = self.items.table()
+        negatives = None
+        if self.heads.sampled:
+            # A sampled softmax reads the vectors of the batch's items and the negatives only.
+            negatives = self.heads.draw_negatives(batch["items"].device)
+            table = self.items.table(torch.unique(torch.cat([batch["items"].flatten(), negatives])))
+        else:
+            table = self.items.table()
         hidden = self.hidden_states(batch, table)[:, :-1]
         times = batch["times"]
         item_states = self.with_query_time(hidden, times[:, 1:] - times[:, :-1])
-        return self.heads.losses(hidden, batch, table, item_states, self.score_priors)
+        return self.heads.losses(hidden, batch, table, item_states, self.score_priors, negatives)

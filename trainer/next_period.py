@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_sharding import shards
-from data_sharding.stream import collate_windows
+from data_sharding.batching import collate_windows
 from data_sharding.vocab import UNK_ITEM
 from trainer import baselines
 from trainer.errors import ConfigError

@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from data_sharding import shards, storage
+from data_sharding.batching import collate_windows
 from data_sharding.ingest import InputConfig, stage_file
-from data_sharding.stream import collate_windows, iter_sequences
+from data_sharding.stream import iter_sequences
 from trainer.config import CONFIG, load_run_config
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel

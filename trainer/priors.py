@@ -117,7 +117,11 @@ class TransitionPrior(nn.Module):
         """(B, T-1, steps): for each training position, its item and the ones before it."""
         items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))[:, :-1]
         shifted = [torch.nn.functional.pad(items, (d, 0))[:, : items.shape[1]] for d in range(self.steps)]
-        return torch.stack(shifted, dim=-1)
+        sources = torch.stack(shifted, dim=-1)
+        if "positions" in batch:  # packed rows: no source from the window before
+            within = batch["positions"][:, :-1, None] >= torch.arange(self.steps, device=sources.device)
+            sources = torch.where(within, sources, torch.zeros_like(sources))
+        return sources
 
     def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(N, steps) sources of queries whose history ends at ``pos`` of each window row."""
@@ -230,10 +234,12 @@ class RepeatPrior(nn.Module):
         """(B, T-1, T): each training position's visible history (the window up to it)."""
         items = torch.where(batch["mask"], batch["items"], torch.zeros_like(batch["items"]))
         length = items.shape[1]
-        keep = (
-            torch.arange(length, device=items.device)[None, :] <= torch.arange(length - 1, device=items.device)[:, None]
-        )
-        return torch.where(keep[None], items[:, None, :], torch.zeros((), dtype=items.dtype, device=items.device))
+        query = torch.arange(length - 1, device=items.device)[:, None]
+        key = torch.arange(length, device=items.device)[None, :]
+        keep = (key <= query)[None]  # (1, T-1, T)
+        if "positions" in batch:  # packed rows: only the query's own window
+            keep = keep & (key >= query - batch["positions"][:, :-1, None])
+        return torch.where(keep, items[:, None, :], torch.zeros((), dtype=items.dtype, device=items.device))
 
     def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return window_prefixes(items, mask, pos)

@@ -311,10 +311,14 @@ def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
 class StreamLoader:
     """The rank's batch iterator with a resumable position (epoch, batches consumed)."""
 
-    def __init__(self, dataset: ShardDataset, num_workers: int = 0, prefetch_factor: int | None = None) -> None:
+    def __init__(
+        self, dataset: ShardDataset, num_workers: int = 0, prefetch_factor: int | None = None, pin_memory: bool = False
+    ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        """Page-locked batches (GPU training): host-to-device copies can then overlap compute."""
         self.epoch = 0
         self.batches = 0
 
@@ -334,6 +338,7 @@ class StreamLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             generator=generator,
+            pin_memory=self.pin_memory,
             worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers else None,
         )
         for batch in loader:

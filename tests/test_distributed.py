@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,7 @@ def train_args(data: Path, run: Path, workers: int, steps: int = STEPS, **extra)
         "--train.lr=0.003",
         "--checkpoint.every_steps=0",
         "--eval.ks=1,10",
+        "--eval.batch_size=16",
         f"--data.num_workers={workers}",
     ]
     return args + [f"--{k}={v}" for k, v in extra.items()]
@@ -118,6 +120,15 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(single, 
     assert two[-1] != one[0]  # it trained
     # The files behind it are kept in the run.
     assert (run / "launch" / "accelerate.yaml").exists()
+
+
+def test_distributed_validation_equals_one_process_evaluation_of_the_same_weights(ddp):
+    """Each of the 2 ranks scored half of the validation batches; merged, they are one process's metrics."""
+    run, log = ddp
+    reported = [json.loads(line) for line in (run / "valid_metrics.jsonl").read_text().splitlines()][-1]["valid"]
+    assert reported["count"] > 16  # more than one batch of eval.batch_size 16: both ranks had some
+    alone = evaluate_run(run, "valid", log=lambda *a: None)
+    assert {k: alone[k] for k in reported} == reported  # every metric, exactly
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
@@ -318,3 +329,14 @@ def test_sigkill_then_resume_gives_bit_identical_weights(strategy, small_data, t
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), (name, kill_at, resumed_from.name)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(small_data, ddp, tmp_path):
+    """Elastic resume: the DDP run's last checkpoint (2 ranks) continues with 1 process."""
+    source, _ = ddp
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    done = bgpt("train", *train_args(small_data, run, 0, steps=STEPS + 4))
+    assert f"resumed from {ckpt.step_dir(run, STEPS)}" in done.stdout + done.stderr
+    assert "elastic resume: the checkpoint's data position was reached by 2 processes x 1" in done.stdout + done.stderr
+    assert json.loads((run / "metrics.json").read_text())["train"]["step"] == STEPS + 4

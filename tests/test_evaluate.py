@@ -71,3 +71,32 @@ def test_exclude_seen_removes_history_items_from_the_ranking(tmp_path):
     unseen = evaluate_popularity(tmp_path / "d", "test", EvalConfig(ks=[1], exclude_seen=True))
     assert plain["count"] == unseen["count"] == 1  # only u0 has >= 3 events
     assert plain["hr@1"] == 0.0 and unseen["hr@1"] == 1.0
+
+
+def test_two_processes_share_the_batches_and_merge_into_one_process_metrics_exactly(dataset):
+    from trainer.evaluate import Part, evaluate_model
+    from trainer.factory import build_model
+    from trainer.heads import HeadsConfig
+    from trainer.model import LoraConfig, ModelConfig
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(backbone="scratch", hidden_size=16, num_heads=2, num_layers=1, max_len=12)
+    model, _ = build_model(model_cfg, LoraConfig(), HeadsConfig(value_weight=0.1), dataset)
+    cfg = EvalConfig(ks=[1, 10], batch_size=64, exclude_seen=True)
+    whole = evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"))
+    assert whole["count"] > 3 * cfg.batch_size and "type_accuracy" in whole and "value_rmse" in whole
+
+    # What accelerate.utils.gather_object returns: every rank's partial metrics, in rank order.
+    partial: dict[int, dict] = {}
+
+    def gather_as(rank: int):
+        def gather(objects: list) -> list:
+            partial[rank] = objects[0]
+            return [partial.get(r, {"model": RankingMetrics(cfg.ks, model.num_items)}) for r in range(2)]
+
+        return gather
+
+    alone = evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"), Part(1, 2, gather_as(1)))
+    assert 0 < alone["count"] < whole["count"]  # rank 1 scored only its share (rank 0's not yet there)
+    merged = evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"), Part(0, 2, gather_as(0)))
+    assert merged == whole

@@ -120,3 +120,40 @@ def test_the_repeat_prior_counts_each_items_occurrences_in_the_visible_history()
     expected = F.cross_entropy(scores, targets, reduction="sum")
     for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_the_full_softmax_keeps_fp32_scores_under_bf16_and_returns_gradients_in_the_input_dtypes():
+    torch.manual_seed(0)
+    h = torch.randn(23, 8).bfloat16().requires_grad_()
+    table = torch.randn(40, 8, requires_grad=True)
+    targets = torch.randint(NUM_RESERVED_ITEMS, 40, (23,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [])
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
+
+    # The same loss from the same (bf16-valued) hidden states, all in fp32 without autocast.
+    h32, table32 = h.detach().float().requires_grad_(), table.detach().clone().requires_grad_()
+    scores = h32 @ table32.T
+    scores = torch.cat(
+        [torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, NUM_RESERVED_ITEMS:]], 1
+    )
+    expected = F.cross_entropy(scores, targets, reduction="sum")
+    expected.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert torch.allclose(table.grad, table32.grad, atol=1e-6)
+    assert torch.equal(h.grad, h32.grad.bfloat16())
+
+
+def test_the_sampled_softmax_scores_in_fp32_whatever_the_input_dtype():
+    num_items = 60
+    heads = MultiTaskHeads(HeadsConfig(item_loss="sampled", num_negatives=16), 8, num_items, 2, 4, np.ones(num_items))
+    torch.manual_seed(0)
+    h, table = torch.randn(30, 8).bfloat16(), torch.randn(num_items, 8).bfloat16()
+    targets = torch.randint(NUM_RESERVED_ITEMS, num_items, (30,))
+    negatives = heads.draw_negatives(h.device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = heads.item_loss(h, targets, table, negatives=negatives)
+    full = heads.item_loss(h.float(), targets, table.float(), negatives=negatives)
+    assert low.dtype == torch.float32 and torch.allclose(low, full, rtol=1e-6)
+    assert heads.item_scores(h, table).dtype == torch.float32

@@ -16,6 +16,7 @@ off on logs with repeat consumption (music, groceries, restaurants).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,8 @@ class EvalConfig:
     """Never recommend an item already in the user's history: true, false, or auto (true when fewer
     than 5% of training events repeat an earlier item of the same user; decided once per run and
     written to its config.yaml)."""
+    autocast: bool = True
+    """On GPUs, run the network in bf16 autocast when scoring (item scores and ranks stay fp32)."""
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -106,23 +109,46 @@ def rank_metrics(ranks: np.ndarray, ks: list[int]) -> dict[str, float]:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class Part:
+    """This process's share of an evaluation: the batches ``rank``, ``rank + world``, ... of the
+    one fixed batch order. ``gather`` (accelerate.utils.gather_object) collects every rank's
+    partial metrics, and each rank merges them into the metrics of all batches: equal to one
+    process's exactly, since every batch is scored as one process would and merged in its order."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list], list] | None = None
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.world == self.rank
+
+
+WHOLE = Part()
+"""Every batch, in this process (no other process to merge with)."""
+
+
 class RankingMetrics:
-    """Accumulates ranks and top-K sets over batches."""
+    """Accumulates ranks and top-K sets over batches (kept per batch, so that partial metrics of
+    several processes merge into exactly one process's)."""
 
     def __init__(self, ks: list[int], num_items: int, catalogue: int | None = None) -> None:
         self.ks = sorted(ks)
         self.num_items = num_items
         self.catalogue = catalogue if catalogue is not None else num_items - NUM_RESERVED_ITEMS
         """Items that can be recommended (coverage@K's denominator)."""
-        self.ranks: list[np.ndarray] = []
+        self.ranks: dict[int, np.ndarray] = {}
         self.top = {k: np.zeros(num_items, dtype=bool) for k in self.ks}
         self.type_correct = 0
         self.type_total = 0
-        self.value_sq = 0.0
+        self.value_sq: dict[int, float] = {}
         self.value_total = 0
+        self.batch = -1
+        """Index of the batch being added (its ranks and value errors are kept under it)."""
 
-    def add(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        self.ranks.append(target_ranks(scores, targets).cpu().numpy())
+    def add(self, scores: torch.Tensor, targets: torch.Tensor, batch: int | None = None) -> None:
+        self.batch = self.batch + 1 if batch is None else batch
+        self.ranks[self.batch] = target_ranks(scores, targets).cpu().numpy()
         # K may exceed a small catalogue: every real item is then in the top K.
         k_max = min(max(self.ks), scores.shape[1] - NUM_RESERVED_ITEMS)
         top_scores, top = torch.topk(scores, k_max, dim=1)
@@ -130,8 +156,24 @@ class RankingMetrics:
         for k in self.ks:  # items that cannot be recommended (-inf) are never "covered"
             self.top[k][top[:, :k][finite[:, :k]]] = True
 
+    def add_values(self, squared_error: float, count: int) -> None:
+        """The value head's squared error over ``count`` events of the current batch."""
+        self.value_sq[self.batch] = self.value_sq.get(self.batch, 0.0) + squared_error
+        self.value_total += count
+
+    def merge(self, other: RankingMetrics) -> None:
+        """Add another process's batches (disjoint from these)."""
+        self.ranks.update(other.ranks)
+        self.value_sq.update(other.value_sq)
+        for k in self.ks:
+            self.top[k] |= other.top[k]
+        self.type_correct += other.type_correct
+        self.type_total += other.type_total
+        self.value_total += other.value_total
+
     def all_ranks(self) -> np.ndarray:
-        return np.concatenate(self.ranks) if self.ranks else np.empty(0, np.int64)
+        """Ranks of every target, in batch order."""
+        return np.concatenate([self.ranks[b] for b in sorted(self.ranks)]) if self.ranks else np.empty(0, np.int64)
 
     def result(self) -> dict[str, float]:
         out = rank_metrics(self.all_ranks(), self.ks)
@@ -140,7 +182,8 @@ class RankingMetrics:
         if self.type_total:
             out["type_accuracy"] = round(self.type_correct / self.type_total, 6)
         if self.value_total:
-            out["value_rmse"] = round(float(np.sqrt(self.value_sq / self.value_total)), 6)
+            value_sq = sum(self.value_sq[b] for b in sorted(self.value_sq))
+            out["value_rmse"] = round(float(np.sqrt(value_sq / self.value_total)), 6)
         return out
 
 
@@ -234,30 +277,42 @@ def rank_batches(
     rankable: dict[str, torch.Tensor | None] | None = None,
     ranks: bool = False,
     catalogue: int | None = None,
+    part: Part = WHOLE,
 ) -> dict[str, dict]:
     """Full-ranking metrics of every scorer over the same collated windows, each ending at the event
     to predict (the last real position). A target that can never be ranked (a reserved id such as
     UNK for an item unknown to the model, or an item outside the scorer's ``rankable`` (V,) mask)
     counts as a miss. Returns {name: metrics}; with ``ranks``, each also holds the 0-based rank of
     every target in batch order (for breakdowns and paired tests). ``catalogue``: the number of
-    items coverage@K is a share of (default: all real items)."""
+    items coverage@K is a share of (default: all real items). ``part``: score only this process's
+    batches and merge every process's (distributed evaluation; every batch is still read)."""
     if cfg.exclude_seen == "auto":
         raise ConfigError("eval.exclude_seen=auto must be resolved on the data first (resolve_exclude_seen)")
     metrics = {name: RankingMetrics(cfg.ks, scorer.num_items, catalogue) for name, scorer in scorers.items()}
     blocked = {name: None if mask is None else ~mask.to(device) for name, mask in (rankable or {}).items()}
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.autocast)
+    for index, batch in enumerate(batches):
+        if not part.owns(index):
+            continue
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         rows, pos, targets, mask = held_out(batch)
         for name, scorer in scorers.items():
-            scores = scorer(batch, rows, pos, mask)
+            with autocast:
+                scores = scorer(batch, rows, pos, mask).float()
             if blocked.get(name) is not None:
                 scores[:, blocked[name]] = float("-inf")
             if cfg.exclude_seen:
                 exclude_history(scores, batch, mask)
-            metrics[name].add(scores, targets)
+            metrics[name].add(scores, targets, index)
             side = getattr(scorer, "side_metrics", None)
             if side is not None:
-                side(metrics[name], batch, rows, pos)
+                with autocast:
+                    side(metrics[name], batch, rows, pos)
+    if part.gather is not None:
+        for rank, other in enumerate(part.gather([metrics])):  # one entry per rank, in rank order
+            if rank != part.rank:
+                for name, accumulated in metrics.items():
+                    accumulated.merge(other[name])
     results = {}
     for name, accumulated in metrics.items():
         results[name] = accumulated.result()
@@ -267,18 +322,27 @@ def rank_batches(
 
 
 def evaluate_batches(
-    model, batches, cfg: EvalConfig, device: torch.device, rankable: torch.Tensor | None = None, ranks: bool = False
+    model,
+    batches,
+    cfg: EvalConfig,
+    device: torch.device,
+    rankable: torch.Tensor | None = None,
+    ranks: bool = False,
+    part: Part = WHOLE,
 ) -> dict:
     """:func:`rank_batches` for a BehaviorGPT, or a list of them scored as an ensemble (next-item
     metrics only; the side heads are per model)."""
     with eval_mode(model):
-        return rank_batches({"model": ModelScorer(model)}, batches, cfg, device, {"model": rankable}, ranks)["model"]
+        scorers = {"model": ModelScorer(model)}
+        return rank_batches(scorers, batches, cfg, device, {"model": rankable}, ranks, part=part)["model"]
 
 
-def evaluate_model(model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device) -> dict:
+def evaluate_model(
+    model, data: Path, split: str, cfg: EvalConfig, max_len: int, device: torch.device, part: Part = WHOLE
+) -> dict:
     """Full-ranking metrics of ``model`` (a BehaviorGPT, or a list of them: an ensemble) on the
-    ``split`` events of ``data``."""
-    return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device)
+    ``split`` events of ``data`` (``part``: this process's share, merged; see :class:`Part`)."""
+    return evaluate_batches(model, eval_loader(data, split, max_len, cfg.batch_size), cfg, device, part=part)
 
 
 class InferenceScorer:
@@ -312,6 +376,5 @@ def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) 
     if heads.value_head is not None:
         has = batch["has_value"][rows, pos + 1]
         if has.any():
-            err = heads.value_head(hidden[has]).squeeze(-1) - batch["values"][rows, pos + 1][has]
-            metrics.value_sq += float((err**2).sum())
-            metrics.value_total += int(has.sum())
+            err = heads.value_head(hidden[has]).squeeze(-1).float() - batch["values"][rows, pos + 1][has]
+            metrics.add_values(float((err**2).sum()), int(has.sum()))

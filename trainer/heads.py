@@ -58,6 +58,20 @@ def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 when it is a 16-bit float (fp32 and fp64 stay as they are)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def fp32_scores(h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(N, C) item scores h @ vectors.T in fp32 whatever the inputs' dtype (bf16 under autocast or
+    DeepSpeed's bf16 weights): catalogue-sized score rows feed a log-sum-exp and a ranking, where
+    bf16's 8 bits of mantissa would round logits of 16-32 to steps of 0.125-0.25 and tie
+    neighbours. On GPUs the product runs in TF32 (enabled by trainer.runtime)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return _wide(h) @ _wide(vectors).T
+
+
 class ChunkedSoftmaxCE(torch.autograd.Function):
     """Sum over rows of cross-entropy(h @ table.T [+ score priors' offsets], target), computed
     ``chunk`` rows at a time.
@@ -66,20 +80,28 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     ``priors``: (prior, per-row inputs) pairs (trainer.priors: the transition and repeat priors);
     each adds its offsets to every block and its learned weights (``weights``, in the same order)
     get their gradient.
+
+    Precision: scores, log-sum-exp, softmax and the table's gradient are fp32 whatever the inputs'
+    dtype (bf16 hidden states under autocast, bf16 weights under DeepSpeed), with autocast off
+    inside, forward and backward alike (what ``torch.amp.custom_fwd(cast_inputs=float32)`` and
+    ``custom_bwd`` do, for any device); gradients return in the inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, h, table, targets, chunk, priors, *weights) -> torch.Tensor:
-        lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
-        for start in range(0, h.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            block = h[rows] @ table.T  # (c, V)
+        ctx.dtypes = (h.dtype, table.dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            h, table = _wide(h), _wide(table)
+            lse = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                block = h[rows] @ table.T  # (c, V)
+                for prior, inputs in priors:
+                    prior.add_training_offsets(block, inputs[rows], targets[rows])
+                lse[rows] = torch.logsumexp(_mask_reserved(block), dim=1)
+            target_scores = (h * table[targets]).sum(dim=1)
             for prior, inputs in priors:
-                prior.add_training_offsets(block, inputs[rows], targets[rows])
-            lse[rows] = torch.logsumexp(_mask_reserved(block), dim=1)
-        target_scores = (h * table[targets]).sum(dim=1)
-        for prior, inputs in priors:
-            target_scores = target_scores + prior.offsets(inputs, targets[:, None], leave_out=targets)[:, 0]
+                target_scores = target_scores + prior.offsets(inputs, targets[:, None], leave_out=targets)[:, 0]
         ctx.save_for_backward(h, table, targets, lse)
         ctx.chunk, ctx.priors = chunk, priors
         return (lse - target_scores).sum()
@@ -87,24 +109,27 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h, table, targets, lse = ctx.saved_tensors
-        grad_h = torch.empty_like(h)
-        grad_table = torch.zeros_like(table)
-        grad_weights = [torch.zeros_like(prior.weight, dtype=h.dtype) for prior, _ in ctx.priors]
-        for start in range(0, h.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            hc = h[rows]
-            block = hc @ table.T
-            for prior, inputs in ctx.priors:
-                prior.add_training_offsets(block, inputs[rows], targets[rows])
-            probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
-            probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
-            probs *= grad
-            grad_h[rows] = probs @ table
-            grad_table.addmm_(probs.T, hc)
-            for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
-                g += prior.training_weight_grad(inputs[rows], targets[rows], probs).reshape(g.shape)
+        with torch.autocast(h.device.type, enabled=False):
+            grad = grad.to(h.dtype)
+            grad_h = torch.empty_like(h)
+            grad_table = torch.zeros_like(table)
+            grad_weights = [torch.zeros_like(prior.weight, dtype=h.dtype) for prior, _ in ctx.priors]
+            for start in range(0, h.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                hc = h[rows]
+                block = hc @ table.T
+                for prior, inputs in ctx.priors:
+                    prior.add_training_offsets(block, inputs[rows], targets[rows])
+                probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
+                probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
+                probs *= grad
+                grad_h[rows] = probs @ table
+                grad_table.addmm_(probs.T, hc)
+                for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
+                    g += prior.training_weight_grad(inputs[rows], targets[rows], probs).reshape(g.shape)
         grads = [g.to(prior.weight.dtype) for g, (prior, _) in zip(grad_weights, ctx.priors, strict=True)]
-        return grad_h, grad_table, None, None, None, *grads
+        h_dtype, table_dtype = ctx.dtypes
+        return grad_h.to(h_dtype), grad_table.to(table_dtype), None, None, None, *grads
 
 
 class MultiTaskHeads(nn.Module):
@@ -156,8 +181,8 @@ class MultiTaskHeads(nn.Module):
         if not self.cfg.in_batch_negatives:
             # Column 0: the row's own target; then the shared uniform draws, a draw of the target
             # itself masked out (uniform sampling needs no logQ correction).
-            positive = (h * table[targets]).sum(dim=1, keepdim=True)
-            drawn = (h @ table[negatives].T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+            positive = (_wide(h) * _wide(table[targets])).sum(dim=1, keepdim=True)
+            drawn = fp32_scores(h, table[negatives]).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
             scores = torch.cat([positive, drawn], dim=1)
             columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
             for prior, inputs in priors:
@@ -168,7 +193,7 @@ class MultiTaskHeads(nn.Module):
         # logQ: expected sampling frequency of each candidate = in-batch draws + uniform draws.
         uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
         q = len(targets) * self.log_freq[candidates].exp() + uniform
-        scores = h @ table[candidates].T - torch.log(q)
+        scores = fp32_scores(h, table[candidates]) - torch.log(q)
         for prior, inputs in priors:
             scores = scores + prior.offsets(inputs, candidates, leave_out=targets)
         return F.cross_entropy(scores, positive)
@@ -222,5 +247,5 @@ class MultiTaskHeads(nn.Module):
 
     @staticmethod
     def item_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """(N, V) next-item scores; reserved ids can never be recommended."""
-        return _mask_reserved(h @ table.T)
+        """(N, V) next-item scores (fp32); reserved ids can never be recommended."""
+        return _mask_reserved(fp32_scores(h, table))

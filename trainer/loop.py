@@ -24,7 +24,7 @@ from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
-from trainer.evaluate import evaluate_model
+from trainer.evaluate import WHOLE, Part, evaluate_model
 from trainer.next_period import evaluate_model_on_period
 from trainer.periods import newest_holdout
 from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs
@@ -61,7 +61,8 @@ class Trainer:
         self.validates = not run_cfg.data.train_on_valid and (
             self.holdout is not None or ShardDataset(data, valid_split).num_samples > 0
         )
-        self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers)
+        cuda = accelerator.device.type == "cuda"
+        self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers, pin_memory=cuda)
         if len(self.loader) == 0:
             raise ConfigError(f"{data}: no training windows (every user has fewer than 2 training events)")
         self.grad_accum = train.accumulation(accelerator.num_processes)
@@ -223,10 +224,16 @@ class Trainer:
 
             # The item table is read outside any module's forward in evaluation: gather it.
             with deepspeed.zero.GatheredParameters([model.items.ids.weight], modifier_rank=None):
-                metrics = self._evaluate_valid(model)
-        elif self.accelerator.is_main_process:
+                metrics = self._evaluate_valid(model, WHOLE)
+        elif self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            # Each rank scores its share of the batches; the merged metrics equal one process's.
+            acc = self.accelerator
+            metrics = self._evaluate_valid(model, Part(acc.process_index, acc.num_processes, gather_object))
+        else:
             with all_cores():
-                metrics = self._evaluate_valid(model)
+                metrics = self._evaluate_valid(model, WHOLE)
         if self.accelerator.is_main_process:
             stop = self._record_validation(model, metrics, weights)
         flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
@@ -244,18 +251,13 @@ class Trainer:
             )
         return False
 
-    def _evaluate_valid(self, model) -> dict:
-        cfg = self.cfg
+    def _evaluate_valid(self, model, part: Part) -> dict:
+        cfg, device = self.cfg, self.accelerator.device
         if self.holdout is not None:
             return evaluate_model_on_period(
-                model,
-                cfg.data.root,
-                self.holdout,
-                cfg.eval,
-                cfg.model.max_len,
-                self.accelerator.device,
+                model, cfg.data.root, self.holdout, cfg.eval, cfg.model.max_len, device, part=part
             )
-        return evaluate_model(model, cfg.data.root, "valid", cfg.eval, cfg.model.max_len, self.accelerator.device)
+        return evaluate_model(model, cfg.data.root, "valid", cfg.eval, cfg.model.max_len, device, part=part)
 
     def _record_validation(self, model, metrics: dict, weights: dict | None) -> bool:
         """Log the validation metrics, keep the best weights; True when patience ran out."""
@@ -288,7 +290,7 @@ class Trainer:
         step_loss = torch.zeros((), device=acc.device)
         while not done:
             for batch in self.loader:
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 with acc.accumulate(self.model):
                     out = self.model(batch)
                     acc.backward(out["loss"])

@@ -32,7 +32,7 @@ from data_sharding.batching import collate_windows
 from data_sharding.vocab import UNK_ITEM
 from trainer import baselines
 from trainer.errors import ConfigError
-from trainer.evaluate import EvalConfig, ModelScorer, eval_mode, rank_batches, rank_metrics
+from trainer.evaluate import WHOLE, EvalConfig, ModelScorer, Part, eval_mode, rank_batches, rank_metrics
 from trainer.periods import Period, catalogue, iter_period, previous_period
 
 GROUPS = {
@@ -142,11 +142,13 @@ def score_period(
     fitters: list | None = None,
     device: torch.device | None = None,
     warm_only: tuple[str, ...] = (),
+    part: Part = WHOLE,
 ) -> tuple[dict, dict[str, dict]]:
     """(period summary, {name: {"overall": metrics, "breakdown": {group: metrics}}}) of every
     scorer on the same windows. ``fitters``: baselines among the scorers, fit here on the events
     before the period (one pass for all of them). ``warm_only``: scorers that may only rank items
-    with an event before the period (a model that cannot encode items it never trained on)."""
+    with an event before the period (a model that cannot encode items it never trained on).
+    ``part``: this process's share of the batches, merged (trainer.evaluate.Part)."""
     num_items = next(iter(scorers.values())).num_items
     warm = fit_before(root, period, num_items, fitters or []) > 0
     rankable = dict(rankable or {})
@@ -155,7 +157,8 @@ def score_period(
         rankable[name] = warm_items if rankable.get(name) is None else rankable[name] & warm_items
     queries = PeriodQueries(root, period, max_len, cfg.batch_size, warm)
     items = int(catalogue(root, period).sum())
-    results = rank_batches(scorers, queries.batches(), cfg, device or torch.device("cpu"), rankable, True, items)
+    device = device or torch.device("cpu")
+    results = rank_batches(scorers, queries.batches(), cfg, device, rankable, True, items, part=part)
     summary = queries.describe()
     known = getattr(scorers.get("model"), "known", None)
     summary["unknown_targets"] = int((np.array(queries.targets) >= known).sum()) if known is not None else 0
@@ -168,7 +171,9 @@ def score_period(
     return summary, out
 
 
-def evaluate_model_on_period(model, root, period: Period, cfg: EvalConfig, max_len: int, device) -> dict:
+def evaluate_model_on_period(
+    model, root, period: Period, cfg: EvalConfig, max_len: int, device, part: Part = WHOLE
+) -> dict:
     """Next-period metrics of one model (e.g. in training, validated on the newest generation). The
     model's tables cover the data's whole vocabulary, so items without an event before the period
     are ranked only when it encodes them from text or attributes."""
@@ -183,6 +188,7 @@ def evaluate_model_on_period(model, root, period: Period, cfg: EvalConfig, max_l
             rankable={"model": catalogue(root, period)},
             device=device,
             warm_only=() if encodes else ("model",),
+            part=part,
         )
     return results["model"]["overall"]
 

@@ -19,7 +19,7 @@ from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
 from trainer.config import CONFIG, RunConfig, check_compatible, load_run_config
 from trainer.errors import ConfigError
-from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
+from trainer.evaluate import WHOLE, EvalConfig, Part, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, parameter_counts
 from trainer.loop import Trainer
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
@@ -99,21 +99,28 @@ def _prepare_run_folder(run: Path, cfg: RunConfig, resumed: bool) -> None:
 
 
 def _finish(run: Path, cfg: RunConfig, trainer: Trainer, log, seconds: float) -> dict:
-    """The final test of the best weights (main process) and ``metrics.json``, written last."""
+    """The final test of the best weights and ``metrics.json`` (main process), written last. With
+    several processes each scores its share of the test batches (trainer.evaluate.Part)."""
+    acc = trainer.accelerator
     if trainer.zero_stage == 3:
-        # Training is over: the test model below is built in one process, so transformers must not
-        # partition it with deepspeed.zero.Init (a collective the other ranks would never join).
+        # Training is over: the test model below is built in each process on its own, so
+        # transformers must not partition it with deepspeed.zero.Init (a collective).
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-    metrics = {}
-    if trainer.accelerator.is_main_process:
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        part = Part(acc.process_index, acc.num_processes, gather_object)
+        metrics = _final_metrics(run, cfg, trainer, log if acc.is_main_process else _quiet, part)
+    else:
         with all_cores():
-            metrics = _final_metrics(run, cfg, trainer, log)
+            metrics = _final_metrics(run, cfg, trainer, log, WHOLE)
+    if acc.is_main_process:
         metrics["train"] = {**trainer.state.to_dict(), "wall_seconds_this_process": round(seconds, 1)}
         (run / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    trainer.accelerator.wait_for_everyone()
-    return metrics
+    acc.wait_for_everyone()
+    return metrics if acc.is_main_process else {}
 
 
 def _count_training_pairs(run: Path, cfg: RunConfig, manifest: dict) -> None:
@@ -127,7 +134,7 @@ def _count_training_pairs(run: Path, cfg: RunConfig, manifest: dict) -> None:
     save_pairs(run / PAIRS_FILE, pairs)
 
 
-def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log) -> dict:
+def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log, part: Part) -> dict:
     """The test split of the best weights; for a run validated on the newest generation, that
     validation (there is nothing later to test on); nothing without a test split."""
     if trainer.holdout is not None:
@@ -142,7 +149,7 @@ def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log) -> dict:
     if test.num_samples == 0:
         log("no test split in the data: evaluate with `bgpt eval --protocol next-period` on the next generation")
         return {"split": "test", "count": 0}
-    return evaluate_run(run, "test", log=log)
+    return evaluate_run(run, "test", log=log, part=part, device=trainer.accelerator.device)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -188,11 +195,14 @@ def evaluate_run(
     exclude_seen: bool | None = None,
     save: bool = False,
     log=print,
+    part: Part = WHOLE,
+    device: torch.device | None = None,
 ) -> dict:
     """Full-ranking metrics of the run's best weights on ``split``; several runs trained on the same
     data are scored as one ensemble (the mean of their log-probabilities). ``save``: also write them
     into the run (``metrics.json``, or ``metrics_exclude_seen.json`` / ``metrics_with_seen.json``
-    when ``exclude_seen`` overrides the run's setting); an ensemble's belong to no single run."""
+    when ``exclude_seen`` overrides the run's setting); an ensemble's belong to no single run.
+    ``part``: this process's share of the batches, merged with the others' (distributed)."""
     runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
     loaded = [load_run_model(r, log=log) for r in runs]
     _, cfg, info = loaded[0]
@@ -207,9 +217,10 @@ def evaluate_run(
     eval_cfg = dataclasses.replace(
         cfg.eval, ks=ks or cfg.eval.ks, exclude_seen=resolve_exclude_seen(exclude, data, log)
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [model.to(device) for model, _, _ in loaded]
-    metrics = evaluate_model(models if len(models) > 1 else models[0], data, split, eval_cfg, cfg.model.max_len, device)
+    scored = models if len(models) > 1 else models[0]
+    metrics = evaluate_model(scored, data, split, eval_cfg, cfg.model.max_len, device, part=part)
     named = str(runs[0]) if len(runs) == 1 else [str(r) for r in runs]
     result = {"split": split, "run": named, "exclude_seen": eval_cfg.exclude_seen, **metrics}
     if save and len(runs) == 1:

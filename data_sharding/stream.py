@@ -3,21 +3,20 @@
 The unit of data is a *sample*: one window of a user's sequence. Sample counts come from the
 per-shard index files, so the loader knows every sample before reading a byte of a shard.
 
-Each epoch, shards are put in a (seed, epoch)-seeded order and their samples concatenated into
-one global list of N samples. The S = world_size x num_workers *slots* take contiguous ranges
-of it (so each reads only a few shards, sequentially), every slot exactly ceil(N / S) samples:
-a slot whose range is one short wraps to the next sample. Every rank therefore yields the same
-number of batches (no hang at epoch end), and when S divides N every sample is seen exactly
-once per epoch. Within a slot, samples are shuffled shard by shard.
+Each epoch the S = world_size x num_workers *slots* take equal, contiguous runs of the epoch's
+global sample list (data_sharding.order), so every rank yields the same number of batches (no
+hang at epoch end), and when S divides N every sample is seen exactly once per epoch.
 
-Position = (epoch, batches consumed on this rank). Because everything above is a pure function
-of (seed, epoch, rank, slot), a restored loader recomputes which samples each worker already
+Position = (epoch, batches consumed on this rank). Because the order is a pure function of
+(seed, epoch, rank, slot), a restored loader recomputes which samples each worker already
 produced and continues with exactly the batches an uninterrupted run would have produced next.
 DataLoader workers are served round-robin, so on resume the worker roles are rotated to match.
+On another world size or worker count, the samples not yet read are shared out anew.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_sharding import shards, storage
 from data_sharding.batching import collate_windows
 from data_sharding.errors import DataError, ShardError
+from data_sharding.order import EpochOrder, Segment
 from data_sharding.shards import SPLIT_NAMES
 
 
@@ -94,10 +94,6 @@ class StreamConfig:
             raise DataError("until_generation reads the state at a generation: not with focus_new or one generation")
 
 
-def _rng(*keys: int) -> np.random.Generator:
-    return np.random.default_rng([abs(int(k)) for k in keys])
-
-
 class ShardDataset(IterableDataset):
     """Iterable over collated batches of one rank; see the module docstring for the ordering."""
 
@@ -116,6 +112,8 @@ class ShardDataset(IterableDataset):
         self.num_samples = int(sum(c.sum() for c in self._counts))
         self.epoch = 0
         self.skip_batches = 0
+        self.segments: list[Segment] = []
+        """Earlier stretches of this epoch, read by another topology (data_sharding.order)."""
 
     # -- sample bookkeeping -------------------------------------------------------------------
     def _window_counts(self) -> list[np.ndarray]:
@@ -204,30 +202,26 @@ class ShardDataset(IterableDataset):
     def batches_per_worker(self, num_workers: int) -> int:
         return -(-self.samples_per_slot(num_workers) // self.cfg.batch_size)
 
+    def epoch_order(self) -> EpochOrder:
+        counts = np.array([c.sum() for c in self._counts], dtype=np.int64)
+        return EpochOrder(self.cfg.seed, self.epoch, self.cfg.shuffle, self.cfg.batch_size, counts)
+
     def _slot_samples(self, slot: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, index row, window) of the samples slot ``slot`` yields this epoch, in order."""
-        order = np.arange(len(self.shards))
-        if self.cfg.shuffle:
-            order = _rng(self.cfg.seed, self.epoch).permutation(len(self.shards))
-        per_shard = np.array([self._counts[s].sum() for s in order], dtype=np.int64)
-        first = np.concatenate([[0], np.cumsum(per_shard)])
-        total = int(first[-1])
-        quota = -(-total // slots)
-        positions = (slot * total // slots + np.arange(quota)) % total
+        order = self.epoch_order()
+        pool = order.pool(self.segments)
+        if len(pool) == 0:
+            return (np.empty(0, np.int64),) * 3
+        positions = order.slot_positions(pool, slot, slots, len(self.segments))
+        first = order.first
         shard_rank = np.searchsorted(first, positions, side="right") - 1
-        shard_pos = order[shard_rank]
+        shard_pos = order.shard_order[shard_rank]
         within = positions - first[shard_rank]
-        if self.cfg.shuffle:
-            # Shuffle inside each shard's run, keeping runs in order so each shard is read once.
-            noise = _rng(self.cfg.seed, self.epoch, slot, 1).random(len(positions))
-            perm = np.lexsort((noise, shard_rank))
-            shard_pos, within = shard_pos[perm], within[perm]
         rows = np.empty(len(within), np.int64)
         windows = np.empty(len(within), np.int64)
         for s in np.unique(shard_pos):
             sel = shard_pos == s
-            counts = self._counts[s]
-            starts = np.concatenate([[0], np.cumsum(counts)])
+            starts = np.concatenate([[0], np.cumsum(self._counts[s])])
             row = np.searchsorted(starts, within[sel], side="right") - 1
             rows[sel] = row
             windows[sel] = within[sel] - starts[row]
@@ -346,8 +340,11 @@ class StreamLoader:
             yield batch
         self.epoch += 1
         self.batches = 0
+        self.dataset.segments = []
 
     def state_dict(self) -> dict:
+        """The position, the topology that reached it and, after an elastic resume within this
+        epoch, the segments read before (every rank's position is the same: ranks step together)."""
         return {
             "epoch": self.epoch,
             "batches": self.batches,
@@ -355,15 +352,27 @@ class StreamLoader:
             "world_size": self.dataset.world_size,
             "num_workers": self.num_workers,
             "num_samples": self.dataset.num_samples,
+            "segments": [dataclasses.astuple(s) for s in self.dataset.segments],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "num_workers", "num_samples"):
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue from ``state``. With another world size or worker count (an elastic resume) the
+        rest of the epoch, exactly the samples no rank read yet, is shared out anew; from the next
+        epoch on the order is this topology's own. Returns True for an elastic resume."""
+        for key in ("seed", "num_samples"):
             if state[key] != self.state_dict()[key]:
                 raise DataError(
-                    f"cannot resume the data stream exactly: {key} was {state[key]}, now {self.state_dict()[key]}"
+                    f"cannot resume the data stream: {key} was {state[key]}, now {self.state_dict()[key]} "
+                    f"(a changed seed or dataset cannot continue the same sample order)"
                 )
+        segments = [Segment(*s) for s in state.get("segments", [])]
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        same = (state["world_size"], state["num_workers"]) == (self.dataset.world_size, self.num_workers)
+        if not same:
+            segments.append(Segment(state["world_size"], state["num_workers"], self.batches))
+            self.batches = 0
+        self.dataset.segments = segments
+        return not same
 
 
 def iter_sequences(root: str | Path, generations: str | int = "state", until_generation: int | None = None):

@@ -9,7 +9,6 @@ each rank reads its own part of the shards (see data_sharding.stream).
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import threading
 import time
@@ -27,7 +26,7 @@ from trainer.errors import ConfigError
 from trainer.evaluate import WHOLE, Part, evaluate_model
 from trainer.next_period import evaluate_model_on_period
 from trainer.periods import newest_holdout
-from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs
+from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs, write_resources
 from trainer.runtime import all_cores, lr_lambda
 
 
@@ -143,11 +142,12 @@ class Trainer:
                 f"{path}: trained on vocab {state['vocab_version']}, data has {self.vocab_version}; "
                 f"use `bgpt retrain` for a new generation"
             )
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.accelerator.num_processes:
+        saved_world, world = state.get("world_size", 1), self.accelerator.num_processes
+        if saved_world != world and self.zero_stage is not None:
             raise ConfigError(
-                f"{path}: written by {saved_world} processes, this run has {self.accelerator.num_processes}; "
-                f"exact resume needs the same world size (the weights alone load anywhere: bgpt eval/predict)"
+                f"{path}: written by {saved_world} processes under DeepSpeed, whose optimizer partitions "
+                f"load only on {saved_world} (this run has {world}); resume with {saved_world} processes, "
+                f"or start a new run from its weights with --train.init_from={path}"
             )
         unwrapped = self.accelerator.unwrap_model(self.model)
         weights = ckpt.load_weights(path)
@@ -165,9 +165,20 @@ class Trainer:
                 str(path / ckpt.ZERO_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
             )
         self.scheduler.load_state_dict(saved["scheduler"])
-        rank = ckpt.load_rank_state(path, self.accelerator.process_index)
-        ckpt.set_rng_state(rank["rng"])
-        self.loader.load_state_dict(rank["loader"])
+        rank = self.accelerator.process_index
+        rank_state = ckpt.load_rank_state(path, rank if rank < saved_world else 0)  # ranks step together
+        if rank < saved_world:
+            ckpt.set_rng_state(rank_state["rng"])
+        else:  # a rank the checkpoint did not have: its own stream of dropout and negatives
+            torch.manual_seed(self.cfg.train.seed * 1_000_003 + state["step"] * 7_919 + rank)
+        if self.loader.load_state_dict(rank_state["loader"]):
+            was = rank_state["loader"]
+            self.log(
+                f"elastic resume: the checkpoint's data position was reached by {was['world_size']} "
+                f"processes x {was['num_workers']} loader workers, this run has {world} x "
+                f"{self.loader.num_workers}; the samples of epoch {was['epoch']} not read yet are shared "
+                f"out anew (none skipped or repeated), and the next epoch follows this topology"
+            )
         self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
         self.log(f"resumed from {path} at step {self.state.step}")
         if self.accelerator.is_main_process:
@@ -328,7 +339,7 @@ class Trainer:
         if last_eval != self.state.step:
             self.validate()
         self.save()
-        self._write_resources()
+        write_resources(self.run, self.accelerator, self.zero_stage)
         bar.close()
         return self.state
 
@@ -338,18 +349,6 @@ class Trainer:
     def _all_ranks(self, window_tokens: torch.Tensor) -> int:
         """Targets of the last window summed over every rank (one host sync per log line)."""
         return int(self.accelerator.reduce(window_tokens.detach().clone(), reduction="sum"))
-
-    def _write_resources(self) -> None:
-        """``RUN/resources.json``: peak memory of every rank (process RSS; GPU memory on CUDA)."""
-        from accelerate.utils import gather_object
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-        gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        ranks = gather_object([{"rank": self.accelerator.process_index, "peak_rss_gib": rss, "peak_gpu_gib": gpu}])
-        if self.accelerator.is_main_process:
-            strategy = f"zero{self.zero_stage}" if self.zero_stage is not None else "ddp"
-            record = {"world_size": self.accelerator.num_processes, "strategy": strategy, "ranks": ranks}
-            (self.run / "resources.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def _checkpoint_due(self) -> bool:
         """Every ``every_steps`` steps, or ``every_minutes`` after the last save (the main process's

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 from pathlib import Path
 
 import yaml
@@ -100,3 +101,18 @@ def run_status(run: Path) -> dict:
         "stop_requested": (stop.read_text().strip() or "any attempt") if stop.exists() else None,
         "best_step": ckpt.read_state(run / "best")["step"] if ckpt.verify(run / "best") is None else None,
     }
+
+
+def write_resources(run: Path, accelerator, zero_stage: int | None) -> None:
+    """``RUN/resources.json``: peak memory of every rank (process RSS; GPU memory on CUDA); a
+    collective (every rank calls it)."""
+    import torch
+    from accelerate.utils import gather_object
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    ranks = gather_object([{"rank": accelerator.process_index, "peak_rss_gib": rss, "peak_gpu_gib": gpu}])
+    if accelerator.is_main_process:
+        strategy = f"zero{zero_stage}" if zero_stage is not None else "ddp"
+        record = {"world_size": accelerator.num_processes, "strategy": strategy, "ranks": ranks}
+        (run / "resources.json").write_text(json.dumps(record, indent=2) + "\n")

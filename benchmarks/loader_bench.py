@@ -25,7 +25,8 @@ SECONDS = 20.0
 
 
 def measure(root, workers: int) -> dict:
-    from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+    from data_sharding.loader import StreamLoader
+    from data_sharding.stream import ShardDataset, StreamConfig
 
     loader = StreamLoader(ShardDataset(root, StreamConfig(max_len=50, batch_size=128)), num_workers=workers)
     samples = targets = 0

@@ -188,7 +188,8 @@ def verify(out: Path) -> dict:
     subprocess.run([*BGPT, "inspect", str(out), "--verify"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     verify_s = time.perf_counter() - started
     code = (
-        "import sys, itertools, time; from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader\n"
+        "import sys, itertools, time; from data_sharding.loader import StreamLoader\n"
+        "from data_sharding.stream import ShardDataset, StreamConfig\n"
         "ds = ShardDataset(sys.argv[1], StreamConfig(max_len=50, batch_size=256, seed=0))\n"
         "t = time.perf_counter(); n = sum(int(b['mask'].sum()) for b in itertools.islice(StreamLoader(ds), 200))\n"
         "print(n, time.perf_counter() - t)"

@@ -32,7 +32,8 @@ import torch
 from shard_bench import REPO, SHARED, machine
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from data_sharding.loader import StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig
 from trainer.factory import build_model
 from trainer.heads import HeadsConfig
 from trainer.model import LoraConfig, ModelConfig

@@ -80,7 +80,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int, help="micro batch size per device")
     p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="data loader workers per process")
+    p.add_argument(
+        "--num-workers", type=int, help="data loader workers per process (default: from the cores per process)"
+    )
     p.add_argument(
         "--resume", help="auto (latest valid checkpoint of --out; the default), none, or a checkpoint folder"
     )

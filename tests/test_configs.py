@@ -59,3 +59,21 @@ def test_the_collective_timeout_reaches_the_process_group_settings():
     assert build_config({}).train.collective_timeout_minutes == 60
     with pytest.raises(ConfigError, match="collective_timeout_minutes must be > 0"):
         build_config({"train": {"collective_timeout_minutes": 0}})
+
+
+def test_auto_loader_workers_follow_the_cores_of_each_rank(monkeypatch):
+    from trainer.runtime import loader_workers
+
+    def cores(n: int, local_ranks: int = 1) -> None:
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+
+    cores(2)
+    assert loader_workers(None, cuda=False) == 0  # the step needs both cores (measured)
+    assert loader_workers(3, cuda=False) == 3  # a configured count is kept
+    cores(16)
+    assert loader_workers(None, cuda=False) == 2 and loader_workers(None, cuda=True) == 4
+    cores(16, local_ranks=8)  # 8 GPUs share 16 cores: 2 each
+    assert loader_workers(None, cuda=True) == 1
+    cores(8, local_ranks=8)
+    assert loader_workers(None, cuda=True) == 0

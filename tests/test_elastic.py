@@ -5,8 +5,9 @@ from collections import Counter
 
 import pytest
 
+from data_sharding.loader import StreamLoader
 from data_sharding.order import EpochOrder, Segment
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig
 
 
 def sample_ids(batch):

@@ -11,7 +11,8 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from data_sharding.hf import to_iterable_dataset
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from data_sharding.loader import StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig
 from data_sharding.synth import SynthConfig, generate
 
 SLOTS = 4

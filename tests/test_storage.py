@@ -9,7 +9,8 @@ from conftest import shard, tiny_config
 
 from data_sharding import shards
 from data_sharding.errors import DataError, ShardError
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from data_sharding.loader import StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig
 from trainer.run import train_run
 
 

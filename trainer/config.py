@@ -37,8 +37,10 @@ class DataConfig:
 
     path: str = ""
     """Dataset folder written by `bgpt shard`."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank reading shards."""
+    num_workers: int | None = None
+    """DataLoader worker processes per rank reading shards; None (auto) decides from the cores each
+    rank has (trainer.runtime.loader_workers): on GPUs min(4, cores - 1); on CPU, where the
+    training step itself keeps the cores busy, none below 4 cores, else min(2, cores // 4)."""
     pack: bool = True
     """Pack several windows into each row of a training batch (attention stays within each window):
     the same samples, targets and loss, without computing the padding of short histories."""

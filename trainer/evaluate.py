@@ -24,7 +24,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader, iter_sequences
+from data_sharding.loader import StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig, iter_sequences
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
 

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from data_sharding import shards
-from data_sharding.stream import ShardDataset, StreamConfig, StreamLoader
+from data_sharding.loader import StreamLoader
+from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
@@ -27,7 +28,7 @@ from trainer.evaluate import WHOLE, Part, evaluate_model
 from trainer.next_period import evaluate_model_on_period
 from trainer.periods import newest_holdout
 from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs, write_resources
-from trainer.runtime import all_cores, lr_lambda
+from trainer.runtime import all_cores, loader_workers, lr_lambda
 
 
 @dataclass
@@ -61,7 +62,8 @@ class Trainer:
             self.holdout is not None or ShardDataset(data, valid_split).num_samples > 0
         )
         cuda = accelerator.device.type == "cuda"
-        self.loader = StreamLoader(dataset, num_workers=run_cfg.data.num_workers, pin_memory=cuda)
+        workers = loader_workers(run_cfg.data.num_workers, cuda)
+        self.loader = StreamLoader(dataset, num_workers=workers, pin_memory=cuda)
         if len(self.loader) == 0:
             raise ConfigError(f"{data}: no training windows (every user has fewer than 2 training events)")
         self.grad_accum = train.accumulation(accelerator.num_processes)
@@ -91,7 +93,8 @@ class Trainer:
         self.log(
             f"world size {accelerator.num_processes} ({strategy}); global batch "
             f"{train.micro_batch_size} x {accelerator.num_processes} x {self.grad_accum} = "
-            f"{train.micro_batch_size * accelerator.num_processes * self.grad_accum} windows"
+            f"{train.micro_batch_size * accelerator.num_processes * self.grad_accum} windows; "
+            f"{workers} loader workers per process"
         )
         self.stop_requested = False
         self.preempted = False

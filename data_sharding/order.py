@@ -15,6 +15,7 @@ twice in the epoch, beyond the at most one wrapped sample per slot that evens ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,14 +45,14 @@ class EpochOrder:
     counts: np.ndarray
     """(shards,) samples per shard, in the dataset's shard order."""
 
-    @property
+    @cached_property
     def shard_order(self) -> np.ndarray:
         """The shards' order in this epoch's global sample list."""
         if not self.shuffle:
             return np.arange(len(self.counts))
         return rng(self.seed, self.epoch).permutation(len(self.counts))
 
-    @property
+    @cached_property
     def first(self) -> np.ndarray:
         """(shards + 1,) start of each shard's run in the global list (in the epoch's order)."""
         return np.concatenate([[0], np.cumsum(np.asarray(self.counts, np.int64)[self.shard_order])])

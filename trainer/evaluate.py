@@ -124,6 +124,15 @@ class Part:
     def owns(self, batch_index: int) -> bool:
         return batch_index % self.world == self.rank
 
+    @classmethod
+    def of(cls, accelerator) -> Part:
+        """This process's share under ``accelerator`` (every batch when it is the only process)."""
+        if accelerator.num_processes == 1:
+            return cls()
+        from accelerate.utils import gather_object
+
+        return cls(accelerator.process_index, accelerator.num_processes, gather_object)
+
 
 WHOLE = Part()
 """Every batch, in this process (no other process to merge with)."""

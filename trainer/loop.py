@@ -240,11 +240,8 @@ class Trainer:
             with deepspeed.zero.GatheredParameters([model.items.ids.weight], modifier_rank=None):
                 metrics = self._evaluate_valid(model, WHOLE)
         elif self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
             # Each rank scores its share of the batches; the merged metrics equal one process's.
-            acc = self.accelerator
-            metrics = self._evaluate_valid(model, Part(acc.process_index, acc.num_processes, gather_object))
+            metrics = self._evaluate_valid(model, Part.of(self.accelerator))
         else:
             with all_cores():
                 metrics = self._evaluate_valid(model, WHOLE)

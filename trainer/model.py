@@ -161,12 +161,12 @@ class ItemEncoder(nn.Module):
             if self.attributes is not None:
                 table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
             return table
-        extra = torch.zeros((), device=table.device)
+        parts = []
         if self.text_proj is not None:
-            extra = extra + self.text_proj(self.text[needed])
+            parts.append(self.text_proj(self.text[needed]))
         if self.attributes is not None:
-            extra = extra + self._attribute_rows(needed)
-        return table if extra.dim() == 0 else table.index_add(0, needed, extra)
+            parts.append(self._attribute_rows(needed))
+        return table.index_add(0, needed, sum(parts)) if parts else table
 
     def _attribute_rows(self, needed: torch.Tensor) -> torch.Tensor:
         """(len(needed), H) mean attribute embedding of the ``needed`` items (their bags gathered)."""

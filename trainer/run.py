@@ -109,10 +109,7 @@ def _finish(run: Path, cfg: RunConfig, trainer: Trainer, log, seconds: float) ->
 
         unset_hf_deepspeed_config()
     if acc.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        part = Part(acc.process_index, acc.num_processes, gather_object)
-        metrics = _final_metrics(run, cfg, trainer, log if acc.is_main_process else _quiet, part)
+        metrics = _final_metrics(run, cfg, trainer, log if acc.is_main_process else _quiet, Part.of(acc))
     else:
         with all_cores():
             metrics = _final_metrics(run, cfg, trainer, log, WHOLE)

@@ -172,6 +172,17 @@ def train_arm(code: Path, data: Path, run: Path, steps: int, seed: int) -> dict:
     }
 
 
+def count_baselines(data: Path) -> dict[str, float]:
+    """Popularity and item-to-item transition on the same validation events, by the same metric code
+    (`bgpt baseline`, history excluded as the runs' eval.exclude_seen=auto decides)."""
+    out = REPO / "bench_data" / "train_speed" / "baselines.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = ["baseline", "popularity", "transition", "--data", str(data), "--protocol", "split", "--split", "valid"]
+    subprocess.run([*BGPT, *args, "--exclude-seen", "auto", "--out", str(out)], check=True, cwd=REPO)
+    scorers = json.loads(out.read_text())["scorers"]
+    return {f"{name}_{k}": round(scorers[name]["overall"][k], 4) for name in scorers for k in ("ndcg@10", "hr@10")}
+
+
 def compare(rev: str, steps: int, seeds: list[int]) -> None:
     data, old_code = sports_with_items(), worktree(rev)
     runs: dict[str, list[dict]] = {"old": [], "new": []}
@@ -192,6 +203,7 @@ def compare(rev: str, steps: int, seeds: list[int]) -> None:
         "hr@10": round(mean["new"]["hr@10"], 4),
         "baseline_hr@10": round(mean["old"]["hr@10"], 4),
         "steps": steps,
+        **count_baselines(data),
     }
     command = f"python benchmarks/train_speed.py --against {rev} --steps {steps} --seeds {','.join(map(str, seeds))}"
     result = {
@@ -217,7 +229,9 @@ def compare(rev: str, steps: int, seeds: list[int]) -> None:
     (out / "train_speed.md").write_text(
         f"# train_speed: {result['dataset']}\n\n`{command}` on {result['machine']}\n\n"
         f"Speed-up (training seconds, old / new, same steps and samples): **{metrics['speedup']}x**; "
-        f"valid NDCG@10 {metrics['baseline_ndcg@10']} (old) vs {metrics['ndcg@10']} (new, mean of seeds).\n\n"
+        f"valid NDCG@10 {metrics['baseline_ndcg@10']} (old) vs {metrics['ndcg@10']} (new, mean of seeds); "
+        f"count baselines on the same events: popularity {metrics['popularity_ndcg@10']}, "
+        f"transition {metrics['transition_ndcg@10']}.\n\n"
         f"| arm | seed | train seconds | targets/s | valid NDCG@10 | valid HR@10 |\n|---|---|---|---|---|---|\n{rows}\n\n"
         f"{result['notes']}.\n"
     )

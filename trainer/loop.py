@@ -70,7 +70,7 @@ class Trainer:
         steps_per_epoch = max(1, len(self.loader) // self.grad_accum)
         self.total_steps = train.max_steps or train.epochs * steps_per_epoch
         params = [p for p in model.parameters() if p.requires_grad]
-        # fused: one kernel over all parameters (CPU and GPU), 12% of a Sports step on CPU (measured).
+        # fused: one kernel over all parameters (CPU and GPU) instead of a loop of small ones.
         optimizer = torch.optim.AdamW(
             params, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98), fused=True
         )

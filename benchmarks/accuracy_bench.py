@@ -138,6 +138,8 @@ def main() -> None:
 
     popularity = run_json("baseline", "popularity", "--data", str(data), "--no-exclude-seen")
     popularity_unseen = run_json("baseline", "popularity", "--data", str(data), "--exclude-seen")
+    # The item-to-item count ("after X, users did Y"; steps chosen on valid): the count to beat.
+    transition = run_json("baseline", "transition", "--data", str(data), "--exclude-seen")
     unseen = run_json("eval", "--run", str(run), "--split", "test", "--exclude-seen")
     metrics = json.loads((run / "metrics.json").read_text())
     curve = [json.loads(line) for line in (run / "valid_metrics.jsonl").read_text().splitlines()]
@@ -161,6 +163,8 @@ def main() -> None:
             "exclude_seen_ndcg@10": unseen["ndcg@10"],
             "exclude_seen_mrr": unseen["mrr"],
             "popularity_exclude_seen_ndcg@10": popularity_unseen["ndcg@10"],
+            "transition_exclude_seen_ndcg@10": transition["ndcg@10"],
+            "transition_exclude_seen_hr@10": transition["hr@10"],
         }
     )
     if refits:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_sharding.vocab import NUM_RESERVED_ITEMS
+from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer.errors import ConfigError
 
 META = "meta.json"
@@ -210,7 +210,10 @@ def grow_and_load(model: torch.nn.Module, source: Path, log=print) -> list[str]:
             raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, this model {tuple(target.shape)}")
         old = value.shape[0]
         target[:old] = value
-        if name == "items.ids.weight" and getattr(model.items, "text_proj", None) is None:
+        if name == "items.ids.weight" and getattr(model.items, "id_dropout", 0) > 0:
+            # Trained with id dropout: the UNK row is what an item's features were learned beside.
+            target[old:] = value[UNK_ITEM]
+        elif name == "items.ids.weight" and getattr(model.items, "text_proj", None) is None:
             # No text to start from: the average known item is a neutral prior for a new one.
             target[old:] = value[NUM_RESERVED_ITEMS:].mean(dim=0)
         grown.append(f"{name} {old:,} -> {target.shape[0]:,} rows")

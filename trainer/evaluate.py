@@ -242,7 +242,8 @@ class ModelScorer:
     def __init__(self, model) -> None:
         self.models = list(model) if isinstance(model, (list, tuple)) else [model]
         self.num_items = self.models[0].num_items
-        self.tables = [m.items.table() for m in self.models]
+        with torch.no_grad(), eval_mode(self.models):  # as scored: no id dropout, no graph kept
+            self.tables = [m.items.table() for m in self.models]
         self.hidden: torch.Tensor | None = None
 
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:

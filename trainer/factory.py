@@ -170,6 +170,15 @@ def build_model(
     return model, info
 
 
+def mark_cold_items(model: BehaviorGPT, manifest: dict, validate_on_newest: bool) -> None:
+    """A run validated on the newest generation (``manifest``: the data it trained on) never trained
+    the ids that generation added: with model.id_dropout they read the UNK id row, as items first
+    seen after training do, so they are ranked by their features instead of an untrained row."""
+    if model.items.id_dropout > 0 and validate_on_newest:
+        added = int(manifest["generations"][-1]["counts"]["new_items"])
+        model.items.cold_from = int(manifest["vocab"]["num_items"]) - added
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

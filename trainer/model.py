@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_sharding.stream import StreamConfig
+from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
@@ -71,6 +72,12 @@ class ModelConfig:
     last event and the prediction time (the next event's time in training and evaluation, the
     request time when serving) is embedded and added to the state that scores items. The
     time-to-next head, which predicts that gap, reads the state without it."""
+    id_dropout: float = 0.0
+    """Share of items whose id embedding is replaced, at each training step, by the one learned
+    "unknown item" vector (the UNK row), so that their text and attribute vectors must carry them
+    alone. Items first seen after training (new generations, next-period evaluation, retrain's new
+    rows) then start from that same vector plus their own features and can be ranked, where an
+    untrained id row would bury them. 0 (default): off; new items start from the mean id row."""
 
     def __post_init__(self) -> None:
         if self.item_text not in ("auto", "backbone", "minilm", "none"):
@@ -79,6 +86,8 @@ class ModelConfig:
             raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
         if self.transition_neighbors < 1 or self.transition_steps < 1:
             raise ConfigError("model.transition_neighbors and model.transition_steps must be >= 1")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ConfigError(f"model.id_dropout {self.id_dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -128,10 +137,15 @@ def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarr
 
 
 class ItemEncoder(nn.Module):
-    """Item id -> vector: id embedding (+ projected text vector) (+ mean attribute embedding)."""
+    """Item id -> vector: id embedding (+ projected text vector) (+ mean attribute embedding).
+    In training, ``id_dropout`` of the rows read their id part from the UNK row instead."""
 
-    def __init__(self, num_items: int, hidden: int, features: ItemFeatures) -> None:
+    def __init__(self, num_items: int, hidden: int, features: ItemFeatures, id_dropout: float = 0.0) -> None:
         super().__init__()
+        self.id_dropout = id_dropout
+        self.cold_from: int | None = None
+        """With id dropout: ids from here on were never trained (a run validated on a newer
+        generation's items): they always read the UNK id row (trainer.run.mark_cold_items)."""
         self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
         nn.init.normal_(self.ids.weight, std=hidden**-0.5)
         self.text_proj = None
@@ -155,18 +169,34 @@ class ItemEncoder(nn.Module):
         (the others hold their id embedding alone), for a step that reads no other row (a sampled
         softmax): the text and attribute parts then cost the batch's items, not the catalogue's."""
         table = self.ids.weight
+        dropping = self.id_dropout > 0 and (self.training or self.cold_from is not None)
         if needed is None:
+            if dropping:
+                dropped = self._dropped(torch.arange(len(table), device=table.device))
+                table = torch.where(dropped.unsqueeze(1), table[UNK_ITEM], table)
             if self.text_proj is not None:
                 table = table + self.text_proj(self.text)
             if self.attributes is not None:
                 table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
             return table
         parts = []
+        if dropping:  # a dropped row's id part becomes the UNK row's: add the difference
+            parts.append(self._dropped(needed).unsqueeze(1) * (table[UNK_ITEM] - table[needed]))
         if self.text_proj is not None:
             parts.append(self.text_proj(self.text[needed]))
         if self.attributes is not None:
             parts.append(self._attribute_rows(needed))
         return table.index_add(0, needed, sum(parts)) if parts else table
+
+    def _dropped(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows),) bool: which ``rows`` read the UNK id row (reserved ids never): a random
+        ``id_dropout`` share in training, and the never-trained rows from ``cold_from`` on."""
+        dropped = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        if self.training:
+            dropped = torch.rand(rows.shape, device=rows.device) < self.id_dropout
+        if self.cold_from is not None:
+            dropped = dropped | (rows >= self.cold_from)
+        return dropped & (rows >= NUM_RESERVED_ITEMS)
 
     def _attribute_rows(self, needed: torch.Tensor) -> torch.Tensor:
         """(len(needed), H) mean attribute embedding of the ``needed`` items (their bags gathered)."""
@@ -199,7 +229,7 @@ class BehaviorGPT(nn.Module):
         self.num_items = num_items
         self.backbone = backbone.model
         hidden = backbone.hidden_size
-        self.items = ItemEncoder(num_items, hidden, features)
+        self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
         self.gaps = nn.Embedding(cfg.time_buckets, hidden)
         self.query_gaps = nn.Embedding(cfg.time_buckets, hidden) if cfg.query_time else None

@@ -20,13 +20,16 @@ from trainer import checkpoint as ckpt
 from trainer.config import CONFIG, RunConfig, check_compatible, load_run_config
 from trainer.errors import ConfigError
 from trainer.evaluate import WHOLE, EvalConfig, Part, evaluate_model, resolve_exclude_seen
-from trainer.factory import build_model, parameter_counts
+from trainer.factory import build_model, mark_cold_items, parameter_counts
 from trainer.loop import Trainer
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period
 from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
 from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
 from trainer.runtime import all_cores, make_accelerator
+
+DATA_MANIFEST = "data_manifest.json"
+"""The manifest of the data a run trained on, as it stood (written when training starts)."""
 
 
 def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
@@ -42,6 +45,7 @@ def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, cfg.data.root, cache=run)
+    _mark_cold(model, run, cfg)
     if resume_from is None and cfg.train.init_from:
         source = Path(cfg.train.init_from)
         problem = ckpt.verify(source)
@@ -93,7 +97,7 @@ def _prepare_run_folder(run: Path, cfg: RunConfig, resumed: bool) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     (run / METRICS).unlink(missing_ok=True)
     cfg.save(run)
-    shards.write_atomic(run / "data_manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    shards.write_atomic(run / DATA_MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     if cfg.model.transition_prior and (not resumed or not (run / PAIRS_FILE).exists()):
         _count_training_pairs(run, cfg, manifest)
 
@@ -149,6 +153,13 @@ def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log, part: Part)
     return evaluate_run(run, "test", log=log, part=part, device=trainer.accelerator.device)
 
 
+def _mark_cold(model, run: Path, cfg: RunConfig) -> None:
+    """trainer.factory.mark_cold_items from the data manifest the run recorded when it trained."""
+    recorded = run / DATA_MANIFEST
+    if recorded.exists():
+        mark_cold_items(model, json.loads(recorded.read_text()), cfg.data.validate_on_newest)
+
+
 def _quiet(*args, **kwargs) -> None:
     return None
 
@@ -175,6 +186,7 @@ def load_run_model(run: Path, data: Path | None = None, weights: str = "best", l
     data = storage.as_root(data or cfg.data.path)
     source = source or weights_source(run, weights, log)
     model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
+    _mark_cold(model, run, cfg)
     state = ckpt.read_state(source)
     if state.get("vocab_version") not in (None, info.vocab_version):
         raise ConfigError(
@@ -246,6 +258,7 @@ def run_scorer(runs: list[Path], root, cold_items: bool = True, log=print) -> tu
                 f"its item ids would not match; evaluate on the dataset it was trained on (or one appended to it)"
             )
         model, _ = build_model(cfg.model, cfg.lora, cfg.heads, root, cache=run)
+        _mark_cold(model, run, cfg)
         ckpt.grow_and_load(model, source, log=_quiet)
         known.add(int(ckpt.load_weights(source)["items.ids.weight"].shape[0]))
         if max_len not in (None, cfg.model.max_len):

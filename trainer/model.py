@@ -145,7 +145,7 @@ class ItemEncoder(nn.Module):
         self.id_dropout = id_dropout
         self.cold_from: int | None = None
         """With id dropout: ids from here on were never trained (a run validated on a newer
-        generation's items): they always read the UNK id row (trainer.run.mark_cold_items)."""
+        generation's items): they always read the UNK id row (trainer.factory.mark_cold_items)."""
         self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
         nn.init.normal_(self.ids.weight, std=hidden**-0.5)
         self.text_proj = None

@@ -44,8 +44,7 @@ def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.train.seed)
-    model, info = build_model(cfg.model, cfg.lora, cfg.heads, cfg.data.root, cache=run)
-    _mark_cold(model, run, cfg)
+    model, info = _build_run_model(run, cfg, cfg.data.root)
     if resume_from is None and cfg.train.init_from:
         source = Path(cfg.train.init_from)
         problem = ckpt.verify(source)
@@ -153,11 +152,15 @@ def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log, part: Part)
     return evaluate_run(run, "test", log=log, part=part, device=trainer.accelerator.device)
 
 
-def _mark_cold(model, run: Path, cfg: RunConfig) -> None:
-    """trainer.factory.mark_cold_items from the data manifest the run recorded when it trained."""
+def _build_run_model(run: Path, cfg: RunConfig, data):
+    """(model, dataset info) of ``run``'s architecture on ``data``'s vocabulary (untrained weights),
+    with the ids the run never trained marked (trainer.factory.mark_cold_items, from the data
+    manifest the run recorded when it trained)."""
+    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
     recorded = run / DATA_MANIFEST
     if recorded.exists():
         mark_cold_items(model, json.loads(recorded.read_text()), cfg.data.validate_on_newest)
+    return model, info
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -185,8 +188,7 @@ def load_run_model(run: Path, data: Path | None = None, weights: str = "best", l
     cfg = load_run_config(run)
     data = storage.as_root(data or cfg.data.path)
     source = source or weights_source(run, weights, log)
-    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
-    _mark_cold(model, run, cfg)
+    model, info = _build_run_model(run, cfg, data)
     state = ckpt.read_state(source)
     if state.get("vocab_version") not in (None, info.vocab_version):
         raise ConfigError(
@@ -257,8 +259,7 @@ def run_scorer(runs: list[Path], root, cold_items: bool = True, log=print) -> tu
                 f"{run} was trained on vocabulary {trained_on}, which is not a generation of {root}: "
                 f"its item ids would not match; evaluate on the dataset it was trained on (or one appended to it)"
             )
-        model, _ = build_model(cfg.model, cfg.lora, cfg.heads, root, cache=run)
-        _mark_cold(model, run, cfg)
+        model, _ = _build_run_model(run, cfg, root)
         ckpt.grow_and_load(model, source, log=_quiet)
         known.add(int(ckpt.load_weights(source)["items.ids.weight"].shape[0]))
         if max_len not in (None, cfg.model.max_len):

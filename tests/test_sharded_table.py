@@ -88,6 +88,11 @@ def _rank(rank: int, world: int, port: str, out: str) -> None:
             assert looked_up.shape == (4, 5, DIM)
             loss_of(looked_up, target).backward()
         full = table.full_table()
+        # Ids are gathered as int64 (a float32 trip would round ids past 2**24).
+        from trainer.sharded_table import _gather_rows
+
+        big = _gather_rows([torch.tensor([[2**40 + 1 + rank]])])[0]
+        assert big.reshape(-1).tolist() == [2**40 + 1 + r for r in range(world)]
         queries, targets, exclude = ranking_inputs(rank)
         ranks = table.target_ranks(queries, targets, exclude, block=7)
         top_scores, top_ids = table.topk(queries, 5, exclude, block=7)

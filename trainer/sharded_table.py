@@ -164,8 +164,8 @@ class ShardedItemTable(torch.nn.Module):
         from trainer.evaluate import UNRANKABLE
 
         world, rank = dist.get_world_size(), dist.get_rank()
-        everyone = _gather_rows([queries.float(), targets[:, None].float(), _excluded(exclude, len(queries))])
-        q, t, ex = everyone[0], everyone[1][:, 0].long(), everyone[2].long()
+        everyone = _gather_rows([queries.float(), targets[:, None].long(), _excluded(exclude, len(queries))])
+        q, t, ex = everyone[0], everyone[1][:, 0], everyone[2]
         first, rows = self.local_rows()
         rows = rows.detach().float()
         # Each target's score, from the rank that holds its row (the others contribute -inf).
@@ -196,7 +196,7 @@ class ShardedItemTable(torch.nn.Module):
         world, rank = dist.get_world_size(), dist.get_rank()
         everyone = _gather_rows([queries.float(), _excluded(exclude, len(queries))])
         k = min(k, self.num_items)
-        q, ex = everyone[0], everyone[1].long()
+        q, ex = everyone[0], everyone[1]
         first, rows = self.local_rows()
         rows = rows.detach().float()
         best_scores = torch.full((len(q), k), float("-inf"))
@@ -227,7 +227,8 @@ class ShardedItemTable(torch.nn.Module):
 
 
 def _excluded(exclude: torch.Tensor | None, n: int) -> torch.Tensor:
-    return torch.full((n, 1), -1.0) if exclude is None else exclude.reshape(n, -1).float()
+    """(N, L) int64 ids (ids past 2**24 do not survive a float32 round trip)."""
+    return torch.full((n, 1), -1, dtype=torch.long) if exclude is None else exclude.reshape(n, -1).long()
 
 
 def _gather_rows(parts: list[torch.Tensor]) -> list:
@@ -242,7 +243,7 @@ def _gather_rows(parts: list[torch.Tensor]) -> list:
     counts = [s[0][0] for s in shapes]
     out = []
     for i, part in enumerate(parts):
-        padded = torch.full((max(counts), max(s[i][1] for s in shapes)), -1.0)
+        padded = torch.full((max(counts), max(s[i][1] for s in shapes)), -1, dtype=part.dtype)
         padded[: part.shape[0], : part.shape[1]] = part.cpu()
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded)

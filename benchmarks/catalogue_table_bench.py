@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_bench import free_port
 from shard_bench import REPO, machine, write_results
 
 HIDDEN, BATCH, WINDOW, NEGATIVES, RANKS = 64, 128, 50, 256, 2
@@ -85,9 +85,7 @@ def rank_main(rank: int, mode: str, items: int, steps: int, port: str, out: str)
 
 
 def measure(mode: str, items: int, steps: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/rank"
         code = (

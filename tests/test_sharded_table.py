@@ -91,7 +91,7 @@ def _rank(rank: int, world: int, port: str, out: str) -> None:
         # Ids are gathered as int64 (a float32 trip would round ids past 2**24).
         from trainer.sharded_table import _gather_rows
 
-        big = _gather_rows([torch.tensor([[2**40 + 1 + rank]])])[0]
+        (big,), _ = _gather_rows([torch.tensor([[2**40 + 1 + rank]])])
         assert big.reshape(-1).tolist() == [2**40 + 1 + r for r in range(world)]
         queries, targets, exclude = ranking_inputs(rank)
         ranks = table.target_ranks(queries, targets, exclude, block=7)

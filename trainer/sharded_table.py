@@ -163,9 +163,8 @@ class ShardedItemTable(torch.nn.Module):
         target's by an ulp may fall on the other side)."""
         from trainer.evaluate import UNRANKABLE
 
-        world, rank = dist.get_world_size(), dist.get_rank()
-        everyone = _gather_rows([queries.float(), targets[:, None].long(), _excluded(exclude, len(queries))])
-        q, t, ex = everyone[0], everyone[1][:, 0], everyone[2]
+        (q, t, ex), mine = _gather_rows([queries.float(), targets[:, None].long(), _excluded(exclude, len(queries))])
+        t = t[:, 0]
         first, rows = self.local_rows()
         rows = rows.detach().float()
         # Each target's score, from the rank that holds its row (the others contribute -inf).
@@ -175,15 +174,11 @@ class ShardedItemTable(torch.nn.Module):
         dist.all_reduce(target_scores, op=dist.ReduceOp.MAX)
         blocked = (ex == t[:, None]).any(1) | (target_scores == float("-inf"))
         better = torch.zeros(len(q), dtype=torch.long)
-        for start in range(0, len(rows), block):
-            scores = q @ rows[start : start + block].T
-            ids = torch.arange(first + start, first + start + scores.shape[1])
-            _mask_ids(scores, ex, ids)
+        for scores, ids in _slice_scores(q, ex, first, rows, block):
             above = (scores > target_scores[:, None]) | ((scores == target_scores[:, None]) & (ids < t[:, None]))
             better += (above & (ids != t[:, None])).sum(1)
         dist.all_reduce(better)
         better = torch.where(blocked, torch.full_like(better, UNRANKABLE), better)
-        mine = everyone[-1][rank] if world > 1 else slice(None)
         return better[mine].to(targets.device)
 
     @torch.no_grad()
@@ -193,27 +188,21 @@ class ShardedItemTable(torch.nn.Module):
         """(scores, item ids), each (N, k), of the ``k`` best items for each of this rank's
         ``queries`` (ties by item id), items in ``exclude`` (N, L) left out: each rank keeps the
         top ``k`` of its slice per query, and the ranks' lists are merged. A collective."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        everyone = _gather_rows([queries.float(), _excluded(exclude, len(queries))])
+        (q, ex), mine = _gather_rows([queries.float(), _excluded(exclude, len(queries))])
         k = min(k, self.num_items)
-        q, ex = everyone[0], everyone[1]
         first, rows = self.local_rows()
-        rows = rows.detach().float()
         best_scores = torch.full((len(q), k), float("-inf"))
         best_ids = torch.full((len(q), k), -1, dtype=torch.long)
-        for start in range(0, len(rows), block):
-            scores = q @ rows[start : start + block].T
-            ids = torch.arange(first + start, first + start + scores.shape[1])
-            _mask_ids(scores, ex, ids)
+        for scores, ids in _slice_scores(q, ex, first, rows.detach().float(), block):
             candidates = torch.cat([best_ids, ids.expand(len(q), -1)], 1)
             best_scores, best_ids = _best(torch.cat([best_scores, scores], 1), candidates, k)
+        world = dist.get_world_size()
         if world > 1:
             parts_s = [torch.empty_like(best_scores) for _ in range(world)]
             parts_i = [torch.empty_like(best_ids) for _ in range(world)]
             dist.all_gather(parts_s, best_scores)
             dist.all_gather(parts_i, best_ids)
             best_scores, best_ids = _best(torch.cat(parts_s, 1), torch.cat(parts_i, 1), k)
-        mine = everyone[-1][rank] if world > 1 else slice(None)
         return best_scores[mine].to(queries.device), best_ids[mine].to(queries.device)
 
     @torch.no_grad()
@@ -231,13 +220,13 @@ def _excluded(exclude: torch.Tensor | None, n: int) -> torch.Tensor:
     return torch.full((n, 1), -1, dtype=torch.long) if exclude is None else exclude.reshape(n, -1).long()
 
 
-def _gather_rows(parts: list[torch.Tensor]) -> list:
-    """Every rank's rows of each (N_r, W) tensor in ``parts``, concatenated in rank order (ranks
-    may hold different N_r, and exclusion lists different W; padding is -1, which is no item id),
-    plus, last, the slice of the result that holds each rank's rows (None on one rank)."""
+def _gather_rows(parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], slice]:
+    """(every rank's rows of each (N_r, W) tensor in ``parts``, concatenated in rank order, and the
+    slice of them that holds this rank's rows). Ranks may hold different N_r, and exclusion lists
+    different W; padding is -1, which is no item id."""
     world = dist.get_world_size()
     if world == 1:
-        return [*[p.cpu() for p in parts], None]
+        return [p.cpu() for p in parts], slice(None)
     shapes = [None] * world
     dist.all_gather_object(shapes, [tuple(p.shape) for p in parts])
     counts = [s[0][0] for s in shapes]
@@ -248,9 +237,18 @@ def _gather_rows(parts: list[torch.Tensor]) -> list:
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded)
         out.append(torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)]))
-    starts = [sum(counts[:r]) for r in range(world)]
-    out.append([slice(a, a + n) for a, n in zip(starts, counts, strict=True)])
-    return out
+    start = sum(counts[: dist.get_rank()])
+    return out, slice(start, start + counts[dist.get_rank()])
+
+
+def _slice_scores(queries: torch.Tensor, exclude: torch.Tensor, first: int, rows: torch.Tensor, block: int):
+    """(scores, ids) of ``queries`` against this rank's ``rows`` (ids from ``first``), ``block``
+    rows at a time, each query's ``exclude`` ids at -inf."""
+    for start in range(0, len(rows), block):
+        scores = queries @ rows[start : start + block].T
+        ids = torch.arange(first + start, first + start + scores.shape[1])
+        _mask_ids(scores, exclude, ids)
+        yield scores, ids
 
 
 def _mask_ids(scores: torch.Tensor, exclude: torch.Tensor, ids: torch.Tensor) -> None:
@@ -261,12 +259,8 @@ def _mask_ids(scores: torch.Tensor, exclude: torch.Tensor, ids: torch.Tensor) ->
 
 
 def _best(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best (score, id) per row, ties to the smaller id, padded to ``k`` columns with
-    (-inf, -1) where a row has fewer candidates."""
-    if scores.shape[1] < k:
-        pad = k - scores.shape[1]
-        scores = torch.cat([scores, torch.full((len(scores), pad), float("-inf"))], 1)
-        ids = torch.cat([ids, torch.full((len(ids), pad), -1, dtype=ids.dtype)], 1)
+    """The ``k`` best (score, id) per row of at least ``k`` candidates, ties to the smaller id
+    (the -1 placeholders last)."""
     by_id = torch.argsort(torch.where(ids < 0, ids.max() + 1, ids), dim=1, stable=True)
     scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
     order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]

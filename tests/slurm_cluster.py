@@ -181,6 +181,13 @@ PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 Preem
                 return field.split("=", 1)[1]
         return "GONE"
 
+    def agent_queue(self) -> int:
+        """Messages slurmctld still has to deliver (its retry list, `sdiag` "Agent queue size")."""
+        for line in self.run("sdiag").stdout.splitlines():
+            if line.strip().startswith("Agent queue size:"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError("sdiag printed no agent queue size")
+
     def wait_for(self, job: str, states: set[str], timeout: float) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -154,11 +154,21 @@ def test_a_node_failure_requeues_the_job_and_it_resumes_from_its_last_checkpoint
     deadline = time.time() + 300  # SlurmdTimeout (30 s) before Slurm declares the node failed
     while time.time() < deadline and "Slurm is requeueing" not in job_log(run, job):
         time.sleep(1)
-    cluster.start_slurmd("n2")  # the node comes back (ReturnToService=2); the requeued job waits for it
+    # The node comes back (ReturnToService=2). slurmctld still holds what it could not deliver to
+    # the dead node (the first attempt's step kill, retried every 60 s); step ids restart with
+    # every attempt, so a late delivery would stop the next attempt's step 0 on n2. Hold the
+    # requeued job until that queue is empty, as an operator returning a node would.
+    cluster.run("scontrol", "hold", job)
+    cluster.start_slurmd("n2")
+    deadline = time.time() + 180
+    while time.time() < deadline and cluster.agent_queue() > 0:
+        time.sleep(1)
+    cluster.run("scontrol", "release", job)
     state = cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
     log = job_log(run, job)
     assert state == "COMPLETED", log[-4000:]
     assert "DUE TO NODE FAILURE" in log
+    assert "(restart 1)" in log and "(restart 2)" not in log, log[-4000:]  # one requeue, no stray stop
     lost = re.findall(
         r"no checkpoint written by this attempt .*Slurm is requeueing job \d+: it resumes from (\S+)", log
     )

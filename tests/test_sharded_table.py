@@ -55,18 +55,19 @@ def initial_table() -> torch.Tensor:
     return torch.randn(ITEMS, DIM, generator=torch.Generator().manual_seed(0))
 
 
-def reference(world: int) -> torch.Tensor:
-    """Exact row-wise Adagrad by hand, on the ranks' summed loss (gradients summed over ranks)."""
+def reference(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, accumulators) of exact row-wise Adagrad by hand, on the mean of the ranks' losses
+    (gradients averaged over ranks)."""
     table, acc = initial_table(), torch.zeros(ITEMS)
     for step in range(STEPS):
         weights = table.clone().requires_grad_(True)
         batches = [batch(rank, step) for rank in range(world)]
-        sum(loss_of(weights[ids], target) for ids, target in batches).backward()
+        (sum(loss_of(weights[ids], target) for ids, target in batches) / world).backward()
         touched = torch.unique(torch.cat([ids.reshape(-1) for ids, _ in batches]))
         grad = weights.grad[touched]
         acc[touched] += (grad * grad).mean(1)
         table[touched] -= LR * grad / (acc[touched].sqrt() + EPS)[:, None]
-    return table
+    return table, acc
 
 
 def _rank(rank: int, world: int, port: str, out: str) -> None:
@@ -88,6 +89,8 @@ def _rank(rank: int, world: int, port: str, out: str) -> None:
             assert looked_up.shape == (4, 5, DIM)
             loss_of(looked_up, target).backward()
         full = table.full_table()
+        accumulators = [None] * world
+        dist.all_gather_object(accumulators, (first, table._accumulator().clone()))
         # Ids are gathered as int64 (a float32 trip would round ids past 2**24).
         from trainer.sharded_table import _gather_rows
 
@@ -99,7 +102,8 @@ def _rank(rank: int, world: int, port: str, out: str) -> None:
         found = [None] * world
         dist.all_gather_object(found, (ranks, top_scores, top_ids))
         if rank == 0:
-            torch.save({"full": full, "spans": spans, "found": found}, out)
+            accumulator = torch.cat([a for _, a in sorted(accumulators, key=lambda x: x[0])])
+            torch.save({"full": full, "accumulator": accumulator, "spans": spans, "found": found}, out)
     finally:
         dist.destroy_process_group()
 
@@ -121,9 +125,10 @@ def test_sharded_updates_and_sliced_ranking_equal_the_dense_reference(tmp_path, 
     assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
     if world == 2:
         assert all(count > 0 for _, count in spans)
-    expected = reference(world)
+    expected, accumulator = reference(world)
     assert not torch.allclose(expected, initial_table())  # the steps moved rows
     torch.testing.assert_close(result["full"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result["accumulator"], accumulator)  # the gradients' scale (mean over ranks)
     # Ranking by catalogue slices equals ranking the dense table, for every rank's own queries.
     for rank, (ranks, top_scores, top_ids) in enumerate(result["found"]):
         dense_ranks, dense_scores, dense_ids = dense_ranking(result["full"], rank)
@@ -140,3 +145,78 @@ def test_needs_a_process_group():
         pytest.skip("a process group is already initialised in this worker")
     with pytest.raises(RuntimeError, match="process group"):
         ShardedItemTable(10, 4)
+
+
+def _steps(table, rank: int, world: int, steps: range) -> None:
+    """Train ``steps`` of the saving run's schedule; one rank plays every rank of a 2-rank run
+    (gradients are averaged over ranks, so its loss is the mean of theirs)."""
+    for step in steps:
+        batches = [batch(r, step) for r in (range(2) if world == 1 else [rank])]
+        # One lookup per step: each lookup's backward is one optimizer update of the rows it read.
+        rows = table(torch.cat([ids for ids, _ in batches])).split(len(batches[0][0]))
+        (sum(loss_of(r, target) for r, (_, target) in zip(rows, batches, strict=True)) / len(batches)).backward()
+
+
+def _checkpoint_rank(rank: int, world: int, port: str, folder: str, mode: str, out: str) -> None:
+    from trainer.sharded_table import ShardedItemTable
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        table = ShardedItemTable(ITEMS, DIM, lr=LR, eps=EPS, vocab_version="v3")
+        result = {}
+        if mode == "save":
+            table.load_full(initial_table())
+            _steps(table, rank, world, range(STEPS))
+            table.save(folder)
+            result["saved"] = table.full_table()
+        else:
+            table.load(folder)
+            result["loaded"] = table.full_table()
+        _steps(table, rank, world, range(STEPS, STEPS + 2))
+        result["after"] = table.full_table()
+        if mode == "resume" and world == 1:
+            with pytest.raises(IndexError, match=f"item id {ITEMS} is outside the item table of {ITEMS} ids .*v3"):
+                table(torch.tensor([1, ITEMS]))
+            with pytest.raises(ValueError, match=f"a table of {ITEMS} x {DIM}, this one is {ITEMS} x {DIM + 4}"):
+                ShardedItemTable(ITEMS, DIM + 4).load(folder)
+            with pytest.raises(ValueError, match="multiple of 4"):
+                ShardedItemTable(ITEMS, DIM + 1)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path):
+    folder = tmp_path / "table"
+
+    def run(world: int, mode: str) -> dict:
+        out = str(tmp_path / f"{mode}{world}.pt")
+        mp.spawn(_checkpoint_rank, args=(world, _free_port(), str(folder), mode, out), nprocs=world)
+        return torch.load(out)
+
+    saved = run(2, "save")
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["item_rows-00000-of-00002.safetensors", "item_rows-00001-of-00002.safetensors", "item_rows.json"]
+    same = run(2, "resume")
+    assert torch.equal(same["loaded"], saved["saved"])
+    # Rows and their Adagrad accumulators came back: the next steps are bit-identical.
+    assert torch.equal(same["after"], saved["after"])
+    assert not torch.equal(saved["after"], saved["saved"])
+    one = run(1, "resume")  # resharded: one rank reads both files
+    assert torch.equal(one["loaded"], saved["saved"])
+    # One rank averages the two ranks' losses in another order: equal up to float rounding.
+    torch.testing.assert_close(one["after"], saved["after"], rtol=0, atol=1e-6)
+
+
+def test_a_damaged_sharded_checkpoint_names_its_file(tmp_path):
+    from trainer.sharded_table import _read_index
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="holds no sharded item table"):
+        _read_index(folder, ITEMS, DIM)
+    (folder / "item_rows.json").write_text("{not json")
+    with pytest.raises(ValueError, match="item_rows.json is not valid JSON"):
+        _read_index(folder, ITEMS, DIM)

@@ -13,10 +13,11 @@ tests/test_sharded_table.py):
 - The optimizer is exact row-wise Adagrad, the one FBGEMM's CPU kernels and every GPU kernel
   support (Adam runs on GPUs only): one accumulator per row,
   ``acc += mean(g * g); row -= lr * g / (sqrt(acc) + eps)``, ``g`` the row's gradient summed over
-  every occurrence of the id in the step on every rank.
-- Gradients are summed over ranks, not averaged as DDP averages dense parameters: with a loss
-  that averages over the local batch, a row's step on N ranks equals one process stepping on the
-  N batches' summed loss.
+  every occurrence of the id in the step (and averaged over ranks, below).
+- Gradients are averaged over ranks, as DDP averages dense parameters (TorchRec's gradient
+  division, on by default): a row's step on N ranks equals one process stepping on the mean of
+  the N batches' losses. (Row-wise Adagrad's step does not change when every gradient of a row is
+  scaled alike, so only the accumulators show the scale; the tests compare them.)
 
 Versions: TorchRec and FBGEMM are built against one torch release each. With the project's torch
 2.13, ``torchrec==1.8.0`` with ``fbgemm-gpu-cpu==1.8.0`` (CPU) or ``fbgemm-gpu==1.8.0`` (CUDA) load;
@@ -28,14 +29,19 @@ depends on the CUDA ``fbgemm-gpu``, which a CPU machine does not want) plus the 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 TABLE = "item_rows"
 """The TorchRec table name (its feature is ``item``)."""
+INDEX = "item_rows.json"
+"""A sharded checkpoint's index: the table's shape and which file holds which rows."""
 
 
 def _torchrec():
@@ -55,8 +61,9 @@ class ShardedItemTable(torch.nn.Module):
 
     Call it with any shape of item ids (each rank its own); it returns their rows (``ids.shape +
     (dim,)``), differentiable: ``loss.backward()`` updates the rows it read (the fused optimizer
-    steps inside the backward; there is nothing to pass to a torch optimizer). Every rank must call
-    it the same number of times per step (the lookup is a collective).
+    steps inside the backward; there is nothing to pass to a torch optimizer). Each call's backward
+    is one update of the rows it read, so look a step's ids up in one call. Every rank must call it
+    the same number of times per step (the lookup is a collective).
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class ShardedItemTable(torch.nn.Module):
         eps: float = 1e-8,
         init_std: float = 0.02,
         device: torch.device | str = "cpu",
+        vocab_version: str | None = None,
     ) -> None:
         super().__init__()
         _torchrec()
@@ -82,7 +90,10 @@ class ShardedItemTable(torch.nn.Module):
         from torchrec.distributed.types import ShardingType
 
         self.num_items, self.dim = int(num_items), int(dim)
+        if self.dim % 4:
+            raise ValueError(f"the sharded item table's width must be a multiple of 4 (FBGEMM's kernels), not {dim}")
         self.device = torch.device(device)
+        self.vocab_version = vocab_version
         config = EmbeddingConfig(
             name=TABLE,
             embedding_dim=self.dim,
@@ -114,6 +125,10 @@ class ShardedItemTable(torch.nn.Module):
 
         flat = ids.reshape(-1).to(self.device, torch.long)
         unique, inverse = torch.unique(flat, return_inverse=True)
+        if len(unique) and (unique[0] < 0 or unique[-1] >= self.num_items):
+            bad = int(unique[0] if unique[0] < 0 else unique[-1])
+            version = f" (vocabulary version {self.vocab_version})" if self.vocab_version else ""
+            raise IndexError(f"item id {bad} is outside the item table of {self.num_items:,} ids{version}")
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=["item"], values=unique, lengths=torch.ones_like(unique, dtype=torch.int32)
         )
@@ -124,6 +139,12 @@ class ShardedItemTable(torch.nn.Module):
         tensor = self.dmp.state_dict()[f"embeddings.{TABLE}.weight"]
         (shard,) = tensor.local_shards()
         return shard
+
+    def _accumulator(self) -> torch.Tensor:
+        """This rank's row-wise Adagrad accumulators (a view of FBGEMM's state: one per row)."""
+        state = self.dmp.fused_optimizer.state_dict()["state"][f"embeddings.{TABLE}.weight"]
+        (shard,) = state[f"{TABLE}.momentum1"].local_shards()
+        return shard.tensor
 
     def local_rows(self) -> tuple[int, torch.Tensor]:
         """``(first_id, rows)``: this rank's slice of the table (a view: scoring the catalogue by
@@ -213,6 +234,71 @@ class ShardedItemTable(torch.nn.Module):
             raise ValueError(f"table of shape {tuple(table.shape)}, expected ({self.num_items}, {self.dim})")
         first, rows = self.local_rows()
         rows.copy_(table[first : first + rows.shape[0]].to(rows))
+
+    @torch.no_grad()
+    def save(self, folder: Path | str) -> None:
+        """Write the table to ``folder`` as one file per rank (its rows and their accumulators,
+        ``item_rows-RRRRR-of-WWWWW.safetensors``) and an index (``item_rows.json``, written last,
+        by rank 0). No rank gathers the table. A collective: every rank calls it."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        first, rows = self.local_rows()
+        name = f"item_rows-{rank:05d}-of-{world:05d}.safetensors"
+        tensors = {"rows": rows.detach().cpu().contiguous(), "accumulator": self._accumulator().cpu().contiguous()}
+        save_file(tensors, str(folder / (name + ".tmp")), metadata={"first": str(first)})
+        os.replace(folder / (name + ".tmp"), folder / name)
+        shards = [None] * world
+        dist.all_gather_object(shards, {"first": first, "count": rows.shape[0], "file": name})
+        if rank == 0:
+            index = {"num_items": self.num_items, "dim": self.dim, "optimizer": "exact_rowwise_adagrad"}
+            index.update(vocab_version=self.vocab_version, world_size=world, shards=shards)
+            (folder / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2) + "\n")
+            os.replace(folder / (INDEX + ".tmp"), folder / INDEX)
+        dist.barrier()
+
+    @torch.no_grad()
+    def load(self, folder: Path | str) -> None:
+        """Set this rank's rows and accumulators from a checkpoint of ``save``, written at any world
+        size (each rank reads only the rows of its own slice from the files that hold them)."""
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = _read_index(folder, self.num_items, self.dim)
+        first, rows = self.local_rows()
+        accumulator, end, filled = self._accumulator(), first + rows.shape[0], 0
+        for shard in index["shards"]:
+            lo, hi = max(first, shard["first"]), min(end, shard["first"] + shard["count"])
+            if lo >= hi:
+                continue
+            path = folder / shard["file"]
+            try:
+                with safe_open(str(path), "pt") as f:
+                    part = slice(lo - shard["first"], hi - shard["first"])
+                    rows[lo - first : hi - first] = f.get_slice("rows")[part]
+                    accumulator[lo - first : hi - first] = f.get_slice("accumulator")[part]
+            except Exception as e:  # missing, truncated or foreign file: name it
+                raise ValueError(f"sharded item table {path}: cannot read rows {lo}-{hi - 1}: {e}") from e
+            filled += hi - lo
+        if filled != rows.shape[0]:
+            raise ValueError(f"{folder / INDEX}: its shards do not cover rows {first}-{end - 1}")
+
+
+def _read_index(folder: Path, num_items: int, dim: int) -> dict:
+    try:
+        index = json.loads((folder / INDEX).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} holds no sharded item table ({INDEX} is missing)") from None
+    except ValueError as e:
+        raise ValueError(f"{folder / INDEX} is not valid JSON: {e}") from e
+    if (index.get("num_items"), index.get("dim")) != (num_items, dim):
+        raise ValueError(
+            f"{folder / INDEX}: a table of {index.get('num_items')} x {index.get('dim')}, "
+            f"this one is {num_items} x {dim}"
+        )
+    return index
 
 
 def _excluded(exclude: torch.Tensor | None, n: int) -> torch.Tensor:

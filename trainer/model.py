@@ -20,6 +20,7 @@ from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
+from trainer.item_rows import RowTable
 from trainer.priors import RepeatPrior, TransitionPrior
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
@@ -138,23 +139,37 @@ def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarr
 
 class ItemEncoder(nn.Module):
     """Item id -> vector: id embedding (+ projected text vector) (+ mean attribute embedding).
-    In training, ``id_dropout`` of the rows read their id part from the UNK row instead."""
+    In training, ``id_dropout`` of the rows read their id part from the UNK row instead.
+    ``sharded``: the id rows live in a TorchRec table split over the ranks (trainer.sharded_table);
+    ``table(needed)`` then returns the needed rows alone (trainer.item_rows.RowTable)."""
 
-    def __init__(self, num_items: int, hidden: int, features: ItemFeatures, id_dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_items: int, hidden: int, features: ItemFeatures, id_dropout: float = 0.0, sharded: bool = False
+    ) -> None:
         super().__init__()
         self.id_dropout = id_dropout
         self.cold_from: int | None = None
         """With id dropout: ids from here on were never trained (a run validated on a newer
         generation's items): they always read the UNK id row (trainer.factory.mark_cold_items)."""
-        self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
-        nn.init.normal_(self.ids.weight, std=hidden**-0.5)
+        # With text, start near the text geometry: id rows 0.1x, so projected vectors dominate.
+        scale = 0.1 if features.text is not None else 1.0
+        self.ids, self.sharded = None, None
+        if sharded:
+            from trainer.sharded_table import ShardedItemTable
+
+            if id_dropout > 0:
+                raise ConfigError("model.id_dropout reads the UNK row for dropped items: not built for a sharded table")
+            self.sharded = ShardedItemTable(num_items, hidden, init_std=hidden**-0.5 * scale)
+        else:
+            self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
+            nn.init.normal_(self.ids.weight, std=hidden**-0.5)
+            if scale != 1.0:
+                with torch.no_grad():
+                    self.ids.weight.mul_(scale)
         self.text_proj = None
         if features.text is not None:
             self.register_buffer("text", features.text.float(), persistent=False)
             self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)
-            # Start near the text geometry: scale so projected vectors match the id embedding norm.
-            with torch.no_grad():
-                self.ids.weight.mul_(0.1)
         self.attributes = None
         if features.attribute_ids is not None and features.num_attributes > 1:
             self.register_buffer("attribute_ids", features.attribute_ids, persistent=False)
@@ -167,7 +182,10 @@ class ItemEncoder(nn.Module):
     def table(self, needed: torch.Tensor | None = None) -> torch.Tensor:
         """(num_items, H) vectors of every item. ``needed`` (unique ids): only those rows are complete
         (the others hold their id embedding alone), for a step that reads no other row (a sampled
-        softmax): the text and attribute parts then cost the batch's items, not the catalogue's."""
+        softmax): the text and attribute parts then cost the batch's items, not the catalogue's.
+        A sharded table returns the ``needed`` rows alone (a RowTable, indexed by item id)."""
+        if self.sharded is not None:
+            return self._sharded_rows(needed)
         table = self.ids.weight
         dropping = self.id_dropout > 0 and (self.training or self.cold_from is not None)
         if needed is None:
@@ -187,6 +205,19 @@ class ItemEncoder(nn.Module):
         if self.attributes is not None:
             parts.append(self._attribute_rows(needed))
         return table.index_add(0, needed, sum(parts)) if parts else table
+
+    def _sharded_rows(self, needed: torch.Tensor | None) -> RowTable:
+        if needed is None:
+            raise ConfigError(
+                "a sharded item table has no dense catalogue table: a step reads the rows it needs "
+                "(sampled softmax), and the catalogue is ranked by slices (ShardedItemTable.target_ranks)"
+            )
+        rows = self.sharded(needed)
+        if self.text_proj is not None:
+            rows = rows + self.text_proj(self.text[needed])
+        if self.attributes is not None:
+            rows = rows + self._attribute_rows(needed)
+        return RowTable(needed, rows)
 
     def _dropped(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows),) bool: which ``rows`` read the UNK id row (reserved ids never): a random
@@ -208,7 +239,9 @@ class ItemEncoder(nn.Module):
         links = starts + torch.arange(len(starts), device=starts.device)
         return self.attributes(self.attribute_ids[links], offsets)
 
-    def forward(self, items: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, table: torch.Tensor | RowTable | None = None) -> torch.Tensor:
+        if isinstance(table, RowTable):
+            return table[items]
         return F.embedding(items, self.table() if table is None else table)
 
 
@@ -224,13 +257,18 @@ class BehaviorGPT(nn.Module):
         num_event_types: int,
         features: ItemFeatures,
         item_counts: np.ndarray,
+        sharded_items: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
         self.backbone = backbone.model
         hidden = backbone.hidden_size
-        self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout)
+        if sharded_items and heads_cfg.item_loss != "sampled":
+            raise ConfigError(
+                "a sharded item table trains with heads.item_loss=sampled (a full softmax reads every row)"
+            )
+        self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout, sharded_items)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
         self.gaps = nn.Embedding(cfg.time_buckets, hidden)
         self.query_gaps = nn.Embedding(cfg.time_buckets, hidden) if cfg.query_time else None

@@ -94,10 +94,41 @@ def _train(rank: int, world: int, port: str, out: str) -> None:
                 dist.all_reduce(summed)
                 losses[name].append(float(summed) / world)
         table = sharded.items.sharded.full_table()
+        found = _evaluations(sharded, table, rank, world)
         if rank == 0:
-            torch.save({"losses": losses, "table": table, "dense_table": dense.items.ids.weight.detach()}, out)
+            torch.save(
+                {"losses": losses, "table": table, "dense_table": dense.items.ids.weight.detach(), "found": found}, out
+            )
     finally:
         dist.destroy_process_group()
+
+
+def _evaluations(sharded, table: torch.Tensor, rank: int, world: int) -> dict:
+    """Metrics of the sharded model by the sharded evaluator (each rank its share of 5 batches) and
+    of a dense twin with the same weights by the dense one (every batch, in one process)."""
+    from trainer.evaluate import WHOLE, EvalConfig, Part, evaluate_batches
+    from trainer.sharded_eval import evaluate_sharded
+
+    twin = build(False)
+    weights = dict(sharded.named_parameters())
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            param.copy_(table if name == "items.ids.weight" else weights[name])
+    batches = [batch(7, 100 + i) for i in range(5)]
+    batches[0]["items"][0, 2] = batches[0]["items"][0, int(batches[0]["mask"][0].sum()) - 1]  # a repeat
+    part = Part(rank, world, _gather) if world > 1 else WHOLE
+    found = {}
+    for exclude in (True, False):
+        cfg = EvalConfig(ks=[1, 5, 10], exclude_seen=exclude)
+        found[exclude] = (evaluate_sharded(sharded, batches, cfg, torch.device("cpu"), part),
+                          evaluate_batches(twin, batches, cfg, torch.device("cpu")))  # fmt: skip
+    return found
+
+
+def _gather(objects: list) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, objects[0])
+    return out
 
 
 def _free_port() -> str:
@@ -115,6 +146,10 @@ def test_the_sharded_item_table_trains_the_model_as_the_dense_one_does(tmp_path,
     assert dense[-1] < dense[0]  # it trains
     np.testing.assert_allclose(sharded, dense, rtol=1e-4)
     torch.testing.assert_close(result["table"], result["dense_table"], rtol=0, atol=1e-5)
+    # The sharded evaluator (catalogue slices, batches shared over ranks) reports the dense one's metrics.
+    for exclude, (got, want) in result["found"].items():
+        assert got == want, exclude
+        assert want["count"] == 30 and 0 < want["ndcg@10"] < 1 and "type_accuracy" in want
 
 
 def test_row_table_reads_rows_by_item_id():

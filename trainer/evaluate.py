@@ -157,11 +157,14 @@ class RankingMetrics:
         """Index of the batch being added (its ranks and value errors are kept under it)."""
 
     def add(self, scores: torch.Tensor, targets: torch.Tensor, batch: int | None = None) -> None:
-        self.batch = self.batch + 1 if batch is None else batch
-        self.ranks[self.batch] = target_ranks(scores, targets).cpu().numpy()
         # K may exceed a small catalogue: every real item is then in the top K.
-        k_max = min(max(self.ks), scores.shape[1] - NUM_RESERVED_ITEMS)
-        top_scores, top = torch.topk(scores, k_max, dim=1)
+        top_scores, top = torch.topk(scores, min(max(self.ks), scores.shape[1] - NUM_RESERVED_ITEMS), dim=1)
+        self.add_ranks(target_ranks(scores, targets), top, top_scores, batch)
+
+    def add_ranks(self, ranks: torch.Tensor, top: torch.Tensor, top_scores: torch.Tensor, batch: int | None) -> None:
+        """A batch's target ranks and its (N, <= max K) best items with their scores."""
+        self.batch = self.batch + 1 if batch is None else batch
+        self.ranks[self.batch] = ranks.cpu().numpy()
         top, finite = top.cpu().numpy(), torch.isfinite(top_scores).cpu().numpy()
         for k in self.ks:  # items that cannot be recommended (-inf) are never "covered"
             self.top[k][top[:, :k][finite[:, :k]]] = True
@@ -319,17 +322,22 @@ def rank_batches(
             if side is not None:
                 with autocast:
                     side(metrics[name], batch, rows, pos)
-    if part.gather is not None:
-        for rank, other in enumerate(part.gather([metrics])):  # one entry per rank, in rank order
-            if rank != part.rank:
-                for name, accumulated in metrics.items():
-                    accumulated.merge(other[name])
+    merge_parts(metrics, part)
     results = {}
     for name, accumulated in metrics.items():
         results[name] = accumulated.result()
         if ranks:
             results[name]["ranks"] = accumulated.all_ranks()
     return results
+
+
+def merge_parts(metrics: dict[str, RankingMetrics], part: Part) -> None:
+    """Merge every other process's metrics of its batches into ``metrics`` (by name)."""
+    if part.gather is not None:
+        for rank, other in enumerate(part.gather([metrics])):  # one entry per rank, in rank order
+            if rank != part.rank:
+                for name, accumulated in metrics.items():
+                    accumulated.merge(other[name])
 
 
 def evaluate_batches(

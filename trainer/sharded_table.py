@@ -171,12 +171,19 @@ class ShardedItemTable(torch.nn.Module):
 
     @torch.no_grad()
     def target_ranks(
-        self, queries: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None, block: int = 65536
+        self,
+        queries: torch.Tensor,
+        targets: torch.Tensor,
+        exclude: torch.Tensor | None = None,
+        block: int = 65536,
+        complete=None,
     ) -> torch.Tensor:
         """0-based full-catalogue rank of each of this rank's ``targets`` (N,) under dot-product
         scores of its ``queries`` (N, dim), as ``trainer.evaluate.target_ranks`` ranks a dense
         score matrix (ties by item id; an excluded target is UNRANKABLE). ``exclude`` (N, L):
         item ids never ranked for that query (its history; PAD 0 is harmless), or None.
+        ``complete(ids, id_rows)``: the item vectors of consecutive ``ids`` from their id rows
+        (a model adds its text and attribute parts), or None for the id rows alone.
         Each rank scores every rank's queries against its own slice of rows, ``block`` rows at a
         time, and the counts of better items are summed over ranks: no rank holds more than a
         queries x ``block`` score block, and no rows move. A collective: every rank calls it.
@@ -191,11 +198,13 @@ class ShardedItemTable(torch.nn.Module):
         # Each target's score, from the rank that holds its row (the others contribute -inf).
         target_scores = torch.full((len(q),), float("-inf"))
         owned = (t >= first) & (t < first + len(rows))
-        target_scores[owned] = (q[owned] * rows[t[owned] - first]).sum(-1)
+        owned_ids = t[owned]
+        target_rows = rows[owned_ids - first] if complete is None else complete(owned_ids, rows[owned_ids - first])
+        target_scores[owned] = (q[owned] * target_rows.float()).sum(-1)
         dist.all_reduce(target_scores, op=dist.ReduceOp.MAX)
         blocked = (ex == t[:, None]).any(1) | (target_scores == float("-inf"))
         better = torch.zeros(len(q), dtype=torch.long)
-        for scores, ids in _slice_scores(q, ex, first, rows, block):
+        for scores, ids in _slice_scores(q, ex, first, rows, block, complete):
             above = (scores > target_scores[:, None]) | ((scores == target_scores[:, None]) & (ids < t[:, None]))
             better += (above & (ids != t[:, None])).sum(1)
         dist.all_reduce(better)
@@ -204,17 +213,18 @@ class ShardedItemTable(torch.nn.Module):
 
     @torch.no_grad()
     def topk(
-        self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None, block: int = 65536
+        self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None, block: int = 65536, complete=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, item ids), each (N, k), of the ``k`` best items for each of this rank's
         ``queries`` (ties by item id), items in ``exclude`` (N, L) left out: each rank keeps the
-        top ``k`` of its slice per query, and the ranks' lists are merged. A collective."""
+        top ``k`` of its slice per query, and the ranks' lists are merged (``complete``: as in
+        ``target_ranks``). A collective."""
         (q, ex), mine = _gather_rows([queries.float(), _excluded(exclude, len(queries))])
         k = min(k, self.num_items)
         first, rows = self.local_rows()
         best_scores = torch.full((len(q), k), float("-inf"))
         best_ids = torch.full((len(q), k), -1, dtype=torch.long)
-        for scores, ids in _slice_scores(q, ex, first, rows.detach().float(), block):
+        for scores, ids in _slice_scores(q, ex, first, rows.detach().float(), block, complete):
             candidates = torch.cat([best_ids, ids.expand(len(q), -1)], 1)
             best_scores, best_ids = _best(torch.cat([best_scores, scores], 1), candidates, k)
         world = dist.get_world_size()
@@ -303,7 +313,9 @@ def _read_index(folder: Path, num_items: int, dim: int) -> dict:
 
 def _excluded(exclude: torch.Tensor | None, n: int) -> torch.Tensor:
     """(N, L) int64 ids (ids past 2**24 do not survive a float32 round trip)."""
-    return torch.full((n, 1), -1, dtype=torch.long) if exclude is None else exclude.reshape(n, -1).long()
+    if exclude is None:
+        return torch.full((n, 1), -1, dtype=torch.long)
+    return (exclude if exclude.ndim == 2 else exclude.reshape(n, -1)).long()
 
 
 def _gather_rows(parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], slice]:
@@ -327,12 +339,16 @@ def _gather_rows(parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], slice]:
     return out, slice(start, start + counts[dist.get_rank()])
 
 
-def _slice_scores(queries: torch.Tensor, exclude: torch.Tensor, first: int, rows: torch.Tensor, block: int):
-    """(scores, ids) of ``queries`` against this rank's ``rows`` (ids from ``first``), ``block``
-    rows at a time, each query's ``exclude`` ids at -inf."""
+def _slice_scores(
+    queries: torch.Tensor, exclude: torch.Tensor, first: int, rows: torch.Tensor, block: int, complete=None
+):
+    """(scores, ids) of ``queries`` against this rank's ``rows`` (ids from ``first``; completed by
+    ``complete(ids, id_rows)`` when given), ``block`` rows at a time, each query's ``exclude`` ids
+    at -inf."""
     for start in range(0, len(rows), block):
-        scores = queries @ rows[start : start + block].T
-        ids = torch.arange(first + start, first + start + scores.shape[1])
+        ids = torch.arange(first + start, first + min(start + block, len(rows)))
+        part = rows[start : start + block]
+        scores = queries @ (part if complete is None else complete(ids, part).float()).T
         _mask_ids(scores, exclude, ids)
         yield scores, ids
 

@@ -93,3 +93,25 @@ def tiny_config(data, **train):
             "eval": {"ks": [1, 10]},
         }
     )
+
+
+def crash_then_resume(monkeypatch, run: Path, cfg, crash_at: int) -> list[str]:
+    """Train ``cfg`` into ``run`` until its checkpoint at step ``crash_at`` is written, crash there,
+    then send the same request again; returns the log lines of the resumed request."""
+    from trainer.loop import Trainer
+    from trainer.run import train_run
+
+    original_save = Trainer.save
+
+    def crash(self):
+        original_save(self)
+        if self.state.step == crash_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, cfg, log=lambda *a: None)
+    monkeypatch.setattr(Trainer, "save", original_save)
+    messages: list[str] = []
+    train_run(run, cfg, log=messages.append)
+    return messages

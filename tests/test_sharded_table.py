@@ -211,12 +211,12 @@ def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path)
 
 
 def test_a_damaged_sharded_checkpoint_names_its_file(tmp_path):
-    from trainer.sharded_table import _read_index
+    from trainer.sharded_table import read_index
 
     folder = tmp_path / "table"
     folder.mkdir()
     with pytest.raises(ValueError, match="holds no sharded item table"):
-        _read_index(folder, ITEMS, DIM)
+        read_index(folder, ITEMS, DIM)
     (folder / "item_rows.json").write_text("{not json")
     with pytest.raises(ValueError, match="item_rows.json is not valid JSON"):
-        _read_index(folder, ITEMS, DIM)
+        read_index(folder, ITEMS, DIM)

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import crash_then_resume, tiny_config
 from safetensors.torch import load_file
 
 from launch.cli import main
 from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig, RankingMetrics, eval_loader
-from trainer.loop import Trainer
 from trainer.next_period import evaluate_next_period
 from trainer.periods import Period
 from trainer.run import evaluate_run, load_run_model, train_run
@@ -91,19 +90,7 @@ def test_resume_after_interruption_reaches_the_same_weights(tmp_path, cyclic_dat
     cfg = tiny_config(cyclic_data, max_steps=30)
     train_run(tmp_path / "straight", cfg, log=lambda *a: None)
 
-    original_save = Trainer.save
-
-    def crash_after_step_20(self):
-        original_save(self)
-        if self.state.step == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save", crash_after_step_20)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(tmp_path / "resumed", cfg, log=lambda *a: None)
-    monkeypatch.setattr(Trainer, "save", original_save)
-    messages = []
-    train_run(tmp_path / "resumed", cfg, log=messages.append)
+    messages = crash_then_resume(monkeypatch, tmp_path / "resumed", cfg, 20)
     assert any("resumed from" in m and "step-00000020" in m for m in messages)
     a = load_file(str(tmp_path / "straight" / "step-00000030" / ckpt.WEIGHTS))
     b = load_file(str(tmp_path / "resumed" / "step-00000030" / ckpt.WEIGHTS))

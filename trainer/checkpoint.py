@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer.errors import ConfigError
+from trainer.item_rows import read_full_table, sharded_names
 
 META = "meta.json"
 WEIGHTS = "trainable.safetensors"
@@ -65,8 +66,12 @@ def _sha256(path: Path) -> str:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights that training changes (requires_grad), detached and contiguous."""
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Weights that training changes (requires_grad), detached and contiguous; a sharded item
+    table's rows are not among them (each rank saves its own: trainer.sharded_run.save_rows)."""
+    skip = sharded_names(model)
+    return {
+        n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad and n not in skip
+    }
 
 
 def rng_state() -> dict:
@@ -171,8 +176,13 @@ def latest_valid(run: Path, log=print) -> Path | None:
     return None
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / WEIGHTS))
+def load_weights(path: Path, full_table: bool = True) -> dict[str, torch.Tensor]:
+    """The folder's dense weights; with ``full_table``, a sharded run's item rows read into the
+    dense model's ``items.ids.weight`` (one process: `bgpt eval`, predict, export, retrain)."""
+    weights = load_file(str(path / WEIGHTS))
+    if full_table and (path / "item_rows").is_dir():
+        weights["items.ids.weight"] = read_full_table(path / "item_rows")
+    return weights
 
 
 def read_state(path: Path) -> dict:

@@ -85,6 +85,9 @@ class TrainConfig:
     """Windows per optimizer step over all processes. When set, grad_accum is derived from it and
     the process count, so the optimisation is the same on 1 process or 64."""
     lr: float = 1e-3
+    item_lr: float = 0.05
+    """Learning rate of a sharded item table's row-wise Adagrad (model.item_table), on the same
+    warmup and decay schedule as ``lr``."""
     weight_decay: float = 0.0
     warmup_steps: int = 50
     schedule: str = "cosine"

@@ -155,13 +155,24 @@ def _apply_lora(model: BehaviorGPT, backbone: backbones.Backbone, cfg: LoraConfi
 
 
 def build_model(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, heads_cfg: HeadsConfig, data: Path, cache: Path | None = None
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    heads_cfg: HeadsConfig,
+    data: Path,
+    cache: Path | None = None,
+    sharded: bool = False,
 ) -> tuple[BehaviorGPT, DatasetInfo]:
+    """``sharded``: the item id rows in a TorchRec table over the default process group (a group of
+    one process is made when there is none; trainer.sharded_run)."""
     info = dataset_info(data)
     backbone = load_backbone(model_cfg)
     features = item_features(model_cfg, info, backbone, cache, data)
+    if sharded:
+        from trainer.sharded_run import ensure_process_group
+
+        ensure_process_group()
     model = BehaviorGPT(
-        model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts
+        model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts, sharded
     )
     _apply_lora(model, backbone, lora_cfg)
     # Behaviour enters as inputs_embeds: the backbone's token table is never read, so it does

@@ -11,6 +11,8 @@ heads and the score priors run unchanged on ids.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -85,3 +87,22 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 state["sum"] += (g * g).mean(1)
                 p -= (group["lr"] * g / (state["sum"].sqrt() + group["eps"])[:, None]).to(p.dtype)
         return None
+
+
+def read_full_table(folder: Path) -> torch.Tensor:
+    """The whole ``num_items x dim`` table of a sharded checkpoint (``ShardedItemTable.save``), read
+    from its files in this process: no process group needed."""
+    from safetensors import safe_open
+
+    from trainer.sharded_table import read_index
+
+    index = read_index(folder)
+    table = torch.empty(index["num_items"], index["dim"])
+    for shard in index["shards"]:
+        path = folder / shard["file"]
+        try:
+            with safe_open(str(path), "pt") as f:
+                table[shard["first"] : shard["first"] + shard["count"]] = f.get_tensor("rows")
+        except Exception as e:  # missing, truncated or foreign file: name it
+            raise ValueError(f"sharded item table {path}: cannot read its rows: {e}") from e
+    return table

@@ -12,7 +12,6 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,29 +21,20 @@ from data_sharding import shards
 from data_sharding.loader import StreamLoader
 from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
+from trainer import sharded_run
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
-from trainer.evaluate import WHOLE, Part, evaluate_model
+from trainer.evaluate import WHOLE, Part, eval_loader, evaluate_model
+from trainer.item_rows import dense_parameters, prepare_for_ddp
+from trainer.loop_checkpoint import CheckpointMixin, TrainState
 from trainer.next_period import evaluate_model_on_period
 from trainer.periods import newest_holdout
-from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, trim_logs, write_resources
+from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, write_resources
 from trainer.runtime import all_cores, loader_workers, lr_lambda
+from trainer.sharded_eval import evaluate_sharded
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    best_metric: float = -1.0
-    best_step: int = 0
-    evals_since_best: int = 0
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     """Owns the model, optimizer, data stream and run folder of one training run."""
 
     def __init__(self, run: Path, run_cfg: RunConfig, model, vocab_version: str, accelerator, log=print) -> None:
@@ -69,7 +59,7 @@ class Trainer:
         self.grad_accum = train.accumulation(accelerator.num_processes)
         steps_per_epoch = max(1, len(self.loader) // self.grad_accum)
         self.total_steps = train.max_steps or train.epochs * steps_per_epoch
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = dense_parameters(model)  # a sharded item table steps its own rows (fused)
         # fused: one kernel over all parameters (CPU and GPU) instead of a loop of small ones.
         optimizer = torch.optim.AdamW(
             params, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.98), fused=True
@@ -79,7 +69,9 @@ class Trainer:
         )
         plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = plugin.zero_stage if plugin is not None else None
+        prepare_for_ddp(model)  # DDP leaves a sharded item table to TorchRec
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.set_row_lr()
         if self.zero_stage == 3:
             import deepspeed
 
@@ -103,91 +95,6 @@ class Trainer:
         if accelerator.is_main_process:
             self._clear_stale_stop()
         self._install_signal_handlers()
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def trainable_weights(self) -> dict[str, torch.Tensor]:
-        """Full trainable weights on the main process (ZeRO-3 shards are gathered; collective)."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.zero_stage != 3:
-            return ckpt.trainable_state(unwrapped)
-        full = self.accelerator.get_state_dict(self.model)
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        return {n: full[n].contiguous() for n in names} if self.accelerator.is_main_process else {}
-
-    def save(self) -> None:
-        """Every rank contributes its RNG and stream position (and, under DeepSpeed, its optimizer
-        partition); the main process writes the rest and publishes the folder atomically."""
-        acc = self.accelerator
-        target = ckpt.step_dir(self.run, self.state.step)
-        tmp = ckpt.begin_checkpoint(target) if acc.is_main_process else ckpt.temp_dir(target)
-        acc.wait_for_everyone()
-        rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        ckpt.save_rank_state(tmp, acc.process_index, rank_state)
-        if self.zero_stage is not None:
-            # Sharded optimizer states: each rank writes its own partition (frozen base excluded).
-            self.model.save_checkpoint(str(tmp / ckpt.ZERO_DIR), tag="state", exclude_frozen_parameters=True)
-        weights = self.trainable_weights()
-        acc.wait_for_everyone()
-        self._last_save = time.perf_counter()
-        if acc.is_main_process:
-            state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "world_size": acc.num_processes}
-            optimizer = {"scheduler": self.scheduler.state_dict()}
-            if self.zero_stage is None:
-                optimizer["optimizer"] = self.optimizer.state_dict()
-            ckpt.finish_checkpoint(tmp, target, weights, optimizer, state)
-            ckpt.prune(self.run, self.cfg.checkpoint.keep_last)
-        acc.wait_for_everyone()
-
-    def resume(self, path: Path) -> None:
-        state = ckpt.read_state(path)
-        if state["vocab_version"] != self.vocab_version:
-            raise ConfigError(
-                f"{path}: trained on vocab {state['vocab_version']}, data has {self.vocab_version}; "
-                f"use `bgpt retrain` for a new generation"
-            )
-        saved_world, world = state.get("world_size", 1), self.accelerator.num_processes
-        if saved_world != world and self.zero_stage is not None:
-            raise ConfigError(
-                f"{path}: written by {saved_world} processes under DeepSpeed, whose optimizer partitions "
-                f"load only on {saved_world} (this run has {world}); resume with {saved_world} processes, "
-                f"or start a new run from its weights with --train.init_from={path}"
-            )
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        weights = ckpt.load_weights(path)
-        missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(weights)
-        if missing:
-            raise ConfigError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...; was the model config changed?")
-        saved = ckpt.load_optimizer(path)
-        if self.zero_stage is None:
-            unwrapped.load_state_dict(weights, strict=False)
-            self.optimizer.load_state_dict(saved["optimizer"])
-        else:
-            if not (path / ckpt.ZERO_DIR).is_dir():
-                raise ConfigError(f"{path}: not a DeepSpeed checkpoint; resume it with the strategy that wrote it")
-            self.model.load_checkpoint(
-                str(path / ckpt.ZERO_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
-            )
-        self.scheduler.load_state_dict(saved["scheduler"])
-        rank = self.accelerator.process_index
-        rank_state = ckpt.load_rank_state(path, rank if rank < saved_world else 0)  # ranks step together
-        if rank < saved_world:
-            ckpt.set_rng_state(rank_state["rng"])
-        else:  # a rank the checkpoint did not have: its own stream of dropout and negatives
-            torch.manual_seed(self.cfg.train.seed * 1_000_003 + state["step"] * 7_919 + rank)
-        if self.loader.load_state_dict(rank_state["loader"]):
-            was = rank_state["loader"]
-            self.log(
-                f"elastic resume: the checkpoint's data position was reached by {was['world_size']} "
-                f"processes x {was['num_workers']} loader workers, this run has {world} x "
-                f"{self.loader.num_workers}; the samples of epoch {was['epoch']} not read yet are shared "
-                f"out anew (none skipped or repeated), and the next epoch follows this topology"
-            )
-        self.state = TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
-        self.log(f"resumed from {path} at step {self.state.step}")
-        if self.accelerator.is_main_process:
-            dropped = trim_logs(self.run, self.state.step)
-            if dropped:
-                self.log(f"dropped {dropped} log records after step {self.state.step} (not in any checkpoint)")
 
     # -- stop requests (preemption) -------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -245,18 +152,26 @@ class Trainer:
         else:
             with all_cores():
                 metrics = self._evaluate_valid(model, WHOLE)
+        sharded, best_state = sharded_run.table_of(model) is not None, None
         if self.accelerator.is_main_process:
-            stop = self._record_validation(model, metrics, weights)
-        flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            stop, best_state = self._record_validation(model, metrics, weights, save=not sharded)
+        flags = torch.tensor([float(stop), float(best_state is not None)], device=self.accelerator.device)
+        stop, better = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        if sharded and better:  # best/ with the table: every rank writes its rows
+            self.save_best(model, weights, best_state)
+        return stop
 
     def _keep_latest(self) -> bool:
         """A refit trains on the validation events, so nothing is held out to choose by: the latest
         weights are kept as ``best/`` (what eval and predict load)."""
         weights = self.trainable_weights()
+        state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "refit": True}
+        model = self.accelerator.unwrap_model(self.model)
+        if sharded_run.table_of(model) is not None:
+            self.save_best(model, weights, state)
         if self.accelerator.is_main_process:
-            state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "refit": True}
-            ckpt.save_best(self.run, weights, state)
+            if sharded_run.table_of(model) is None:
+                ckpt.save_best(self.run, weights, state)
             self.log(
                 f"step {self.state.step}: nothing held out to validate on (a refit, or no valid split); latest weights kept"
             )
@@ -264,22 +179,28 @@ class Trainer:
 
     def _evaluate_valid(self, model, part: Part) -> dict:
         cfg, device = self.cfg, self.accelerator.device
+        if sharded_run.table_of(model) is not None:
+            batches = eval_loader(cfg.data.root, "valid", cfg.model.max_len, cfg.eval.batch_size)
+            return evaluate_sharded(model, batches, cfg.eval, device, part)
         if self.holdout is not None:
             return evaluate_model_on_period(
                 model, cfg.data.root, self.holdout, cfg.eval, cfg.model.max_len, device, part=part
             )
         return evaluate_model(model, cfg.data.root, "valid", cfg.eval, cfg.model.max_len, device, part=part)
 
-    def _record_validation(self, model, metrics: dict, weights: dict | None) -> bool:
-        """Log the validation metrics, keep the best weights; True when patience ran out."""
+    def _record_validation(self, model, metrics: dict, weights: dict | None, save: bool) -> tuple[bool, dict | None]:
+        """Log the validation metrics, keep the best weights (``save``; else the caller does);
+        (patience ran out, the best state when these weights are the best yet)."""
         score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
         record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
         with open(self.run / VALID_LOG, "a") as f:
             f.write(json.dumps({**record, "valid": metrics}) + "\n")
+        best_state = None
         if score > self.state.best_metric:
             self.state.best_metric, self.state.best_step, self.state.evals_since_best = score, self.state.step, 0
             best_state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "valid": metrics}
-            ckpt.save_best(self.run, weights if weights is not None else ckpt.trainable_state(model), best_state)
+            if save:
+                ckpt.save_best(self.run, weights if weights is not None else ckpt.trainable_state(model), best_state)
         else:
             self.state.evals_since_best += 1
         patience = self.cfg.train.patience
@@ -287,7 +208,7 @@ class Trainer:
             f"step {self.state.step}: valid ndcg@10 {score:.4f} hr@10 {metrics.get('hr@10', 0):.4f} "
             f"(best {self.state.best_metric:.4f} at step {self.state.best_step})"
         )
-        return patience > 0 and self.state.evals_since_best >= patience
+        return patience > 0 and self.state.evals_since_best >= patience, best_state
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -314,6 +235,7 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 self.scheduler.step()
+                self.set_row_lr()
                 self.state.step += 1
                 self.state.seconds = time.perf_counter() - started
                 bar.update(1)

@@ -80,7 +80,15 @@ class ModelConfig:
     rows) then start from that same vector plus their own features and can be ranked, where an
     untrained id row would bury them. 0 (default): off; new items start from the mean id row."""
 
+    item_table: str = "auto"
+    """Where the item id rows live: dense (an nn.Embedding on every rank, AdamW), sharded (split
+    over the ranks with TorchRec, FBGEMM's fused row-wise Adagrad at train.item_lr; only the rows a
+    step reads move), or auto: sharded from 1M item ids when the run allows it
+    (trainer.sharded_run), dense below."""
+
     def __post_init__(self) -> None:
+        if self.item_table not in ("auto", "dense", "sharded"):
+            raise ConfigError(f"model.item_table {self.item_table!r}: choose auto, dense or sharded")
         if self.item_text not in ("auto", "backbone", "minilm", "none"):
             raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm or none")
         if self.max_len < 1 or self.time_buckets < 2:
@@ -264,10 +272,8 @@ class BehaviorGPT(nn.Module):
         self.num_items = num_items
         self.backbone = backbone.model
         hidden = backbone.hidden_size
-        if sharded_items and heads_cfg.item_loss != "sampled":
-            raise ConfigError(
-                "a sharded item table trains with heads.item_loss=sampled (a full softmax reads every row)"
-            )
+        if sharded_items and (heads_cfg.item_loss != "sampled" or cfg.transition_prior or cfg.repeat_prior):
+            raise ConfigError("a sharded item table needs heads.item_loss=sampled and no score priors")
         self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout, sharded_items)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
         self.gaps = nn.Embedding(cfg.time_buckets, hidden)

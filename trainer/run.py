@@ -27,6 +27,7 @@ from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
 from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
 from trainer.runtime import all_cores, make_accelerator
+from trainer.sharded_run import release_process_group, use_sharded_table
 
 DATA_MANIFEST = "data_manifest.json"
 """The manifest of the data a run trained on, as it stood (written when training starts)."""
@@ -34,6 +35,13 @@ DATA_MANIFEST = "data_manifest.json"
 
 def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
     """Train (or resume) the run in ``run``; return the test metrics of the best validated weights."""
+    try:
+        return _train_run(run, cfg, log)
+    finally:
+        release_process_group()  # a one-process sharded run's own group
+
+
+def _train_run(run: Path, cfg: RunConfig, log) -> dict:
     accelerator = make_accelerator(cfg.train, run)
     main_log = log if accelerator.is_main_process else _quiet
     if cfg.eval.exclude_seen == "auto":  # decided once, from the data, and recorded in config.yaml
@@ -44,7 +52,11 @@ def train_run(run: Path, cfg: RunConfig, log=print) -> dict:
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.train.seed)
-    model, info = _build_run_model(run, cfg, cfg.data.root)
+    num_items = int(shards.load_manifest(cfg.data.root)["vocab"]["num_items"])
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    accumulation = cfg.train.accumulation(accelerator.num_processes)
+    sharded = use_sharded_table(cfg, num_items, accumulation, deepspeed, main_log)
+    model, info = _build_run_model(run, cfg, cfg.data.root, sharded)
     if resume_from is None and cfg.train.init_from:
         source = Path(cfg.train.init_from)
         problem = ckpt.verify(source)
@@ -152,11 +164,13 @@ def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log, part: Part)
     return evaluate_run(run, "test", log=log, part=part, device=trainer.accelerator.device)
 
 
-def _build_run_model(run: Path, cfg: RunConfig, data):
+def _build_run_model(run: Path, cfg: RunConfig, data, sharded: bool = False):
     """(model, dataset info) of ``run``'s architecture on ``data``'s vocabulary (untrained weights),
     with the ids the run never trained marked (trainer.factory.mark_cold_items, from the data
-    manifest the run recorded when it trained)."""
-    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run)
+    manifest the run recorded when it trained). ``sharded``: its item rows in a sharded table (the
+    training processes of a run that uses one; every other reader of a run is one process with
+    the dense table)."""
+    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run, sharded=sharded)
     recorded = run / DATA_MANIFEST
     if recorded.exists():
         mark_cold_items(model, json.loads(recorded.read_text()), cfg.data.validate_on_newest)

@@ -276,7 +276,7 @@ class ShardedItemTable(torch.nn.Module):
         from safetensors import safe_open
 
         folder = Path(folder)
-        index = _read_index(folder, self.num_items, self.dim)
+        index = read_index(folder, self.num_items, self.dim)
         first, rows = self.local_rows()
         accumulator, end, filled = self._accumulator(), first + rows.shape[0], 0
         for shard in index["shards"]:
@@ -296,14 +296,15 @@ class ShardedItemTable(torch.nn.Module):
             raise ValueError(f"{folder / INDEX}: its shards do not cover rows {first}-{end - 1}")
 
 
-def _read_index(folder: Path, num_items: int, dim: int) -> dict:
+def read_index(folder: Path, num_items: int | None = None, dim: int | None = None) -> dict:
+    """A sharded checkpoint's index, checked against the table's shape when it is given."""
     try:
         index = json.loads((folder / INDEX).read_text())
     except FileNotFoundError:
         raise ValueError(f"{folder} holds no sharded item table ({INDEX} is missing)") from None
     except ValueError as e:
         raise ValueError(f"{folder / INDEX} is not valid JSON: {e}") from e
-    if (index.get("num_items"), index.get("dim")) != (num_items, dim):
+    if num_items is not None and (index.get("num_items"), index.get("dim")) != (num_items, dim):
         raise ValueError(
             f"{folder / INDEX}: a table of {index.get('num_items')} x {index.get('dim')}, "
             f"this one is {num_items} x {dim}"

@@ -139,6 +139,12 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batch", type=int, help="windows per GPU (default: train.micro_batch_size)")
     p.add_argument("--max-len", type=int, help="positions per window (default: model.max_len)")
     p.add_argument("--precision", default="bf16", help="bf16 (GPU) or fp32")
+    p.add_argument(
+        "--item-table",
+        default="auto",
+        choices=("auto", "dense", "sharded"),
+        help="also plan DDP with the item table sharded (model.item_table): auto from 1M items",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_plan)
 
@@ -161,6 +167,12 @@ def _meta_backbone(name: str, num_layers: int | None):
         config.num_hidden_layers = min(num_layers, config.num_hidden_layers)
     with torch.device("meta"):
         return AutoModel.from_config(config)
+
+
+def _plan_sharded(choice: str, num_items: int) -> bool:
+    from trainer.sharded_run import SHARDED_FROM_ITEMS
+
+    return choice == "sharded" or (choice == "auto" and num_items >= SHARDED_FROM_ITEMS)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -189,6 +201,12 @@ def run_plan(args: argparse.Namespace) -> int:
         rows.append(
             dist.memory_plan(size, args.gpus, strategy, offload, args.micro_batch, args.max_len, args.precision)
         )
+        if strategy == "ddp" and _plan_sharded(args.item_table, num_items):
+            rows.append(
+                dist.memory_plan(
+                    size, args.gpus, "ddp", "none", args.micro_batch, args.max_len, args.precision, num_items
+                )
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

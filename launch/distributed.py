@@ -187,6 +187,8 @@ class ModelSize:
     trainable: int
     layers: int
     hidden: int
+    item_rows: int = 0
+    """Of ``total`` (and ``trainable``): the item table's weights (items x hidden)."""
 
 
 def model_size(backbone, num_items: int, lora_r: int, lora_targets, full_finetune: bool) -> ModelSize:
@@ -206,7 +208,8 @@ def model_size(backbone, num_items: int, lora_r: int, lora_targets, full_finetun
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
                 adapters += lora_r * (module.in_features + module.out_features)
-    return ModelSize(base + adapters + behaviour, trainable_base + adapters + behaviour, layers, hidden)
+    total, trainable = base + adapters + behaviour, trainable_base + adapters + behaviour
+    return ModelSize(total, trainable, layers, hidden, item_rows=num_items * hidden)
 
 
 def memory_plan(
@@ -217,6 +220,7 @@ def memory_plan(
     micro_batch: int = 16,
     seq_len: int = 200,
     precision: str = "bf16",
+    sharded_items: int = 0,
 ) -> dict:
     """Bytes per GPU for parameters, gradients, optimizer states and activations.
 
@@ -226,27 +230,36 @@ def memory_plan(
     ZeRO-1 splits optimizer states over the GPUs, ZeRO-2 also gradients, ZeRO-3 also parameters.
     Activations: about 34 x seq x batch x hidden bytes per layer in 16-bit with fused attention
     (Korthikanti et al. 2022), doubled in fp32, plus the chunked item scores (64 MB).
+    ``sharded_items``: the item table of that many rows is sharded over the GPUs (model.item_table,
+    DDP only) instead: fp32 rows and one fp32 row-wise Adagrad accumulator per row, split over the
+    GPUs, no gradient or Adam state (FBGEMM's fused update).
     """
     lc = LaunchConfig(nproc=gpus, strategy=strategy, offload=offload)
     word = 2 if precision == "bf16" else 4
     adam = 12 if precision == "bf16" else 8
     stage = lc.zero_stage or 0
     n = max(1, gpus)
-    params = size.total * word / (n if stage >= 3 else 1)
-    grads = size.trainable * word / (n if stage >= 2 else 1)
-    optim = size.trainable * adam / (n if stage >= 1 else 1)
+    dense_total, dense_trainable, table = size.total, size.trainable, 0.0
+    if sharded_items:
+        if stage:
+            raise ValueError("a sharded item table trains under DDP, not ZeRO")
+        dense_total, dense_trainable = size.total - size.item_rows, size.trainable - size.item_rows
+        table = (size.item_rows + sharded_items) * 4 / n
+    params = dense_total * word / (n if stage >= 3 else 1)
+    grads = dense_trainable * word / (n if stage >= 2 else 1)
+    optim = dense_trainable * adam / (n if stage >= 1 else 1)
     cpu = 0.0
     if offload in ("optimizer", "optimizer+params"):
-        cpu += optim * n
-        optim = 0.0
+        cpu, optim = cpu + optim * n, 0.0
     if offload == "optimizer+params":
         cpu += params * n
         params = 0.0
     activations = 34 * seq_len * micro_batch * size.hidden * size.layers * (word / 2) + 64 * 2**20
-    total = params + grads + optim + activations
+    total = params + grads + optim + activations + table
     gib = 2**30
     return {
         "strategy": strategy,
+        "item_table": "sharded" if sharded_items else "dense",
         "offload": offload,
         "gpus": gpus,
         "parameters_total": size.total,
@@ -255,19 +268,23 @@ def memory_plan(
         "grads_gib": grads / gib,
         "optimizer_gib": optim / gib,
         "activations_gib": activations / gib,
+        "item_table_gib": table / gib,
         "total_per_gpu_gib": total / gib,
         "cpu_offload_gib_per_node": cpu / gib,
     }
 
 
 def format_plan(rows: list[dict]) -> str:
-    head = f"{'strategy':<9} {'offload':<17} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total/GPU':>10} {'CPU':>8}"
+    head = (
+        f"{'strategy':<9} {'items':<8} {'offload':<17} {'params':>8} {'grads':>8} {'optim':>8} {'table':>8} "
+        f"{'activ':>8} {'total/GPU':>10} {'CPU':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['strategy']:<9} {r['offload']:<17} {r['params_gib']:>7.2f}G {r['grads_gib']:>7.2f}G "
-            f"{r['optimizer_gib']:>7.2f}G {r['activations_gib']:>7.2f}G {r['total_per_gpu_gib']:>9.2f}G "
-            f"{r['cpu_offload_gib_per_node']:>7.2f}G"
+            f"{r['strategy']:<9} {r['item_table']:<8} {r['offload']:<17} {r['params_gib']:>7.2f}G "
+            f"{r['grads_gib']:>7.2f}G {r['optimizer_gib']:>7.2f}G {r['item_table_gib']:>7.2f}G "
+            f"{r['activations_gib']:>7.2f}G {r['total_per_gpu_gib']:>9.2f}G {r['cpu_offload_gib_per_node']:>7.2f}G"
         )
     return "\n".join(lines)
 

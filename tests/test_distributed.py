@@ -264,6 +264,15 @@ def test_memory_plan_follows_the_zero_partitioning():
     offload = dist.memory_plan(size, 4, "zero3", "optimizer+params", micro_batch=1, seq_len=1)
     assert offload["optimizer_gib"] == offload["params_gib"] == 0
     assert offload["cpu_offload_gib_per_node"] * gib == 1_200 + 2_000
+    # A sharded item table (10 items x 8 of the 1,000 weights): split over the GPUs in fp32 with one
+    # accumulator per row, no gradient or Adam state; the rest as under DDP.
+    size = dist.ModelSize(total=1_000, trainable=100, layers=1, hidden=8, item_rows=80)
+    sharded = dist.memory_plan(size, 4, "ddp", micro_batch=1, seq_len=1, sharded_items=10)
+    assert sharded["item_table"] == "sharded" and sharded["item_table_gib"] * gib == (80 + 10) * 4 / 4
+    assert (sharded["params_gib"] * gib, sharded["grads_gib"] * gib) == (920 * 2, 20 * 2)
+    assert sharded["optimizer_gib"] * gib == 20 * 12
+    with pytest.raises(ValueError, match="DDP, not ZeRO"):
+        dist.memory_plan(size, 4, "zero1", sharded_items=10)
 
 
 def test_plan_command_counts_a_real_backbone(tmp_path):
@@ -274,6 +283,8 @@ def test_plan_command_counts_a_real_backbone(tmp_path):
     assert totals == sorted(totals, reverse=True)
     # 2 blocks x 64 scratch GPT-2 (+ 1,000 x 64 item table) trains in full.
     assert rows[0]["parameters_trainable"] == rows[0]["parameters_total"] > 64_000
+    done = bgpt("plan", "--backbone", "scratch", "--gpus", "2", "--num-items", "1000", "--item-table", "sharded")
+    assert "ddp       sharded" in done.stdout  # a DDP row with the table sharded, beside the dense one
 
 
 def _kill_after_step(cmd: list[str], log: Path, step: int) -> None:

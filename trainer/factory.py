@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,15 +21,36 @@ from trainer.priors import PAIRS_FILE, count_pairs, load_pairs
 
 @dataclass
 class DatasetInfo:
-    """What the model needs to know about a dataset's vocabulary."""
+    """What the model needs to know about a dataset's vocabulary. The items table's columns become
+    Python lists only when read (``titles``, ``attributes``, ``items``): a run over tens of millions
+    of items without text or attributes never builds them."""
 
     vocab_version: str
     num_items: int
     num_event_types: int
-    titles: list[str | None]
-    attributes: list[str | None]
     item_counts: np.ndarray
-    items: list[str]
+    table: Any
+    """The vocabulary's items table (pyarrow)."""
+
+    @functools.cached_property
+    def titles(self) -> list[str | None]:
+        return self.table["title"].to_pylist()
+
+    @functools.cached_property
+    def attributes(self) -> list[str | None]:
+        return self.table["attributes"].to_pylist()
+
+    @functools.cached_property
+    def items(self) -> list[str]:
+        return self.table["item"].to_pylist()
+
+    def has(self, column: str) -> bool:
+        """Whether any item has a non-empty ``column`` (title, attributes)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        values = self.table[column].cast(pa.string())  # an all-null column may be typed null
+        return bool(pc.any(pc.greater(pc.utf8_length(values), 0)).as_py())
 
 
 def dataset_info(data: Path) -> DatasetInfo:
@@ -37,10 +60,8 @@ def dataset_info(data: Path) -> DatasetInfo:
         vocab_version=manifest["vocab"]["version"],
         num_items=manifest["vocab"]["num_items"],
         num_event_types=manifest["vocab"]["num_event_types"],
-        titles=items["title"].to_pylist(),
-        attributes=items["attributes"].to_pylist(),
         item_counts=items["count"].to_numpy(),
-        items=items["item"].to_pylist(),
+        table=items,
     )
 
 
@@ -114,11 +135,11 @@ def item_features(
     if mode == "auto":
         if backbone.pretrained and backbone.tokenizer is not None:
             mode = "backbone"
-        elif cfg.backbone != "scratch" and any(info.titles):
+        elif cfg.backbone != "scratch" and info.has("title"):
             mode = "minilm"
         else:
             mode = "none"
-    if mode != "none" and any(info.titles):
+    if mode != "none" and info.has("title"):
         path = cache / f"item_text-{mode}-{info.vocab_version}.npy" if cache else None
         if path is not None and path.exists():
             features.text = torch.from_numpy(np.load(path))
@@ -129,7 +150,7 @@ def item_features(
                 np.save(path, features.text.numpy())
     if cfg.transition_prior:
         features.pairs = _transition_counts(cfg, info, data, cache)
-    if cfg.item_attributes and any(info.attributes):
+    if cfg.item_attributes and info.has("attributes"):
         ids, offsets, size = parse_attributes(info.attributes)
         features.attribute_ids = torch.from_numpy(ids)
         features.attribute_offsets = torch.from_numpy(offsets)

@@ -46,6 +46,10 @@ class HeadsConfig:
         if min(self.item_weight, self.type_weight, self.time_weight, self.value_weight) < 0:
             raise ConfigError("head weights must be >= 0")
 
+    def sampled_for(self, num_items: int) -> bool:
+        """Whether the next-item loss is the sampled softmax for a catalogue of ``num_items``."""
+        return self.item_loss == "sampled" or (self.item_loss == "auto" and num_items > self.full_softmax_max_items)
+
 
 def time_bucket(gap_ms: torch.Tensor, buckets: int) -> torch.Tensor:
     """Bucket = floor(log2(seconds + 1)), clipped: 0 s -> 0, 1 min -> 5, 1 day -> 16, 1 year -> 24."""
@@ -145,9 +149,7 @@ class MultiTaskHeads(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
-        self.sampled = cfg.item_loss == "sampled" or (
-            cfg.item_loss == "auto" and num_items > cfg.full_softmax_max_items
-        )
+        self.sampled = cfg.sampled_for(num_items)
         self.type_head = nn.Linear(hidden, num_event_types) if cfg.type_weight > 0 else None
         self.time_head = nn.Linear(hidden, time_buckets) if cfg.time_weight > 0 else None
         self.value_head = nn.Linear(hidden, 1) if cfg.value_weight > 0 else None

@@ -272,7 +272,7 @@ class BehaviorGPT(nn.Module):
         self.num_items = num_items
         self.backbone = backbone.model
         hidden = backbone.hidden_size
-        if sharded_items and (heads_cfg.item_loss != "sampled" or cfg.transition_prior or cfg.repeat_prior):
+        if sharded_items and (not heads_cfg.sampled_for(num_items) or cfg.transition_prior or cfg.repeat_prior):
             raise ConfigError("a sharded item table needs heads.item_loss=sampled and no score priors")
         self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout, sharded_items)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)

@@ -27,7 +27,7 @@ from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
 from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
 from trainer.runtime import all_cores, make_accelerator
-from trainer.sharded_run import release_process_group, use_sharded_table
+from trainer.sharded_run import release_process_group, sharded_test, table_of, use_sharded_table
 
 DATA_MANIFEST = "data_manifest.json"
 """The manifest of the data a run trained on, as it stood (written when training starts)."""
@@ -161,6 +161,9 @@ def _final_metrics(run: Path, cfg: RunConfig, trainer: Trainer, log, part: Part)
     if test.num_samples == 0:
         log("no test split in the data: evaluate with `bgpt eval --protocol next-period` on the next generation")
         return {"split": "test", "count": 0}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if table_of(model) is not None:  # the best weights into the trained model; ranked by slices
+        return sharded_test(model, run, cfg, part, trainer.accelerator.device)
     return evaluate_run(run, "test", log=log, part=part, device=trainer.accelerator.device)
 
 

@@ -29,10 +29,10 @@ ITEM_ROWS = "item_rows"
 """The sharded table's folder in a checkpoint (and in ``best/``)."""
 
 
-def blockers(cfg, accumulation: int, deepspeed: bool) -> list[str]:
+def blockers(cfg, num_items: int, accumulation: int, deepspeed: bool) -> list[str]:
     """Why this run cannot train its items on a sharded table (empty: it can)."""
     out = []
-    if cfg.heads.item_loss != "sampled":
+    if not cfg.heads.sampled_for(num_items):
         out.append("heads.item_loss=sampled (a full softmax reads every row at every step)")
     if cfg.model.id_dropout > 0:
         out.append("model.id_dropout=0")
@@ -56,7 +56,7 @@ def use_sharded_table(cfg, num_items: int, accumulation: int, deepspeed: bool, l
     choice = cfg.model.item_table
     if choice == "dense":
         return False
-    missing = blockers(cfg, accumulation, deepspeed)
+    missing = blockers(cfg, num_items, accumulation, deepspeed)
     if choice == "sharded":
         if missing:
             raise ConfigError("model.item_table=sharded needs " + "; ".join(missing))
@@ -120,3 +120,17 @@ def load_weights_into(model, folder: Path, weights: dict[str, torch.Tensor]) -> 
             if name in weights and name not in skip:
                 param.copy_(weights[name])
     table.load(folder / ITEM_ROWS)
+
+
+def sharded_test(model, run: Path, cfg, part, device: torch.device) -> dict:
+    """The final test of a sharded run: its best weights loaded into the trained model (every rank
+    its slice), the test split ranked by slices; reported as trainer.run.evaluate_run reports it."""
+    from trainer import checkpoint as ckpt
+    from trainer.evaluate import eval_loader
+    from trainer.sharded_eval import evaluate_sharded
+
+    best = run / "best"
+    load_weights_into(model, best, ckpt.load_weights(best, full_table=False))
+    batches = eval_loader(cfg.data.root, "test", cfg.model.max_len, cfg.eval.batch_size)
+    metrics = evaluate_sharded(model, batches, cfg.eval, device, part)
+    return {"split": "test", "run": str(run), "exclude_seen": cfg.eval.exclude_seen, **metrics}

@@ -117,6 +117,10 @@ def main() -> None:
             metrics[f"dense_s_per_step_{tag}"] = dense["s_per_step"]
         rows.append((items, sharded, dense))
         print(items, sharded, dense, flush=True)
+        _write(args, metrics, rows)  # after every size: a later size that fails keeps these
+
+
+def _write(args, metrics: dict, rows: list) -> None:
     lines = [
         "| items | sharded peak RSS / rank (GiB) | sharded s/step | dense peak RSS / rank (GiB) | dense s/step |",
         "|---|---|---|---|---|",

@@ -21,47 +21,55 @@ from trainer.priors import PAIRS_FILE, count_pairs, load_pairs
 
 @dataclass
 class DatasetInfo:
-    """What the model needs to know about a dataset's vocabulary. The items table's columns become
-    Python lists only when read (``titles``, ``attributes``, ``items``): a run over tens of millions
-    of items without text or attributes never builds them."""
+    """What the model needs to know about a dataset's vocabulary. Of the items table, only the
+    counts are read up front; titles, attributes and item ids are read from the file (and become
+    Python lists) when first used: a run over tens of millions of items without text or
+    attributes never holds them."""
 
     vocab_version: str
     num_items: int
     num_event_types: int
     item_counts: np.ndarray
-    table: Any
-    """The vocabulary's items table (pyarrow)."""
+    data: Any
+    """The dataset's root (local path or URL)."""
+    items_file: str
+    """The vocabulary's items table, relative to ``data``."""
+
+    def column(self, name: str):
+        """One column of the items table (pyarrow)."""
+        return storage.read_parquet(self.data, self.items_file, columns=[name])[name]
 
     @functools.cached_property
     def titles(self) -> list[str | None]:
-        return self.table["title"].to_pylist()
+        return self.column("title").to_pylist()
 
     @functools.cached_property
     def attributes(self) -> list[str | None]:
-        return self.table["attributes"].to_pylist()
+        return self.column("attributes").to_pylist()
 
     @functools.cached_property
     def items(self) -> list[str]:
-        return self.table["item"].to_pylist()
+        return self.column("item").to_pylist()
 
-    def has(self, column: str) -> bool:
-        """Whether any item has a non-empty ``column`` (title, attributes)."""
+    def has(self, name: str) -> bool:
+        """Whether any item has a non-empty ``name`` column (title, attributes)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        values = self.table[column].cast(pa.string())  # an all-null column may be typed null
+        values = self.column(name).cast(pa.string())  # an all-null column may be typed null
         return bool(pc.any(pc.greater(pc.utf8_length(values), 0)).as_py())
 
 
 def dataset_info(data: Path) -> DatasetInfo:
     manifest = shards.load_manifest(data)
-    items = storage.read_parquet(data, manifest["vocab"]["files"]["items"])
+    items_file = manifest["vocab"]["files"]["items"]
     return DatasetInfo(
         vocab_version=manifest["vocab"]["version"],
         num_items=manifest["vocab"]["num_items"],
         num_event_types=manifest["vocab"]["num_event_types"],
-        item_counts=items["count"].to_numpy(),
-        table=items,
+        item_counts=storage.read_parquet(data, items_file, columns=["count"])["count"].to_numpy(),
+        data=data,
+        items_file=items_file,
     )
 
 

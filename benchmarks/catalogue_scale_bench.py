@@ -103,8 +103,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--dense-steps", type=int, default=20, help="the dense step is slow at scale: fewer steps")
     p.add_argument("--name", default="catalogue_scale")
+    p.add_argument("--add", action="store_true", help="keep the sizes already in the results file")
     args = p.parse_args()
     metrics, rows = {}, []
+    previous = REPO / "benchmarks" / "results" / f"{args.name}.json"
+    args.command = " ".join(["python benchmarks/catalogue_scale_bench.py", *sys.argv[1:]])
+    if args.add and previous.exists():
+        kept = json.loads(previous.read_text())
+        args.command = f"{kept['command']} && {args.command}"
+        metrics = kept["metrics"]
+        rows = [(int(items), run["sharded"], run["dense"]) for items, run in kept["runs"]["sizes"].items()]
     for items in [int(s) for s in args.sizes.split(",")]:
         data = make_data(items)
         sharded = train(data, "sharded", args.steps)
@@ -130,13 +138,18 @@ def _write(args, metrics: dict, rows: list) -> None:
         lines.append(f"| {items:,} | {sharded['peak_rss_gib']} | {sharded['s_per_step']} | {d} |")
     result = {
         "benchmark": "catalogue_scale",
-        "dataset": f"synthetic logs of 2 V events in which all V items occur; sizes {args.sizes}",
-        "command": "python benchmarks/catalogue_scale_bench.py " + " ".join(sys.argv[1:]),
+        "dataset": "synthetic logs of 2 V events in which all V items occur; sizes "
+        + ",".join(str(items) for items, _, _ in rows),
+        "command": args.command,
         "machine": machine(),
         "metrics": metrics,
         "goal": "issue 20: bgpt train with 2 gloo ranks, hidden 64: sharded peak RSS per rank <= 0.6x dense "
         "at 10M items; 50M items train where dense cannot; step time sharded vs dense at 1M and 10M",
-        "runs": {"steps": args.steps, "dense_steps": args.dense_steps},
+        "runs": {
+            "steps": args.steps,
+            "dense_steps": args.dense_steps,
+            "sizes": {str(items): {"sharded": sharded, "dense": dense} for items, sharded, dense in rows},
+        },
     }
     write_results(args.name, result, lines)
 

@@ -203,6 +203,8 @@ def build_model(
     model = BehaviorGPT(
         model_cfg, heads_cfg, backbone, info.num_items, info.num_event_types, features, info.item_counts, sharded
     )
+    if sharded:  # named in its errors (an id beyond the table)
+        model.items.sharded.vocab_version = info.vocab_version
     _apply_lora(model, backbone, lora_cfg)
     # Behaviour enters as inputs_embeds: the backbone's token table is never read, so it does
     # not train (and DDP would wait for its gradient forever).

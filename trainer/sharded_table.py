@@ -218,15 +218,20 @@ class ShardedItemTable(torch.nn.Module):
         """(scores, item ids), each (N, k), of the ``k`` best items for each of this rank's
         ``queries`` (ties by item id), items in ``exclude`` (N, L) left out: each rank keeps the
         top ``k`` of its slice per query, and the ranks' lists are merged (``complete``: as in
-        ``target_ranks``). A collective."""
+        ``target_ranks``). Items that tie with the k-th score may be kept or not, as
+        ``torch.topk`` keeps them in the dense evaluator. A collective."""
         (q, ex), mine = _gather_rows([queries.float(), _excluded(exclude, len(queries))])
         k = min(k, self.num_items)
         first, rows = self.local_rows()
         best_scores = torch.full((len(q), k), float("-inf"))
         best_ids = torch.full((len(q), k), -1, dtype=torch.long)
         for scores, ids in _slice_scores(q, ex, first, rows.detach().float(), block, complete):
-            candidates = torch.cat([best_ids, ids.expand(len(q), -1)], 1)
-            best_scores, best_ids = _best(torch.cat([best_scores, scores], 1), candidates, k)
+            # torch.topk over the block and the best so far, then the k kept ordered exactly (a
+            # full sort of queries x block scores was most of an evaluation's time).
+            top, pick = torch.topk(torch.cat([best_scores, scores], 1), k, dim=1)
+            from_block = ids[(pick - k).clamp(min=0)]
+            picked = torch.where(pick < k, best_ids.gather(1, pick.clamp(max=k - 1)), from_block)
+            best_scores, best_ids = _best(top, picked, k)
         world = dist.get_world_size()
         if world > 1:
             parts_s = [torch.empty_like(best_scores) for _ in range(world)]

@@ -4,6 +4,7 @@ AdamW for the rest, on 1 and 2 gloo ranks under DDP."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -11,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("torchrec", exc_type=ImportError)
-pytest.importorskip("fbgemm_gpu", exc_type=ImportError)
+# Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
+# a pytest worker that later forks (loader workers) carries none of their threads.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchrec") is None or importlib.util.find_spec("fbgemm_gpu") is None,
+    reason="torchrec and fbgemm-gpu(-cpu) are not installed",
+)
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402

@@ -4,15 +4,22 @@ predict, export) read the table into the dense model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 from conftest import crash_then_resume, tiny_config
 from test_distributed import small_data  # noqa: F401 (a fixture)
 
-pytest.importorskip("torchrec", exc_type=ImportError)
-pytest.importorskip("fbgemm_gpu", exc_type=ImportError)
+# Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
+# a pytest worker that later forks (loader workers) carries none of their threads.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchrec") is None or importlib.util.find_spec("fbgemm_gpu") is None,
+    reason="torchrec and fbgemm-gpu(-cpu) are not installed",
+)
 
 from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
@@ -27,7 +34,7 @@ def sharded_config(data, **train):
     return cfg
 
 
-def test_a_sharded_run_trains_checkpoints_and_tests_like_a_dense_reader(tmp_path, cyclic_data):
+def _trains_checkpoints_and_tests_like_a_dense_reader(tmp_path, cyclic_data):
     run = tmp_path / "run"
     metrics = train_run(run, sharded_config(cyclic_data, max_steps=120, eval_every=40), log=lambda *a: None)
     assert metrics["hr@1"] > 0.9  # the cyclic walk is learnt through the sharded rows
@@ -49,15 +56,32 @@ def test_a_sharded_run_trains_checkpoints_and_tests_like_a_dense_reader(tmp_path
     assert torch.equal(table, read_full_table(run / "best" / "item_rows"))
 
 
-def test_a_sharded_run_resumes_bit_for_bit(tmp_path, cyclic_data, monkeypatch):
+def _resumes_bit_for_bit(tmp_path, cyclic_data):
     cfg = sharded_config(cyclic_data, max_steps=30)
     train_run(tmp_path / "straight", cfg, log=lambda *a: None)
-    messages = crash_then_resume(monkeypatch, tmp_path / "resumed", cfg, 20)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        messages = crash_then_resume(monkeypatch, tmp_path / "resumed", cfg, 20)
     assert any("resumed from" in m and "step-00000020" in m for m in messages)
     # The dense weights, and the table with its accumulators (next steps equal), bit for bit.
     a, b = (ckpt.load_weights(tmp_path / r / "step-00000030") for r in ("straight", "resumed"))
     assert a.keys() == b.keys() and "items.ids.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def in_fresh_process(fn, *args) -> None:
+    """Run ``fn(*args)`` in a new interpreter: a one-process sharded run makes a gloo group and
+    loads TorchRec/FBGEMM in its process, and a test process that later forks (loader workers)
+    must not carry their threads (a loader test hung in CI after a sharded run in its worker)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(fn, *args).result()  # re-raises the child's assertion error
+
+
+def test_a_sharded_run_trains_checkpoints_and_tests_like_a_dense_reader(tmp_path, cyclic_data):
+    in_fresh_process(_trains_checkpoints_and_tests_like_a_dense_reader, tmp_path, cyclic_data)
+
+
+def test_a_sharded_run_resumes_bit_for_bit(tmp_path, cyclic_data):
+    in_fresh_process(_resumes_bit_for_bit, tmp_path, cyclic_data)
 
 
 def test_the_item_table_choice_says_what_a_sharded_table_needs(tmp_path, cyclic_data):

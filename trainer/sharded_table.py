@@ -78,9 +78,9 @@ class ShardedItemTable(torch.nn.Module):
         vocab_version: str | None = None,
     ) -> None:
         super().__init__()
-        _torchrec()
         if not dist.is_initialized():
             raise RuntimeError("ShardedItemTable needs an initialised torch.distributed process group")
+        _torchrec()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed.embedding import EmbeddingCollectionSharder

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer.errors import ConfigError
-from trainer.item_rows import read_full_table, sharded_names
+from trainer.item_rows import ITEM_ROWS, read_full_table, sharded_names
 
 META = "meta.json"
 WEIGHTS = "trainable.safetensors"
@@ -180,8 +180,8 @@ def load_weights(path: Path, full_table: bool = True) -> dict[str, torch.Tensor]
     """The folder's dense weights; with ``full_table``, a sharded run's item rows read into the
     dense model's ``items.ids.weight`` (one process: `bgpt eval`, predict, export, retrain)."""
     weights = load_file(str(path / WEIGHTS))
-    if full_table and (path / "item_rows").is_dir():
-        weights["items.ids.weight"] = read_full_table(path / "item_rows")
+    if full_table and (path / ITEM_ROWS).is_dir():
+        weights["items.ids.weight"] = read_full_table(path / ITEM_ROWS)
     return weights
 
 
@@ -192,11 +192,6 @@ def read_state(path: Path) -> dict:
 def prune(run: Path, keep_last: int) -> None:
     for old in checkpoints(run)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def save_best(run: Path, weights: dict, state: dict) -> None:
-    """``RUN/best/``: the weights with the best validation metric so far (atomic like a checkpoint)."""
-    write_checkpoint(run / "best", weights, {}, [], state)
 
 
 @torch.no_grad()

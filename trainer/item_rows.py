@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+ITEM_ROWS = "item_rows"
+"""A sharded table's folder in a checkpoint and in ``best/`` (written by ShardedItemTable.save)."""
+
 
 class RowTable:
     """Vectors of the sorted unique item ids ``ids`` (``rows``, one per id), indexed by item id

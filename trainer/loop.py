@@ -152,12 +152,12 @@ class Trainer(CheckpointMixin):
         else:
             with all_cores():
                 metrics = self._evaluate_valid(model, WHOLE)
-        sharded, best_state = sharded_run.table_of(model) is not None, None
+        best_state = None
         if self.accelerator.is_main_process:
-            stop, best_state = self._record_validation(model, metrics, weights, save=not sharded)
+            stop, best_state = self._record_validation(metrics)
         flags = torch.tensor([float(stop), float(best_state is not None)], device=self.accelerator.device)
         stop, better = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
-        if sharded and better:  # best/ with the table: every rank writes its rows
+        if better:
             self.save_best(model, weights, best_state)
         return stop
 
@@ -166,12 +166,8 @@ class Trainer(CheckpointMixin):
         weights are kept as ``best/`` (what eval and predict load)."""
         weights = self.trainable_weights()
         state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "refit": True}
-        model = self.accelerator.unwrap_model(self.model)
-        if sharded_run.table_of(model) is not None:
-            self.save_best(model, weights, state)
+        self.save_best(self.accelerator.unwrap_model(self.model), weights, state)
         if self.accelerator.is_main_process:
-            if sharded_run.table_of(model) is None:
-                ckpt.save_best(self.run, weights, state)
             self.log(
                 f"step {self.state.step}: nothing held out to validate on (a refit, or no valid split); latest weights kept"
             )
@@ -188,9 +184,9 @@ class Trainer(CheckpointMixin):
             )
         return evaluate_model(model, cfg.data.root, "valid", cfg.eval, cfg.model.max_len, device, part=part)
 
-    def _record_validation(self, model, metrics: dict, weights: dict | None, save: bool) -> tuple[bool, dict | None]:
-        """Log the validation metrics, keep the best weights (``save``; else the caller does);
-        (patience ran out, the best state when these weights are the best yet)."""
+    def _record_validation(self, metrics: dict) -> tuple[bool, dict | None]:
+        """Log the validation metrics (main process): (patience ran out, the state to keep in
+        ``best/`` when these weights are the best yet, else None)."""
         score = metrics["ndcg@10"] if "ndcg@10" in metrics else metrics[f"ndcg@{self.cfg.eval.ks[0]}"]
         record = {"step": self.state.step, "seconds": round(self.state.seconds, 1), "tokens": self.state.tokens}
         with open(self.run / VALID_LOG, "a") as f:
@@ -199,8 +195,6 @@ class Trainer(CheckpointMixin):
         if score > self.state.best_metric:
             self.state.best_metric, self.state.best_step, self.state.evals_since_best = score, self.state.step, 0
             best_state = {**self.state.to_dict(), "vocab_version": self.vocab_version, "valid": metrics}
-            if save:
-                ckpt.save_best(self.run, weights if weights is not None else ckpt.trainable_state(model), best_state)
         else:
             self.state.evals_since_best += 1
         patience = self.cfg.train.patience

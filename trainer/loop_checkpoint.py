@@ -131,7 +131,9 @@ class CheckpointMixin:
         sharded_run.set_row_lr(self.accelerator.unwrap_model(self.model), train.item_lr * factor)
 
     def save_best(self, model, weights: dict | None, state: dict | None) -> None:
-        """``best/`` of a sharded run, with its table (a collective; ``state`` on the main process)."""
+        """``RUN/best/``: the weights with the best validation score so far (``weights``: the main
+        process's gathered ones, or None to take them from ``model``), and a sharded run's table,
+        each rank its rows; atomic like a checkpoint. A collective; ``state`` on the main process."""
         acc, target = self.accelerator, self.run / "best"
         tmp = ckpt.begin_checkpoint(target) if acc.is_main_process else ckpt.temp_dir(target)
         acc.wait_for_everyone()

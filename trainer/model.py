@@ -220,12 +220,18 @@ class ItemEncoder(nn.Module):
                 "a sharded item table has no dense catalogue table: a step reads the rows it needs "
                 "(sampled softmax), and the catalogue is ranked by slices (ShardedItemTable.target_ranks)"
             )
-        rows = self.sharded(needed)
+        return RowTable(needed, self.complete(needed, self.sharded(needed)))
+
+    def complete(self, ids: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
+        """The vectors of ``ids`` from their id rows: + projected text, + mean attribute embedding,
+        in the order the dense ``table()`` adds them (the sharded table's lookups and its
+        catalogue ranking, ShardedItemTable's ``complete``)."""
+        rows = id_rows
         if self.text_proj is not None:
-            rows = rows + self.text_proj(self.text[needed])
+            rows = rows + self.text_proj(self.text[ids])
         if self.attributes is not None:
-            rows = rows + self._attribute_rows(needed)
-        return RowTable(needed, rows)
+            rows = rows + self._attribute_rows(ids)
+        return rows
 
     def _dropped(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows),) bool: which ``rows`` read the UNK id row (reserved ids never): a random

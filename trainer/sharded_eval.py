@@ -29,24 +29,6 @@ from trainer.evaluate import (
 )
 
 
-def completer(items):
-    """``complete(ids, id_rows)`` for ShardedItemTable's ranking: the item vectors of ``ids`` as
-    the dense ``ItemEncoder.table()`` builds them (id row, + text, + attributes, in that order);
-    None when the id rows are the whole vectors."""
-    if items.text_proj is None and items.attributes is None:
-        return None
-
-    def complete(ids: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
-        rows = id_rows
-        if items.text_proj is not None:
-            rows = rows + items.text_proj(items.text[ids])
-        if items.attributes is not None:
-            rows = rows + items._attribute_rows(ids)
-        return rows
-
-    return complete
-
-
 @torch.no_grad()
 def evaluate_sharded(
     model, batches, cfg: EvalConfig, device: torch.device, part: Part = WHOLE, catalogue: int | None = None
@@ -90,10 +72,10 @@ def _round(model, pending, cfg: EvalConfig, device: torch.device, metrics: Ranki
         if cfg.exclude_seen:
             seen = batch["seen"] if "seen" in batch else torch.where(mask, batch["items"], 0)
             exclude = torch.cat([exclude, seen], 1)
-    complete = completer(model.items)
-    ranks = table.target_ranks(states, targets, exclude, complete=complete)
+    # Item vectors as the dense table builds them (id row + text + attributes), a block at a time.
+    ranks = table.target_ranks(states, targets, exclude, complete=model.items.complete)
     k_max = min(max(metrics.ks), model.num_items - NUM_RESERVED_ITEMS)
-    top_scores, top = table.topk(states, k_max, exclude, complete=complete)
+    top_scores, top = table.topk(states, k_max, exclude, complete=model.items.complete)
     if pending is not None:
         metrics.add_ranks(ranks, top, top_scores, pending[0])
         _add_side_metrics(model, metrics, states, batch, rows, pos)

@@ -18,15 +18,13 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import ConfigError
-from trainer.item_rows import sharded_names
+from trainer.item_rows import ITEM_ROWS, sharded_names
 
 SHARDED_FROM_ITEMS = 1_000_000
 """``model.item_table=auto`` shards catalogues of at least this many item ids (when the run's
 settings allow it): at 1M items and hidden 64, the dense table with AdamW already takes 2 GiB per
 rank and a 1.3 s step on 2 CPU ranks, the sharded one 0.5 GiB and 0.04 s
 (benchmarks/results/catalogue_table.md)."""
-ITEM_ROWS = "item_rows"
-"""The sharded table's folder in a checkpoint (and in ``best/``)."""
 
 
 def blockers(cfg, num_items: int, accumulation: int, deepspeed: bool) -> list[str]:

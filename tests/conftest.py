@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,24 @@ def crash_then_resume(monkeypatch, run: Path, cfg, crash_at: int) -> list[str]:
     messages: list[str] = []
     train_run(run, cfg, log=messages.append)
     return messages
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous or a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This process as ``rank`` of a gloo process group of ``world`` on this host (torch.multiprocessing
+    spawned ranks), destroyed on the way out."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import shard, write_lines
+from conftest import free_port, shard, write_lines
 from safetensors.torch import load_file
 
 from launch import distributed as dist
@@ -69,12 +68,6 @@ def train_args(data: Path, run: Path, workers: int, steps: int = STEPS, **extra)
         f"--data.num_workers={workers}",
     ]
     return args + [f"--{k}={v}" for k, v in extra.items()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bgpt(*args: str, timeout: int = 600, env: dict | None = None, status: int = 0) -> subprocess.CompletedProcess:

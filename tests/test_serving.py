@@ -4,7 +4,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from test_inference import run_config
 
 from serving.service import Recommender, RequestError, ServiceConfig
@@ -72,12 +72,6 @@ def test_unknown_items_are_refused_before_anything_is_stored(runs, tmp_path):
         service.add_events("u", events("i1", "nope"))
     assert service.store.history("u") == []
     service.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -5,12 +5,11 @@ AdamW for the rest, on 1 and 2 gloo ranks under DDP."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, gloo_group
 
 # Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
 # a pytest worker that later forks (loader workers) carries none of their threads.
@@ -62,12 +61,10 @@ def batch(rank: int, step: int) -> dict[str, torch.Tensor]:
     return {"items": items, "times": times, "types": types, "mask": mask}
 
 
-def _train(rank: int, world: int, port: str, out: str) -> None:
+def _train(rank: int, world: int, port: int, out: str) -> None:
     from trainer.item_rows import RowwiseAdagrad, dense_parameters, prepare_for_ddp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         dense, sharded = build(False), build(True)
         # The same start: the dense model's weights, its id rows loaded into the sharded table.
         weights = dict(dense.named_parameters())
@@ -104,8 +101,6 @@ def _train(rank: int, world: int, port: str, out: str) -> None:
             torch.save(
                 {"losses": losses, "table": table, "dense_table": dense.items.ids.weight.detach(), "found": found}, out
             )
-    finally:
-        dist.destroy_process_group()
 
 
 def _evaluations(sharded, table: torch.Tensor, rank: int, world: int) -> dict:
@@ -136,16 +131,10 @@ def _gather(objects: list) -> list:
     return out
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_the_sharded_item_table_trains_the_model_as_the_dense_one_does(tmp_path, world):
     out = str(tmp_path / "result.pt")
-    mp.spawn(_train, args=(world, _free_port(), out), nprocs=world)
+    mp.spawn(_train, args=(world, free_port(), out), nprocs=world)
     result = torch.load(out)
     dense, sharded = np.array(result["losses"]["dense"]), np.array(result["losses"]["sharded"])
     assert dense[-1] < dense[0]  # it trains

@@ -105,7 +105,8 @@ def test_the_item_table_choice_says_what_a_sharded_table_needs(tmp_path, cyclic_
 def test_a_two_rank_sharded_run_validates_as_one_process_and_resumes_on_two_ranks_and_on_one(small_data, tmp_path):  # noqa: F811
     import shutil
 
-    from test_distributed import bgpt, free_port, train_args
+    from conftest import free_port
+    from test_distributed import bgpt, train_args
 
     def args(run, **extra):
         sharded = {"model.item_table": "sharded", "heads.item_loss": "sampled", "heads.num_negatives": 8}

@@ -4,11 +4,10 @@ checked against a hand-written dense reference of the same update."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 
 import pytest
 import torch
+from conftest import free_port, gloo_group
 
 # Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
 # a pytest worker that later forks (loader workers) carries none of their threads.
@@ -75,12 +74,10 @@ def reference(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return table, acc
 
 
-def _rank(rank: int, world: int, port: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str) -> None:
     from trainer.sharded_table import ShardedItemTable
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         table = ShardedItemTable(ITEMS, DIM, lr=LR, eps=EPS)
         with pytest.raises(ValueError, match="expected"):
             table.load_full(torch.zeros(ITEMS + 1, DIM))
@@ -109,20 +106,12 @@ def _rank(rank: int, world: int, port: str, out: str) -> None:
         if rank == 0:
             accumulator = torch.cat([a for _, a in sorted(accumulators, key=lambda x: x[0])])
             torch.save({"full": full, "accumulator": accumulator, "spans": spans, "found": found}, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_updates_and_sliced_ranking_equal_the_dense_reference(tmp_path, world):
     out = str(tmp_path / "result.pt")
-    mp.spawn(_rank, args=(world, _free_port(), out), nprocs=world)
+    mp.spawn(_rank, args=(world, free_port(), out), nprocs=world)
     result = torch.load(out)
     spans = sorted(result["spans"])
     # Row-wise: the ranks' slices tile the catalogue, in order, without overlap.
@@ -162,12 +151,10 @@ def _steps(table, rank: int, world: int, steps: range) -> None:
         (sum(loss_of(r, target) for r, (_, target) in zip(rows, batches, strict=True)) / len(batches)).backward()
 
 
-def _checkpoint_rank(rank: int, world: int, port: str, folder: str, mode: str, out: str) -> None:
+def _checkpoint_rank(rank: int, world: int, port: int, folder: str, mode: str, out: str) -> None:
     from trainer.sharded_table import ShardedItemTable
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         table = ShardedItemTable(ITEMS, DIM, lr=LR, eps=EPS, vocab_version="v3")
         result = {}
         if mode == "save":
@@ -189,8 +176,6 @@ def _checkpoint_rank(rank: int, world: int, port: str, folder: str, mode: str, o
                 ShardedItemTable(ITEMS, DIM + 1)
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path):
@@ -198,7 +183,7 @@ def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path)
 
     def run(world: int, mode: str) -> dict:
         out = str(tmp_path / f"{mode}{world}.pt")
-        mp.spawn(_checkpoint_rank, args=(world, _free_port(), str(folder), mode, out), nprocs=world)
+        mp.spawn(_checkpoint_rank, args=(world, free_port(), str(folder), mode, out), nprocs=world)
         return torch.load(out)
 
     saved = run(2, "save")

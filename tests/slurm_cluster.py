@@ -3,8 +3,8 @@
 Both node names (n1, n2) run a ``slurmd`` on this machine at 127.0.0.1 with their own ports;
 ``slurmctld`` runs beside them. Two partitions share the nodes: ``debug`` (the default) and
 ``urgent``, whose jobs preempt debug's (PreemptMode=REQUEUE, with a 120 s grace time).
-Everything (config, state, spool, logs) lives in a temporary folder; teardown cancels the jobs,
-waits until the queue drains and stops the daemons.
+Everything (config, state, spool, logs, and the cluster's own munged and its socket) lives in a
+temporary folder; teardown cancels the jobs, waits until the queue drains and stops the daemons.
 """
 
 from __future__ import annotations
@@ -50,27 +50,32 @@ def ensure_installed() -> None:
             raise ClusterUnavailable(f"apt-get install slurm-wlm munge failed: {done.stderr[-500:]}")
 
 
-def _munge_running() -> bool:
-    return subprocess.run(["munge", "-n"], capture_output=True).returncode == 0
+def _munge_running(sock: Path) -> bool:
+    return subprocess.run(["munge", "-n", f"--socket={sock}"], capture_output=True).returncode == 0
 
 
-def start_munge() -> subprocess.Popen | None:
-    if _munge_running():
-        return None
+def start_munge(root: Path) -> tuple[subprocess.Popen, Path]:
+    """This cluster's own munged, on a socket under ``root``. Never the system's shared one:
+    `pytest -n 2` runs two clusters on this host, and a munged one cluster started and then
+    stopped at its teardown left the other's daemons unable to authenticate anything."""
     key = Path("/etc/munge/munge.key")
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-    Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    os.chmod("/run/munge", 0o755)
-    proc = subprocess.Popen(["munged", "--force", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        if _munge_running():
-            return proc
+    home = root / "munge"
+    home.mkdir(mode=0o755, parents=True, exist_ok=True)
+    sock = home / "munge.socket"
+    files = [f"--socket={sock}", f"--pid-file={home / 'munged.pid'}", f"--seed-file={home / 'munged.seed'}"]
+    cmd = ["munged", "--force", "--foreground", *files, f"--log-file={home / 'munged.log'}", f"--key-file={key}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if _munge_running(sock):
+            return proc, sock
         time.sleep(0.1)
     proc.kill()
-    raise ClusterUnavailable("munged did not start")
+    log = home / "munged.log"
+    raise ClusterUnavailable(f"munged did not start: {log.read_text()[-500:] if log.exists() else 'no log'}")
 
 
 class Cluster:
@@ -80,6 +85,7 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
         self.slurmd: dict[str, subprocess.Popen] = {}
         self.munge: subprocess.Popen | None = None
+        self.munge_socket = root / "munge" / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def write_config(self) -> None:
@@ -95,7 +101,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
@@ -153,7 +159,7 @@ PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 Preem
 
     def start(self) -> Cluster:
         ensure_installed()
-        self.munge = start_munge()
+        self.munge, self.munge_socket = start_munge(self.root)
         self.write_config()
         self._daemon("slurmctld", "-D", "-i", "-f", str(self.conf))
         time.sleep(1)
@@ -211,3 +217,4 @@ PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 Preem
                 proc.kill()
         if self.munge is not None:
             self.munge.terminate()
+            self.munge.wait(timeout=20)

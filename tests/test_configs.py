@@ -31,6 +31,7 @@ def test_values_are_converted_to_the_field_types():
         ({"train": {"learning_rate": 1}}, "unknown config key train.learning_rate"),
         ({"train": {"max_steps": "many"}}, "train.max_steps: expected int"),
         ({"train": {"schedule": "zigzag"}}, "train.schedule 'zigzag'"),
+        ({"model": {"transition_gate": True}}, "set model.transition_prior=true too"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key_named(sections, message):

@@ -51,10 +51,8 @@ def test_uniform_only_sampled_softmax_ranks_each_target_against_the_shared_draws
     assert torch.allclose(loss, torch.stack(expected).mean())
 
 
-def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out():
-    from trainer.priors import TransitionPrior
-
-    num_items = 9
+def _two_step_case():
+    """A two-step prior over 9 items, four training rows, and the features each row must read."""
     # Two-step counts: 3->4 2.0, 3->5 1.0, 4->6 1.0, 5->6 0.5 (a CSR table over sources 3, 4, 5).
     pairs = {
         "crow": np.array([0, 0, 0, 0, 2, 3, 4, 4, 4, 4]),
@@ -62,33 +60,77 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
         "count": np.array([2.0, 1, 1, 0.5]),
         "steps": np.array(2),
     }
+    # Rows: sources (last, one before) and targets.
+    src, targets = torch.tensor([[3, 0], [3, 5], [4, 3], [8, 0]]), torch.tensor([4, 6, 6, 3])
+    last = torch.zeros(4, 9, dtype=torch.float64)
+    last[0, 4], last[0, 5], last[1, 4], last[1, 5], last[2, 6] = 1, 1, 2, 1, 0  # own pair (1/1) left out
+    before = torch.zeros(4, 9, dtype=torch.float64)
+    before[1, 6], before[2, 4], before[2, 5] = 0.0, 2, 1  # 5->6: 0.5 - 1/2 (own pair two steps apart)
+    return pairs, src, targets, torch.log1p(last), torch.log1p(before)
+
+
+def _reference_loss(h, table, targets, weights, last, before):
+    """Textbook cross-entropy of h @ table.T plus the prior at per-row ``weights`` (N, 2)."""
+    scores = h @ table.T + weights[:, :1] * last + weights[:, 1:] * before
+    scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
+    return F.cross_entropy(scores, targets, reduction="sum")
+
+
+def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out():
+    from trainer.priors import TransitionPrior
+
+    num_items = 9
+    pairs, src, targets, last, before = _two_step_case()
     prior = TransitionPrior(pairs, num_items).double()
     with torch.no_grad():
         prior.weight.copy_(torch.tensor([0.7, 0.3]))
-    # Rows: sources (last, one before) and targets.
-    src, targets = torch.tensor([[3, 0], [3, 5], [4, 3], [8, 0]]), torch.tensor([4, 6, 6, 3])
-    last = torch.zeros(4, num_items, dtype=torch.float64)
-    last[0, 4], last[0, 5], last[1, 4], last[1, 5], last[2, 6] = 1, 1, 2, 1, 0  # own pair (1/1) left out
-    before = torch.zeros(4, num_items, dtype=torch.float64)
-    before[1, 6], before[2, 4], before[2, 5] = 0.0, 2, 1  # 5->6: 0.5 - 1/2 (own pair two steps apart)
     features = prior.features(src, leave_out=targets)
-    assert torch.allclose(features[0], torch.log1p(last)) and torch.allclose(features[1], torch.log1p(before))
+    assert torch.allclose(features[0], last) and torch.allclose(features[1], before)
     columns = torch.tensor([4, 5, 6])
     assert torch.allclose(prior.features(src, columns, leave_out=targets), features[:, :, 4:7])
 
     torch.manual_seed(0)
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 3, dtype=torch.float64, requires_grad=True)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.weight)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = prior.weight.detach().clone().requires_grad_()
-    scores = h2 @ table2.T + weight[0] * torch.log1p(last) + weight[1] * torch.log1p(before)
-    scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
-    expected = F.cross_entropy(scores, targets, reduction="sum")
+    expected = _reference_loss(h2, table2, targets, weight.expand(4, -1), last, before)
     for got, want in zip(grads, torch.autograd.grad(expected, (h2, table2, weight)), strict=True):
         assert torch.allclose(got, want, atol=1e-10)
     assert (grads[2] != 0).all()
+
+
+def test_a_gated_transition_prior_weighs_each_query_by_its_state_with_exact_gradients():
+    from trainer.priors import TransitionPrior
+
+    pairs, src, targets, last, before = _two_step_case()
+    prior = TransitionPrior(pairs, 9, gate_from=3).double()
+    assert torch.equal(prior.row_weights(torch.ones(4, 3, dtype=torch.float64)), torch.zeros(4, 2, dtype=torch.float64))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        prior.weight.copy_(torch.tensor([0.7, 0.3]))
+        prior.gate.weight.normal_()
+        prior.gate.bias.normal_()
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    params = (h, table, prior.weight, prior.gate.weight, prior.gate.bias)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.row_weights(h))
+    grads = torch.autograd.grad(loss, params)
+
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    h2, table2, weight, gate_w, gate_b = copies
+    expected = _reference_loss(h2, table2, targets, weight + h2 @ gate_w.T + gate_b, last, before)
+    assert torch.allclose(loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, copies), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert (grads[3] != 0).all()  # the gate learns
+    # Scoring reads the same per-query weights; without them a gated prior refuses to guess.
+    rows = prior.offsets(src, weights=prior.row_weights(h))
+    assert torch.allclose(rows[1], (prior.row_weights(h)[1, :, None] * prior.features(src)[:, 1]).sum(0))
+    with pytest.raises(ValueError, match="row_weights"):
+        prior.offsets(src)
 
 
 def test_the_repeat_prior_counts_each_items_occurrences_in_the_visible_history():
@@ -111,7 +153,7 @@ def test_the_repeat_prior_counts_each_items_occurrences_in_the_visible_history()
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([4, 3, 5])
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(repeat, history)], repeat.weight)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(repeat, history)], repeat.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, repeat.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = repeat.weight.detach().clone().requires_grad_()

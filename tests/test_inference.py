@@ -191,18 +191,21 @@ def test_the_inference_form_scores_the_test_split_like_the_training_model(scratc
         assert folded[key] == pytest.approx(reference[key], abs=1e-6)
 
 
-def test_a_model_that_scores_at_a_time_with_a_transition_prior_exports_and_evaluates_alike(cyclic_data, tmp_path):
-    """model.query_time + model.transition_prior: the inference form, an export and the training
-    model give the same scores and the same test metrics."""
+@pytest.mark.parametrize("gate", [False, True])
+def test_a_model_that_scores_at_a_time_with_a_transition_prior_exports_and_evaluates_alike(cyclic_data, tmp_path, gate):
+    """model.query_time + model.transition_prior (+ its gate): the inference form, an export and the
+    training model give the same scores and the same test metrics."""
     from trainer.evaluate import EvalConfig, evaluate_inference
     from trainer.run import evaluate_run
 
     run = tmp_path / "run"
-    train_run(
-        run, run_config(cyclic_data, query_time=True, transition_prior=True, repeat_prior=True), log=lambda *a: None
-    )
+    cfg = run_config(cyclic_data, query_time=True, transition_prior=True, repeat_prior=True, transition_gate=gate)
+    train_run(run, cfg, log=lambda *a: None)
     model, _, _ = load_run_model(run, log=lambda *a: None)
     assert (run / "item_pairs.npz").exists() and bool((model.prior.weight.detach() != 0).all())
+    assert (model.prior.gate is not None) == gate
+    if gate:  # trained away from its zero start
+        assert bool((model.prior.gate.weight.detach() != 0).any())
     reference = evaluate_run(run, "test", [1, 10], log=lambda *a: None)
     folded = evaluate_inference(load_inference(run), cyclic_data, "test", EvalConfig(ks=[1, 10]))
     for key in ("hr@1", "ndcg@10", "mrr", "count"):

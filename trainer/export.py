@@ -130,6 +130,9 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
         weights["repeat_weight"] = inference.repeat.weight.reshape(1)
     if inference.prior is not None:
         weights["prior_weight"] = inference.prior.weight
+        if inference.prior.gate is not None:
+            weights["prior_gate.weight"] = inference.prior.gate.weight
+            weights["prior_gate.bias"] = inference.prior.gate.bias
         shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
     for name, head in inference.heads.items():
         weights[f"{name}_head.weight"] = head.weight
@@ -239,10 +242,14 @@ def _priors(path: Path, weights: dict[str, torch.Tensor]) -> tuple[TransitionPri
     prior = None
     if "prior_weight" in weights:
         try:
-            prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]))
+            gate = weights["prior_gate.weight"].shape[1] if "prior_gate.weight" in weights else 0
+            prior = TransitionPrior(load_pairs(path / PAIRS_FILE), len(weights["item_table"]), gate)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{path}/{PAIRS_FILE}: missing or corrupt transition counts ({e})") from None
         prior.weight.data.copy_(weights["prior_weight"])
+        if prior.gate is not None:
+            prior.gate.weight.data.copy_(weights["prior_gate.weight"])
+            prior.gate.bias.data.copy_(weights["prior_gate.bias"])
     repeat = None
     if "repeat_weight" in weights:
         repeat = RepeatPrior(len(weights["item_table"]))

@@ -82,8 +82,8 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
 
     Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block.
     ``priors``: (prior, per-row inputs) pairs (trainer.priors: the transition and repeat priors);
-    each adds its offsets to every block and its learned weights (``weights``, in the same order)
-    get their gradient.
+    each adds its offsets to every block at its rows' weights (``weights``, in the same order: each
+    prior's ``row_weights``, (N, k)), which get their gradient.
 
     Precision: scores, log-sum-exp, softmax and the table's gradient are fp32 whatever the inputs'
     dtype (bf16 hidden states under autocast, bf16 weights under DeepSpeed), with autocast off
@@ -93,6 +93,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, table, targets, chunk, priors, *weights) -> torch.Tensor:
+        ctx.weight_dtypes = [w.dtype for w in weights]
         ctx.dtypes = (h.dtype, table.dtype)
         with torch.autocast(h.device.type, enabled=False):
             h, table = _wide(h), _wide(table)
@@ -100,38 +101,38 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 block = h[rows] @ table.T  # (c, V)
-                for prior, inputs in priors:
-                    prior.add_training_offsets(block, inputs[rows], targets[rows])
+                for (prior, inputs), w in zip(priors, weights, strict=True):
+                    prior.add_training_offsets(block, inputs[rows], targets[rows], w[rows])
                 lse[rows] = torch.logsumexp(_mask_reserved(block), dim=1)
             target_scores = (h * table[targets]).sum(dim=1)
-            for prior, inputs in priors:
-                target_scores = target_scores + prior.offsets(inputs, targets[:, None], leave_out=targets)[:, 0]
-        ctx.save_for_backward(h, table, targets, lse)
+            for (prior, inputs), w in zip(priors, weights, strict=True):
+                target_scores = target_scores + prior.offsets(inputs, targets[:, None], targets, w)[:, 0]
+        ctx.save_for_backward(h, table, targets, lse, *weights)
         ctx.chunk, ctx.priors = chunk, priors
         return (lse - target_scores).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, table, targets, lse = ctx.saved_tensors
+        h, table, targets, lse, *weights = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
             grad = grad.to(h.dtype)
             grad_h = torch.empty_like(h)
             grad_table = torch.zeros_like(table)
-            grad_weights = [torch.zeros_like(prior.weight, dtype=h.dtype) for prior, _ in ctx.priors]
+            grad_weights = [torch.zeros_like(w, dtype=h.dtype) for w in weights]
             for start in range(0, h.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 hc = h[rows]
                 block = hc @ table.T
-                for prior, inputs in ctx.priors:
-                    prior.add_training_offsets(block, inputs[rows], targets[rows])
+                for (prior, inputs), w in zip(ctx.priors, weights, strict=True):
+                    prior.add_training_offsets(block, inputs[rows], targets[rows], w[rows])
                 probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
                 probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
                 probs *= grad
                 grad_h[rows] = probs @ table
                 grad_table.addmm_(probs.T, hc)
                 for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
-                    g += prior.training_weight_grad(inputs[rows], targets[rows], probs).reshape(g.shape)
-        grads = [g.to(prior.weight.dtype) for g, (prior, _) in zip(grad_weights, ctx.priors, strict=True)]
+                    g[rows] += prior.training_weight_grad(inputs[rows], targets[rows], probs)
+        grads = [g.to(dtype) for g, dtype in zip(grad_weights, ctx.weight_dtypes, strict=True)]
         h_dtype, table_dtype = ctx.dtypes
         return grad_h.to(h_dtype), grad_table.to(table_dtype), None, None, None, *grads
 
@@ -174,9 +175,9 @@ class MultiTaskHeads(nn.Module):
         its (N, ...) inputs for these rows) pairs (trainer.priors); ``negatives``: the sampled
         softmax's draw (drawn here when not given)."""
         priors = priors or []
+        weights = [prior.row_weights(h) for prior, _ in priors]  # (N, k) each: per query with a gate
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
-            weights = [prior.weight for prior, _ in priors]
             return ChunkedSoftmaxCE.apply(h, table, targets, chunk, priors, *weights) / max(1, len(targets))
         if negatives is None:
             negatives = self.draw_negatives(h.device)
@@ -187,8 +188,8 @@ class MultiTaskHeads(nn.Module):
             drawn = fp32_scores(h, table[negatives]).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
             scores = torch.cat([positive, drawn], dim=1)
             columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
-            for prior, inputs in priors:
-                scores = scores + prior.offsets(inputs, columns, leave_out=targets)
+            for (prior, inputs), w in zip(priors, weights, strict=True):
+                scores = scores + prior.offsets(inputs, columns, targets, w)
             return F.cross_entropy(scores, torch.zeros_like(targets))
         candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         positive = inverse[: len(targets)]
@@ -196,8 +197,8 @@ class MultiTaskHeads(nn.Module):
         uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
         q = len(targets) * self.log_freq[candidates].exp() + uniform
         scores = fp32_scores(h, table[candidates]) - torch.log(q)
-        for prior, inputs in priors:
-            scores = scores + prior.offsets(inputs, candidates, leave_out=targets)
+        for (prior, inputs), w in zip(priors, weights, strict=True):
+            scores = scores + prior.offsets(inputs, candidates, targets, w)
         return F.cross_entropy(scores, positive)
 
     def losses(

@@ -245,7 +245,7 @@ class InferenceModel:
         if self.priors and context is None:
             raise ConfigError("this model's count priors need each history's items")
         for prior in self.priors:
-            scores = scores + prior.offsets(prior.query_inputs(*context))
+            scores = scores + prior.offsets(prior.query_inputs(*context), weights=prior.row_weights(hidden))
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 

@@ -65,6 +65,11 @@ class ModelConfig:
     transition_steps: int = 3
     """The transition prior reads the history's last this many items (pairs up to this far apart,
     weight 1/distance), each with its own learned weight."""
+    transition_gate: bool = False
+    """Make the transition prior's step weights depend on the query: each is its learned number
+    plus a linear function (starting at zero) of the state that scores the items, which knows the
+    history and, with query_time, how long ago the last event was. The network then learns when a
+    count deserves trust rather than one trust per step. Needs transition_prior."""
     repeat_prior: bool = False
     """Add a learned multiple of log(1 + times the item occurs in the visible history) to its score:
     repeat consumption (music, groceries, restaurants), learned negative where users never come back."""
@@ -97,6 +102,8 @@ class ModelConfig:
             raise ConfigError("model.transition_neighbors and model.transition_steps must be >= 1")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"model.id_dropout {self.id_dropout} must be in [0, 1)")
+        if self.transition_gate and not self.transition_prior:
+            raise ConfigError("model.transition_gate gates the transition prior: set model.transition_prior=true too")
 
 
 @dataclass
@@ -293,7 +300,7 @@ class BehaviorGPT(nn.Module):
         if cfg.transition_prior:
             if features.pairs is None:
                 raise ConfigError("model.transition_prior needs the run's transition counts")
-            self.prior = TransitionPrior(features.pairs, num_items)
+            self.prior = TransitionPrior(features.pairs, num_items, hidden if cfg.transition_gate else 0)
         self.repeat = RepeatPrior(num_items) if cfg.repeat_prior else None
 
     def embed(self, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
@@ -350,7 +357,7 @@ class BehaviorGPT(nn.Module):
         reserved ids never win."""
         scores = self.heads.item_scores(states, table)
         for prior in self.score_priors:
-            scores = scores + prior.offsets(prior.query_inputs(items, mask, pos))
+            scores = scores + prior.offsets(prior.query_inputs(items, mask, pos), weights=prior.row_weights(states))
         return scores
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

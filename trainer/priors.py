@@ -9,9 +9,12 @@ weighted 1/distance (the transition baseline's counts); each source item keeps i
 ``model.transition_neighbors`` largest. The weights are learned with the network: a kNN-LM style
 interpolation of a neural model with a count model, in log-space. In training, the pair being
 predicted is left out of its own count (so the weights learn how far the counts generalise, not
-how well they memorise). The counts are taken once when a run starts (``RUN/item_pairs.npz``,
-kept with the run and copied into exports), so a run always scores with the memory of its own
-training data; `bgpt retrain` counts again on the grown data.
+how well they memorise). With ``model.transition_gate`` the weights also depend on the query:
+``weight_d + gate(state)_d``, a linear function (learned from zero) of the state that scores the
+items, so the network learns when a count deserves trust (a long gap since the last event, an
+unusual last item) instead of one number per step. The counts are taken once when a run starts
+(``RUN/item_pairs.npz``, kept with the run and copied into exports), so a run always scores with
+the memory of its own training data; `bgpt retrain` counts again on the grown data.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def window_prefixes(items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) 
 class TransitionPrior(nn.Module):
     """Score offsets ``sum_d weight_d x log(1 + count(source_d -> item))`` from a CSR pair table."""
 
-    def __init__(self, pairs: dict[str, np.ndarray], num_items: int) -> None:
+    def __init__(self, pairs: dict[str, np.ndarray], num_items: int, gate_from: int = 0) -> None:
         super().__init__()
         crow = pairs["crow"]
         if len(crow) < num_items + 1:  # a grown vocabulary: new items have no pairs yet
@@ -110,6 +113,11 @@ class TransitionPrior(nn.Module):
         rows = torch.repeat_interleave(torch.arange(num_items), torch.diff(self.crow))
         self.register_buffer("keys", rows * num_items + col, persistent=False)
         self.weight = nn.Parameter(torch.zeros(self.steps))
+        self.gate = nn.Linear(gate_from, self.steps) if gate_from else None
+        """model.transition_gate: per-query offsets of the step weights, from the query state."""
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         self._table: torch.Tensor | None = None
         self._work: torch.Tensor | None = None
 
@@ -194,30 +202,42 @@ class TransitionPrior(nn.Module):
         out[torch.arange(len(src), device=src.device), leave_out] = torch.log1p(kept)
         return out
 
-    def add_training_offsets(self, scores: torch.Tensor, src: torch.Tensor, leave_out: torch.Tensor) -> None:
-        """Add to ``scores`` (N, V), in place, the offsets with each row's own pair left out (the
-        full-softmax training path)."""
+    def row_weights(self, states: torch.Tensor) -> torch.Tensor:
+        """(N, steps) each query's step weights, from its (N, H) scoring state (used only with the
+        gate); differentiable in the weights, the gate and the states."""
+        weights = self.weight[None, :].expand(len(states), -1)
+        return weights if self.gate is None else weights + self.gate(states).to(weights.dtype)
+
+    def add_training_offsets(
+        self, scores: torch.Tensor, src: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """Add to ``scores`` (N, V), in place, the offsets with each row's own pair left out, at the
+        rows' ``weights`` (N, steps) (the full-softmax training path)."""
         work = self._workspace(len(src), scores.dtype, src.device)
         for d in range(self.steps):
-            scores.add_(self._step_rows(src, d, leave_out, work), alpha=float(self.weight[d]))
+            scores.addcmul_(self._step_rows(src, d, leave_out, work), weights[:, d : d + 1].to(scores.dtype))
 
     def training_weight_grad(self, src: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """(steps,) sum of ``probs`` (N, V) x each step's features: the weights' gradient."""
+        """(N, steps) each row's sum of ``probs`` (N, V) x its step's features: the gradient of the
+        rows' weights."""
         work = self._workspace(len(src), probs.dtype, src.device)
-        grads = [
-            torch.dot(probs.reshape(-1), self._step_rows(src, d, leave_out, work).reshape(-1))
-            for d in range(self.steps)
-        ]
-        return torch.stack(grads)
+        grads = [torch.einsum("nv,nv->n", probs, self._step_rows(src, d, leave_out, work)) for d in range(self.steps)]
+        return torch.stack(grads, dim=1)
 
     def _workspace(self, rows: int, dtype, device) -> torch.Tensor:
         if self._work is None or self._work.shape[0] < rows or self._work.dtype != dtype or self._work.device != device:
             self._work = torch.empty(rows, self.num_items, dtype=dtype, device=device)
         return self._work[:rows]
 
-    def offsets(self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out=None) -> torch.Tensor:
-        """The score offsets: the weighted sum of :meth:`features` over the sources."""
-        return torch.einsum("s,snv->nv", self.weight.to(self.count.dtype), self.features(src, dst, leave_out))
+    def offsets(self, src: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The score offsets: the sum of :meth:`features` over the sources, at the rows' ``weights``
+        (N, steps) (:meth:`row_weights`; the step weights alone when None, which a gated prior
+        refuses: it needs the states)."""
+        if weights is None:
+            if self.gate is not None:
+                raise ValueError("a gated transition prior scores with row_weights(states)")
+            weights = self.weight[None, :].expand(len(src), -1)
+        return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out))
 
 
 class RepeatPrior(nn.Module):
@@ -257,12 +277,22 @@ class RepeatPrior(nn.Module):
             counts = ((history[:, :, None] == dst[:, None, :]) * real[:, :, None]).sum(dim=1)
         return torch.log1p(counts)
 
-    def offsets(self, inputs: torch.Tensor, dst: torch.Tensor | None = None, leave_out=None) -> torch.Tensor:
-        """Score offsets (``leave_out`` is ignored: a position's history never holds its target)."""
-        return self.weight * self.features(inputs, dst)
+    def row_weights(self, states: torch.Tensor) -> torch.Tensor:
+        """(N, 1): the one weight, for every row (the interface of TransitionPrior.row_weights)."""
+        return self.weight.reshape(1, 1).expand(len(states), 1)
 
-    def add_training_offsets(self, scores: torch.Tensor, inputs: torch.Tensor, leave_out: torch.Tensor) -> None:
-        scores.add_(self.features(inputs).to(scores.dtype), alpha=float(self.weight))
+    def offsets(
+        self, inputs: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Score offsets (``leave_out`` is ignored: a position's history never holds its target);
+        ``weights`` (N, 1): :meth:`row_weights` (the weight itself when None)."""
+        return (self.weight if weights is None else weights) * self.features(inputs, dst)
+
+    def add_training_offsets(
+        self, scores: torch.Tensor, inputs: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        scores.addcmul_(self.features(inputs).to(scores.dtype), weights.to(scores.dtype))
 
     def training_weight_grad(self, inputs: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return (probs * self.features(inputs).to(probs.dtype)).sum()
+        """(N, 1) each row's gradient of its weight."""
+        return torch.einsum("nv,nv->n", probs, self.features(inputs).to(probs.dtype))[:, None]

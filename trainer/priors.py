@@ -96,7 +96,8 @@ def window_prefixes(items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) 
 
 
 class TransitionPrior(nn.Module):
-    """Score offsets ``sum_d weight_d x log(1 + count(source_d -> item))`` from a CSR pair table."""
+    """Score offsets ``sum_d w_d x log(1 + count(source_d -> item))`` from a CSR pair table, with
+    ``w_d`` the learned step weight (plus, with a gate, a linear function of the query's state)."""
 
     def __init__(self, pairs: dict[str, np.ndarray], num_items: int, gate_from: int = 0) -> None:
         super().__init__()
@@ -203,8 +204,8 @@ class TransitionPrior(nn.Module):
         return out
 
     def row_weights(self, states: torch.Tensor) -> torch.Tensor:
-        """(N, steps) each query's step weights, from its (N, H) scoring state (used only with the
-        gate); differentiable in the weights, the gate and the states."""
+        """(N, steps) each query's step weights: the learned ones, plus the gate's function of the
+        query's (N, H) scoring state when there is a gate (differentiable in all three)."""
         weights = self.weight[None, :].expand(len(states), -1)
         return weights if self.gate is None else weights + self.gate(states).to(weights.dtype)
 
@@ -221,7 +222,7 @@ class TransitionPrior(nn.Module):
         """(N, steps) each row's sum of ``probs`` (N, V) x its step's features: the gradient of the
         rows' weights."""
         work = self._workspace(len(src), probs.dtype, src.device)
-        grads = [torch.einsum("nv,nv->n", probs, self._step_rows(src, d, leave_out, work)) for d in range(self.steps)]
+        grads = [torch.linalg.vecdot(probs, self._step_rows(src, d, leave_out, work)) for d in range(self.steps)]
         return torch.stack(grads, dim=1)
 
     def _workspace(self, rows: int, dtype, device) -> torch.Tensor:
@@ -295,4 +296,4 @@ class RepeatPrior(nn.Module):
 
     def training_weight_grad(self, inputs: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """(N, 1) each row's gradient of its weight."""
-        return torch.einsum("nv,nv->n", probs, self.features(inputs).to(probs.dtype))[:, None]
+        return torch.linalg.vecdot(probs, self.features(inputs).to(probs.dtype))[:, None]

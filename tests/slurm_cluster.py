@@ -54,8 +54,8 @@ def _munge_running(sock: Path) -> bool:
     return subprocess.run(["munge", "-n", f"--socket={sock}"], capture_output=True).returncode == 0
 
 
-def start_munge(root: Path) -> tuple[subprocess.Popen, Path]:
-    """This cluster's own munged, on a socket under ``root``. Never the system's shared one:
+def start_munge(sock: Path) -> subprocess.Popen:
+    """This cluster's own munged, on ``sock`` (its files beside it). Never the system's shared one:
     `pytest -n 2` runs two clusters on this host, and a munged one cluster started and then
     stopped at its teardown left the other's daemons unable to authenticate anything."""
     key = Path("/etc/munge/munge.key")
@@ -63,15 +63,14 @@ def start_munge(root: Path) -> tuple[subprocess.Popen, Path]:
         key.parent.mkdir(parents=True, exist_ok=True)
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-    home = root / "munge"
+    home = sock.parent
     home.mkdir(mode=0o755, parents=True, exist_ok=True)
-    sock = home / "munge.socket"
     files = [f"--socket={sock}", f"--pid-file={home / 'munged.pid'}", f"--seed-file={home / 'munged.seed'}"]
     cmd = ["munged", "--force", "--foreground", *files, f"--log-file={home / 'munged.log'}", f"--key-file={key}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         if _munge_running(sock):
-            return proc, sock
+            return proc
         time.sleep(0.1)
     proc.kill()
     log = home / "munged.log"
@@ -159,7 +158,7 @@ PartitionName=urgent Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 Preem
 
     def start(self) -> Cluster:
         ensure_installed()
-        self.munge, self.munge_socket = start_munge(self.root)
+        self.munge = start_munge(self.munge_socket)
         self.write_config()
         self._daemon("slurmctld", "-D", "-i", "-f", str(self.conf))
         time.sleep(1)

@@ -93,7 +93,6 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, table, targets, chunk, priors, *weights) -> torch.Tensor:
-        ctx.weight_dtypes = [w.dtype for w in weights]
         ctx.dtypes = (h.dtype, table.dtype)
         with torch.autocast(h.device.type, enabled=False):
             h, table = _wide(h), _wide(table)
@@ -132,7 +131,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
                 grad_table.addmm_(probs.T, hc)
                 for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
                     g[rows] += prior.training_weight_grad(inputs[rows], targets[rows], probs)
-        grads = [g.to(dtype) for g, dtype in zip(grad_weights, ctx.weight_dtypes, strict=True)]
+        grads = [g.to(w.dtype) for g, w in zip(grad_weights, weights, strict=True)]
         h_dtype, table_dtype = ctx.dtypes
         return grad_h.to(h_dtype), grad_table.to(table_dtype), None, None, None, *grads
 

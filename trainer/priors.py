@@ -237,7 +237,7 @@ class TransitionPrior(nn.Module):
         if weights is None:
             if self.gate is not None:
                 raise ValueError("a gated transition prior scores with row_weights(states)")
-            weights = self.weight[None, :].expand(len(src), -1)
+            weights = self.row_weights(src)  # without a gate it reads only the row count
         return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out))
 
 

@@ -1,6 +1,8 @@
 """`bgpt serve`: the HTTP API (FastAPI + uvicorn) over :class:`serving.service.Recommender`.
 
     POST /v1/events     append events for a user (bearer token when the server has one)
+    POST /v1/items      add items the model has never seen (title, attributes): recommendable at
+                        once, their vectors from their text (bearer token when the server has one)
     POST /v1/recommend  top-K for a stored user, or for a history sent in the request
     GET  /healthz       liveness and the model version
     GET  /metrics       Prometheus text: requests, latency histogram, model version, caches
@@ -32,6 +34,8 @@ MAX_EVENTS_PER_REQUEST = 1000
 DRAIN_FACTOR = 16
 """Bodies declared up to this many times the limit are read and dropped before the 413."""
 MAX_ID_LENGTH = 256
+MAX_ITEMS_PER_REQUEST = 1000
+MAX_TEXT_LENGTH = 4096
 
 
 class EventIn(BaseModel):
@@ -63,6 +67,27 @@ class EventIn(BaseModel):
 class EventsIn(BaseModel):
     user: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class ItemIn(BaseModel):
+    item: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    title: str | None = Field(default=None, max_length=MAX_TEXT_LENGTH)
+    attributes: dict[str, str | list[str]] | None = None
+    """e.g. {"genres": ["Comedy", "Drama"], "brand": "Acme"}; values the model never saw are ignored."""
+
+    def attribute_text(self) -> str | None:
+        """The items table's form: ``name=v1|v2; other=w``."""
+        if not self.attributes:
+            return None
+        parts = []
+        for name, values in self.attributes.items():
+            values = [values] if isinstance(values, str) else values
+            parts.append(f"{name}={'|'.join(values)}")
+        return "; ".join(parts)
+
+
+class ItemsIn(BaseModel):
+    items: list[ItemIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class RecommendIn(BaseModel):
@@ -170,6 +195,37 @@ def _gauges(service: Recommender) -> tuple[dict, dict]:
     return gauges, info
 
 
+def _write_routes(app: FastAPI, service: Recommender, token: str | None) -> None:
+    """The endpoints that change what the server holds (events, items): bearer token when set."""
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/events")
+    async def add_events(body: EventsIn, request: Request):
+        authorize(request)
+        try:
+            length = service.add_events(body.user, [e.event() for e in body.events])
+        except RequestError as e:
+            raise HTTPException(422, str(e)) from None
+        return {"user": body.user, "accepted": len(body.events), "history_length": length}
+
+    @app.post("/v1/items")
+    async def add_items(body: ItemsIn, request: Request):
+        authorize(request)
+        items = body.items
+        try:
+            return service.add_items(
+                [i.item for i in items], [i.title for i in items], [i.attribute_text() for i in items]
+            )
+        except RequestError as e:
+            raise HTTPException(422, str(e)) from None
+
+
 def create_app(service: Recommender, token: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     metrics = Metrics()
 
@@ -189,21 +245,7 @@ def create_app(service: Recommender, token: str | None = None, max_body_bytes: i
 
     app.add_exception_handler(RequestValidationError, _invalid_request)
 
-    def authorize(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.post("/v1/events")
-    async def add_events(body: EventsIn, request: Request):
-        authorize(request)
-        try:
-            length = service.add_events(body.user, [e.event() for e in body.events])
-        except RequestError as e:
-            raise HTTPException(422, str(e)) from None
-        return {"user": body.user, "accepted": len(body.events), "history_length": length}
+    _write_routes(app, service, token)
 
     @app.post("/v1/recommend")
     async def recommend(body: RecommendIn):

@@ -76,6 +76,7 @@ class Recommender:
         if not 0 <= self.slack < model.max_len:
             raise ConfigError(f"--slack {self.slack}: must be in [0, max_len={model.max_len})")
         self.store = HistoryStore(cfg.state, cfg.history_size or model.max_len, cfg.durability)
+        self._place_posted(self.current.model)
         self.reloads = 0
         self.reload_failures = 0
         self.events_total = 0
@@ -127,6 +128,10 @@ class Recommender:
             self._failed = signature
             log.warning("reload of %s failed, still serving %s: %s", self.cfg.source, self.current.model.version, e)
             return False
+        try:
+            self._place_posted(loaded.model)
+        except ConfigError as e:  # the new model cannot place them: it still serves what it knows
+            log.warning("items posted earlier are not placed in %s: %s", loaded.model.version, e)
         self.current = loaded  # one reference swap: requests already running finish on the old pair
         self.reloads += 1
         log.info("serving %s", loaded.model.version)
@@ -143,6 +148,28 @@ class Recommender:
         return items, types, [e.ts for e in events]
 
     # ----- writes ----------------------------------------------------------------------------
+    def _place_posted(self, model: InferenceModel) -> None:
+        """Give ``model`` the items posted earlier that its vocabulary lacks (a start, a reload)."""
+        rows = [r for r in self.store.posted_items() if r[0] not in model.item_index]
+        if rows:
+            model.add_items(*map(list, zip(*rows, strict=True)))
+            log.info("placed %d items posted earlier in %s", len(rows), model.version)
+
+    def add_items(self, items: list[str], titles: list[str | None], attributes: list[str | None]) -> dict:
+        """Make new items recommendable now (vectors from their text and attributes; kept in the
+        store so a restart or a reload places them again). Ids the model knows are left alone."""
+        loaded = self.current
+        try:
+            added = loaded.model.add_items(items, titles, attributes)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
+        kept = set(added)
+        self.store.put_items([r for r in zip(items, titles, attributes, strict=True) if r[0] in kept])
+        if self.current is not loaded:  # a reload swapped models meanwhile: place them there too
+            self._place_posted(self.current.model)
+        known = [item for item in items if item not in kept]
+        return {"added": added, "known": known, "num_items": loaded.model.num_items}
+
     def add_events(self, user: str, events: list[Event]) -> int:
         """Validate, persist, then advance the user's cached window (if cached) one step per event."""
         loaded = self.current

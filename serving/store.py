@@ -4,7 +4,7 @@ Every accepted write is committed before the request is answered. The database r
 with ``synchronous=NORMAL``: a committed event survives the server process being killed
 (``--durability full`` also survives a power cut, at the cost of an fsync per request).
 Items are stored by their external id, so histories stay valid when a retrained model with a
-grown vocabulary is hot-reloaded.
+grown vocabulary is hot-reloaded. Items posted to the server (``POST /v1/items``) are kept too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ CREATE TABLE IF NOT EXISTS events (
     ts INTEGER NOT NULL,
     PRIMARY KEY (user, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS posted_items (
+    item TEXT PRIMARY KEY,
+    title TEXT,
+    attributes TEXT
+);
 """
 
 
@@ -72,6 +77,15 @@ class HistoryStore:
             "SELECT item, event_type, ts FROM events WHERE user = ? ORDER BY ts, seq", (user,)
         ).fetchall()
         return [Event(*row) for row in rows]
+
+    def put_items(self, rows: list[tuple[str, str | None, str | None]]) -> None:
+        """Keep items posted to the server (id, title, attributes) so that a restarted or reloaded
+        server places them again; a later post of an id replaces its text."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO posted_items VALUES (?, ?, ?)", rows)
+
+    def posted_items(self) -> list[tuple[str, str | None, str | None]]:
+        return self.db.execute("SELECT item, title, attributes FROM posted_items ORDER BY rowid").fetchall()
 
     def users(self) -> int:
         return self.db.execute("SELECT count(DISTINCT user) FROM events").fetchone()[0]

@@ -139,3 +139,28 @@ def gloo_group(rank: int, world: int, port: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+WORDS = ["red", "blue", "green", "shoe", "hat", "coat", "toy", "ball", "sport", "kind", "means", "in", "one", "word"]
+WORDS += ["this", "item", "colour"]
+
+
+@pytest.fixture(scope="session")
+def tower_dir(tmp_path_factory):
+    """A tiny Llama causal LM with a word-level tokenizer, saved as a local HF directory."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tower") / "llm"
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[EOS]", '"', ":", ".", ",", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(root)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(root)
+    return root

@@ -7,7 +7,8 @@ An export directory holds::
                            LoRA merged when --merge-lora; `AutoModel.from_pretrained` loads it
     adapter.safetensors    LoRA weights kept apart (only without --merge-lora)
     behavior.safetensors   item table (text/attributes folded in), event-type and time-gap
-                           embeddings, next-type/time/value heads
+                           embeddings, next-type/time/value heads, and what places new items
+                           (trainer.new_items: text projection, attribute embeddings)
     items.parquet          item id and title per model id (row i is id i)
 
 ``--quantize int8`` is recorded in export.json and applied when the export is loaded (dynamic
@@ -35,6 +36,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import CONFIG
 from trainer.errors import ConfigError
 from trainer.inference import InferenceModel, merge_lora, strip_lora
+from trainer.new_items import ItemWriter
 from trainer.priors import PAIRS_FILE, RepeatPrior, TransitionPrior, load_pairs
 
 EXPORT_FORMAT = 1
@@ -123,20 +125,9 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
             save_file(adapter, str(tmp / "adapter.safetensors"))
             lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": sorted(_lora_targets(adapter))}
     backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
-    weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
-    if inference.query_gaps is not None:
-        weights["query_gaps"] = inference.query_gaps.weight
-    if inference.repeat is not None:
-        weights["repeat_weight"] = inference.repeat.weight.reshape(1)
+    weights, new_items = _behavior_weights(inference)
     if inference.prior is not None:
-        weights["prior_weight"] = inference.prior.weight
-        if inference.prior.gate is not None:
-            weights["prior_gate.weight"] = inference.prior.gate.weight
-            weights["prior_gate.bias"] = inference.prior.gate.bias
         shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
-    for name, head in inference.heads.items():
-        weights[f"{name}_head.weight"] = head.weight
-        weights[f"{name}_head.bias"] = head.bias
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "behavior.safetensors"))
     pq.write_table(pa.table({"item": inference.items, "title": inference.titles}), tmp / "items.parquet")
     meta = {
@@ -151,6 +142,7 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
         "merged_lora": merge or lora is None,
         "lora": lora,
         "quantize": quantize,
+        "new_items": new_items,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with open(tmp / EXPORT_META, "w") as f:  # written last: an export without it is incomplete
@@ -163,6 +155,29 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return meta
+
+
+def _behavior_weights(inference: InferenceModel) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """behavior.safetensors' tensors of a model in inference form, and the JSON metadata of what
+    places new items (trainer.new_items; None when the model cannot)."""
+    weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
+    if inference.query_gaps is not None:
+        weights["query_gaps"] = inference.query_gaps.weight
+    if inference.repeat is not None:
+        weights["repeat_weight"] = inference.repeat.weight.reshape(1)
+    if inference.prior is not None:
+        weights["prior_weight"] = inference.prior.weight
+        if inference.prior.gate is not None:
+            weights["prior_gate.weight"] = inference.prior.gate.weight
+            weights["prior_gate.bias"] = inference.prior.gate.bias
+    new_items = None
+    if inference.writer is not None:
+        writer_tensors, new_items = inference.writer.state()
+        weights.update(writer_tensors)
+    for name, head in inference.heads.items():
+        weights[f"{name}_head.weight"] = head.weight
+        weights[f"{name}_head.bias"] = head.bias
+    return weights, new_items
 
 
 def _lora_targets(adapter: dict[str, torch.Tensor]) -> set[str]:
@@ -208,6 +223,7 @@ def load_export(path: Path) -> InferenceModel:
         query_gaps,
         prior,
         repeat,
+        ItemWriter.from_state(weights, meta.get("new_items")),
     )
     if meta.get("quantize") == "int8":
         model.quantize()

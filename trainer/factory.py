@@ -171,7 +171,9 @@ def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[
         _save_atomic(path, vectors.numpy())
         meta = {"report": info.text_report, **dataclasses.asdict(report), "text_model": cfg.text_model}
         meta.update(mean=stats[0].tolist(), std=stats[1].tolist())
-        sidecar.write_text(json.dumps(meta) + "\n")
+        tmp = sidecar.with_name(f"{sidecar.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(meta) + "\n")
+        tmp.replace(sidecar)  # another rank reading the cache never sees half of it
     return vectors, stats
 
 

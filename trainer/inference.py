@@ -171,8 +171,8 @@ class InferenceModel:
 
         if self.writer is None or (self.writer.text is None and self.writer.attribute_table is None):
             raise ConfigError(
-                "this model cannot place new items: it reads neither item text (model.item_text llm or "
-                "minilm) nor attributes; add them to the data and `bgpt retrain`"
+                "this model cannot place new items: that needs item text read by model.item_text llm or "
+                "minilm, or item attributes, in a dense item table; add them to the data and `bgpt retrain`"
             )
         fresh, _ = split_known(self.item_index, items)
         if not fresh:

@@ -97,6 +97,8 @@ class ItemWriter:
         # Rows of reserved ids come first (no flag there), so each new item's flag says "no text".
         padded = [None] * NUM_RESERVED_ITEMS + texts
         vectors, _ = text_tower.encode(padded, self._tower, self.text["pooling"], self.text["max_tokens"])
+        if self.text_stats is None:
+            raise ConfigError("this model's LLM text statistics are missing (an export from before they were kept?)")
         return text_tower.standardize(vectors[NUM_RESERVED_ITEMS:], self.text_stats)[0]
 
     # ----- exports ---------------------------------------------------------------------------

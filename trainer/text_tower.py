@@ -84,8 +84,8 @@ def load_tower(path):
 
     try:
         tower = backbones.load_pretrained(path, None, weights=True)
-    except ConfigError:
-        raise
+    except ConfigError as err:  # not a model directory
+        raise ConfigError(f"model.text_model {str(path)!r}: no Hugging Face model directory there ({err})") from None
     except Exception as err:  # a missing or corrupt model directory, a tokenizer that needs the Hub
         raise ConfigError(f"model.text_model {str(path)!r} cannot be loaded offline: {err}") from err
     if tower.tokenizer is None:
@@ -115,9 +115,8 @@ def encode(
     if not hasattr(tower, "tokenizer"):
         tower = load_tower(tower)
     model, tokenizer = tower.model.eval(), tower.tokenizer
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad  # padded positions are masked out: any id serves
     out = torch.zeros(len(texts), tower.hidden_size + 1)
     present = [i for i, t in enumerate(texts) if t]
     missing = [i for i, t in enumerate(texts) if not t and i >= NUM_RESERVED_ITEMS]
@@ -128,7 +127,7 @@ def encode(
     with tqdm(total=len(present), unit="item", desc="LLM item text", disable=None) as bar:
         for start in range(0, len(present), batch_size):
             rows = present[start : start + batch_size]
-            batch, cut = tokenize(tokenizer, [texts[i] for i in rows], pooling, max_tokens)
+            batch, cut = tokenize(tokenizer, [texts[i] for i in rows], pooling, max_tokens, pad)
             truncated += cut
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             out[rows, :-1] = pool(hidden.float(), batch["attention_mask"], pooling)
@@ -154,7 +153,7 @@ def standardize(
     return out, stats
 
 
-def tokenize(tokenizer, texts: list[str], pooling: str, max_tokens: int) -> tuple[dict, int]:
+def tokenize(tokenizer, texts: list[str], pooling: str, max_tokens: int, pad: int) -> tuple[dict, int]:
     """Token ids of each text (cut to ``max_tokens``; with last pooling, inside the prompt, whose
     own tokens are kept whole), right-padded; and how many texts were cut."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -166,7 +165,6 @@ def tokenize(tokenizer, texts: list[str], pooling: str, max_tokens: int) -> tupl
         tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
         ids = [head_ids + row + tail_ids for row in ids]
     width = max(len(row) for row in ids)
-    pad = tokenizer.pad_token_id
     input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], dtype=torch.long)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": mask}, cut

@@ -111,7 +111,7 @@ def cold_breakdown(run: Path, cold: set[str]) -> dict:
     # posted after training gets (trainer.new_items), so they are ranked as truly new items are.
     cold_ids = torch.tensor([i for i, name in enumerate(names) if name in cold])
     with torch.no_grad():
-        model.items.ids.weight[cold_ids] = ItemWriter.from_model(model, info).id_row
+        model.items.ids.weight[cold_ids] = ItemWriter.from_model(model).id_row
     cfg.eval.exclude_seen = resolve_exclude_seen(cfg.eval.exclude_seen, cfg.data.root, log=lambda *a: None)
     loader = lambda: eval_loader(cfg.data.root, "test", cfg.model.max_len, cfg.eval.batch_size)  # noqa: E731
     ranks = evaluate_batches(model, loader(), cfg.eval, torch.device("cpu"), ranks=True)["ranks"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,12 +136,11 @@ def minilm_text(titles: list[str | None], batch_size: int = 256) -> torch.Tensor
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name, then rename: a reader (another rank, a crashed run's resume)
-    never sees half a file."""
+    """An .npy file written whole or not at all (a reader on another rank never sees half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    shards.write_atomic(path, buffer.getvalue())
 
 
 def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[torch.Tensor, tuple]:
@@ -171,9 +170,7 @@ def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[
         _save_atomic(path, vectors.numpy())
         meta = {"report": info.text_report, **dataclasses.asdict(report), "text_model": cfg.text_model}
         meta.update(mean=stats[0].tolist(), std=stats[1].tolist())
-        tmp = sidecar.with_name(f"{sidecar.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(meta) + "\n")
-        tmp.replace(sidecar)  # another rank reading the cache never sees half of it
+        shards.write_atomic(sidecar, (json.dumps(meta) + "\n").encode())
     return vectors, stats
 
 
@@ -208,10 +205,12 @@ def item_features(
             features.text = _backbone_text(info.titles, backbone) if mode == "backbone" else minilm_text(info.titles)
             if path is not None:
                 _save_atomic(path, features.text.numpy())
+    features.text_mode = mode if features.text is not None else None
     if cfg.transition_prior:
         features.pairs = _transition_counts(cfg, info, data, cache)
     if cfg.item_attributes and info.has("attributes"):
-        ids, offsets, size = parse_attributes(info.attributes)
+        features.attribute_vocab = {}
+        ids, offsets, size = parse_attributes(info.attributes, features.attribute_vocab)
         features.attribute_ids = torch.from_numpy(ids)
         features.attribute_offsets = torch.from_numpy(offsets)
         features.num_attributes = size

@@ -129,7 +129,7 @@ class InferenceModel:
 
         with torch.no_grad():
             table = model.items.table().detach().clone()
-            writer = ItemWriter.from_model(model, info)
+            writer = ItemWriter.from_model(model)
         heads = {
             name: getattr(model.heads, f"{name}_head")
             for name in ("type", "time", "value")

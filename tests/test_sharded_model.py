@@ -62,7 +62,7 @@ def batch(rank: int, step: int) -> dict[str, torch.Tensor]:
 
 
 def _train(rank: int, world: int, port: int, out: str) -> None:
-    from trainer.item_rows import RowwiseAdagrad, dense_parameters, prepare_for_ddp
+    from trainer.item_rows import RowwiseAdagrad, dense_parameters, prepare_for_ddp, sharded_names
 
     with gloo_group(rank, world, port):
         dense, sharded = build(False), build(True)
@@ -73,8 +73,13 @@ def _train(rank: int, world: int, port: int, out: str) -> None:
                 if name in weights:
                     param.copy_(weights[name])
         sharded.items.sharded.load_full(dense.items.ids.weight.detach())
-        ignored = prepare_for_ddp(sharded)
+        rows = {n: p.data_ptr() for n, p in sharded.items.sharded.named_parameters()}
+        assert prepare_for_ddp(sharded, "cpu:0")  # accelerate's device on CPU ranks
+        ignored = sharded_names(sharded)
         assert ignored and all(".sharded." in n for n in ignored)
+        # Placing the model leaves the table's rows where TorchRec trains them: `Module.to` made
+        # a detached copy of them (4 x dim bytes per row of every rank, never trained).
+        assert {n: p.data_ptr() for n, p in sharded.items.sharded.named_parameters()} == rows
         arms = {}
         id_rows = [dense.items.ids.weight]
         others = [p for p in dense.parameters() if p.requires_grad and p is not dense.items.ids.weight]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import crash_then_resume, tiny_config
 from test_distributed import small_data  # noqa: F401 (a fixture)
+from test_retrain import generations  # noqa: F401 (a fixture)
 
 # Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
 # a pytest worker that later forks (loader workers) carries none of their threads.
@@ -139,3 +140,46 @@ def test_a_two_rank_sharded_run_validates_as_one_process_and_resumes_on_two_rank
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same if name == "two" else not same  # one rank: the same samples, batches of 8 instead of 2 x 8
         assert (run / "metrics.json").exists()
+
+
+def _retrains_a_sharded_run_growing_its_table(root, data, second):
+    from conftest import shard
+    from test_retrain import tiny
+
+    from trainer.config import load_run_config
+    from trainer.factory import build_model
+    from trainer.item_rows import read_full_table
+    from trainer.retrain import retrain
+    from trainer.sharded_run import grow_and_load, release_process_group, table_of
+
+    quiet = {"log": lambda *a: None}
+    cfg = tiny(data, max_steps=20)
+    cfg.model.item_table, cfg.heads.item_loss, cfg.heads.num_negatives = "sharded", "sampled", 4
+    parent = root / "parent"
+    train_run(parent, cfg, **quiet)
+    source = ckpt.latest_valid(parent)
+    old_rows, old = read_full_table(source / "item_rows"), ckpt.load_weights(source, full_table=False)
+    shard([second], data, append=True)
+
+    # Grown: old rows bit for bit (each rank its slice), new ids at the mean known row (no text),
+    # the dense weights as the dense path loads them.
+    cfg = load_run_config(parent)
+    model, _ = build_model(cfg.model, cfg.lora, cfg.heads, data, sharded=True)
+    assert grow_and_load(model, source, **quiet)[-1] == "item rows (sharded) 15 -> 18"
+    table = table_of(model).full_table()
+    assert torch.equal(table[:15], old_rows)
+    torch.testing.assert_close(table[15:], old_rows[3:].double().mean(0).float().expand(3, -1), rtol=0, atol=1e-6)
+    assert all(torch.equal(p.detach(), old[n]) for n, p in model.named_parameters() if n in old)
+    release_process_group()
+
+    # `bgpt retrain` of the sharded run trains on the new generation through the sharded table.
+    out = root / "retrained"
+    metrics = retrain(parent, data, out, {"train": {"max_steps": 6}, "data": {"replay_fraction": 0.0}}, **quiet)
+    assert metrics["count"] > 0
+    best = ckpt.latest_valid(out)
+    assert ckpt.read_state(best)["vocab_version"].startswith("g0002")
+    assert read_full_table(best / "item_rows").shape[0] == 18
+
+
+def test_a_sharded_run_retrains_on_a_new_generation_growing_its_table(generations):  # noqa: F811
+    in_fresh_process(_retrains_a_sharded_run_growing_its_table, *generations)

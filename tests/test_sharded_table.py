@@ -20,6 +20,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 ITEMS, DIM, LR, EPS, STEPS = 37, 8, 0.05, 1e-8, 3
+NEW = 6
+"""Rows a grown table adds (new items of a retrain)."""
 
 
 def loss_of(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             loss_of(looked_up, target).backward()
         full = table.full_table()
         accumulators = [None] * world
-        dist.all_gather_object(accumulators, (first, table._accumulator().clone()))
+        dist.all_gather_object(accumulators, (first, table.accumulator().clone()))
         # Ids are gathered as int64 (a float32 trip would round ids past 2**24).
         from trainer.sharded_table import _gather_rows
 
@@ -151,27 +153,52 @@ def _steps(table, rank: int, world: int, steps: range) -> None:
         (sum(loss_of(r, target) for r, (_, target) in zip(rows, batches, strict=True)) / len(batches)).backward()
 
 
+def _gathered_accumulators(table) -> torch.Tensor:
+    parts = [None] * dist.get_world_size()
+    first, _ = table.local_rows()
+    dist.all_gather_object(parts, (first, table.accumulator().clone()))
+    return torch.cat([a for _, a in sorted(parts, key=lambda x: x[0])])
+
+
 def _checkpoint_rank(rank: int, world: int, port: int, folder: str, mode: str, out: str) -> None:
+    from trainer.sharded_files import load_dense_rows, load_table, save_table
     from trainer.sharded_table import ShardedItemTable
 
     with gloo_group(rank, world, port):
-        table = ShardedItemTable(ITEMS, DIM, lr=LR, eps=EPS, vocab_version="v3")
+        table = ShardedItemTable(ITEMS + NEW * (mode == "grow"), DIM, lr=LR, eps=EPS, vocab_version="v3")
         result = {}
-        if mode == "save":
+        if mode == "grow":
+            assert load_table(table, folder, grow=True) == ITEMS
+            result["loaded"] = table.full_table()
+            table.fill_from(ITEMS, 1)
+            result["filled"] = table.full_table()
+            result["accumulator"] = _gathered_accumulators(table)
+            assert load_dense_rows(table, f"{folder}-dense.safetensors", "items.ids.weight") == ITEMS
+            result["from_dense"] = table.full_table()
+            with pytest.raises(ValueError, match=f"a table of {ITEMS} x {DIM} does not fit this one of {ITEMS - 1} x"):
+                load_table(ShardedItemTable(ITEMS - 1, DIM), folder, grow=True)
+        elif mode == "save":
+            result["initial"] = table.full_table()
             table.load_full(initial_table())
             _steps(table, rank, world, range(STEPS))
-            table.save(folder)
+            save_table(table, folder)
             result["saved"] = table.full_table()
+            result["saved_accumulator"] = _gathered_accumulators(table)
+            if rank == 0:  # the same rows as a dense run's weights file
+                from safetensors.torch import save_file
+
+                save_file({"items.ids.weight": result["saved"]}, f"{folder}-dense.safetensors")
         else:
-            table.load(folder)
+            load_table(table, folder)
             result["loaded"] = table.full_table()
-        _steps(table, rank, world, range(STEPS, STEPS + 2))
-        result["after"] = table.full_table()
+        if mode != "grow":
+            _steps(table, rank, world, range(STEPS, STEPS + 2))
+            result["after"] = table.full_table()
         if mode == "resume" and world == 1:
             with pytest.raises(IndexError, match=f"item id {ITEMS} is outside the item table of {ITEMS} ids .*v3"):
                 table(torch.tensor([1, ITEMS]))
             with pytest.raises(ValueError, match=f"a table of {ITEMS} x {DIM}, this one is {ITEMS} x {DIM + 4}"):
-                ShardedItemTable(ITEMS, DIM + 4).load(folder)
+                load_table(ShardedItemTable(ITEMS, DIM + 4), folder)
             with pytest.raises(ValueError, match="multiple of 4"):
                 ShardedItemTable(ITEMS, DIM + 1)
         if rank == 0:
@@ -187,6 +214,8 @@ def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path)
         return torch.load(out)
 
     saved = run(2, "save")
+    # Each rank initialised its own slice (one seed on every rank gave item i and i + 19 twins).
+    assert not torch.isclose(saved["initial"][:18], saved["initial"][19:]).all(1).any()
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["item_rows-00000-of-00002.safetensors", "item_rows-00001-of-00002.safetensors", "item_rows.json"]
     same = run(2, "resume")
@@ -198,10 +227,21 @@ def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path)
     assert torch.equal(one["loaded"], saved["saved"])
     # One rank averages the two ranks' losses in another order: equal up to float rounding.
     torch.testing.assert_close(one["after"], saved["after"], rtol=0, atol=1e-6)
+    for world in (1, 2):  # grown (new items of a retrain): old rows and their accumulators kept
+        grown = run(world, "grow")
+        assert torch.equal(grown["loaded"][:ITEMS], saved["saved"])
+        assert torch.equal(grown["accumulator"][:ITEMS], saved["saved_accumulator"])
+        assert torch.equal(grown["accumulator"][ITEMS:], torch.zeros(NEW))
+        # New rows start as the mean known row (ids 1.., as trainer.checkpoint.grow_and_load).
+        mean = saved["saved"][1:].double().mean(0).float()
+        torch.testing.assert_close(grown["filled"][ITEMS:], mean.expand(NEW, -1), rtol=0, atol=1e-6)
+        assert torch.equal(grown["filled"][:ITEMS], saved["saved"])
+        # From a dense run's weights file: its rows, each rank reading its own slice.
+        assert torch.equal(grown["from_dense"][:ITEMS], saved["saved"])
 
 
 def test_a_damaged_sharded_checkpoint_names_its_file(tmp_path):
-    from trainer.sharded_table import read_index
+    from trainer.sharded_files import read_index
 
     folder = tmp_path / "table"
     folder.mkdir()

@@ -195,11 +195,16 @@ def prune(run: Path, keep_last: int) -> None:
 
 
 @torch.no_grad()
-def grow_and_load(model: torch.nn.Module, source: Path, log=print) -> list[str]:
+def grow_and_load(model: torch.nn.Module, source: Path, log=print, table_apart: bool = False) -> list[str]:
     """Load ``source``'s trainable weights into ``model``, growing tables whose first dimension got
-    larger (new ids). Returns the names of the grown tables."""
-    saved = load_weights(source)
+    larger (new ids). Returns the names of the grown tables. With ``table_apart`` (a model with a
+    sharded item table) the id rows are left out on both sides: trainer.sharded_run loads them."""
+    saved = load_weights(source, full_table=not table_apart)
     params = dict(model.named_parameters())
+    if table_apart:
+        saved.pop("items.ids.weight", None)
+        for name in sharded_names(model):
+            params.pop(name, None)
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     if missing:
         raise ConfigError(f"{source}: lacks {missing[:3]}; was the model config changed since that run?")

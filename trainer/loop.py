@@ -69,8 +69,13 @@ class Trainer(CheckpointMixin):
         )
         plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = plugin.zero_stage if plugin is not None else None
-        prepare_for_ddp(model)  # DDP leaves a sharded item table to TorchRec
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        placed = prepare_for_ddp(model, accelerator.device)  # DDP leaves a sharded item table to TorchRec
+        placement = [False, True] if placed else None
+        self.model, self.optimizer = accelerator.prepare(model, optimizer, device_placement=placement)
+        if accelerator.process_index > 0:
+            # Every rank was seeded alike (the same initial weights); from here each rank draws its
+            # own dropout masks and sampled negatives (rank 0 keeps the run's stream).
+            torch.manual_seed(train.seed * 1_000_003 + accelerator.process_index)
         self.set_row_lr()
         if self.zero_stage == 3:
             import deepspeed

@@ -27,6 +27,7 @@ from trainer.periods import resolve_period
 from trainer.priors import PAIRS_FILE, count_pairs, save_pairs
 from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
 from trainer.runtime import all_cores, make_accelerator
+from trainer.sharded_run import grow_and_load as grow_sharded
 from trainer.sharded_run import release_process_group, sharded_test, table_of, use_sharded_table
 
 DATA_MANIFEST = "data_manifest.json"
@@ -62,7 +63,7 @@ def _train_run(run: Path, cfg: RunConfig, log) -> dict:
         problem = ckpt.verify(source)
         if problem:
             raise ConfigError(f"train.init_from {source}: {problem}")
-        ckpt.grow_and_load(model, source, main_log)
+        (grow_sharded if sharded else ckpt.grow_and_load)(model, source, main_log)
     trainable, total = parameter_counts(model)
     main_log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
     if info.text_report:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from trainer.errors import ConfigError
 from trainer.item_rows import ITEM_ROWS, sharded_names
+from trainer.sharded_files import load_dense_rows, load_table, save_table
 
 SHARDED_FROM_ITEMS = 1_000_000
 """``model.item_table=auto`` shards catalogues of at least this many item ids (when the run's
@@ -38,8 +39,6 @@ def blockers(cfg, num_items: int, accumulation: int, deepspeed: bool) -> list[st
         out.append("no score priors (model.transition_prior / repeat_prior: not built for it)")
     if cfg.data.validate_on_newest:
         out.append("data.validate_on_newest=false (next-period validation is not built for it)")
-    if cfg.train.init_from:
-        out.append("no train.init_from (growing a sharded table from another run: not built)")
     if deepspeed:
         out.append("DDP or one process, not DeepSpeed")
     if accumulation > 1:
@@ -103,7 +102,32 @@ def save_rows(model, folder: Path) -> None:
     """Every rank: the table's files into a checkpoint folder being assembled (a collective)."""
     table = table_of(model)
     if table is not None:
-        table.save(folder / ITEM_ROWS)
+        save_table(table, folder / ITEM_ROWS)
+
+
+def grow_and_load(model, source: Path, log=print) -> list[str]:
+    """``train.init_from`` (`bgpt retrain`) into a model with a sharded table: the dense weights as
+    trainer.checkpoint.grow_and_load loads them, the rows from ``source``'s table files (a sharded
+    run: with their Adagrad accumulators) or its dense ``items.ids.weight``, each rank reading its
+    own slice. Rows of ids new since ``source`` start as the dense path starts them: the mean known
+    row without text, their initial values with text (its projection adds the text)."""
+    from data_sharding.vocab import NUM_RESERVED_ITEMS
+    from trainer import checkpoint as ckpt
+
+    table = table_of(model)
+    grown = ckpt.grow_and_load(model, source, log, table_apart=True)
+    rows = source / ITEM_ROWS
+    old = (
+        load_table(table, rows, grow=True)
+        if rows.is_dir()
+        else load_dense_rows(table, source / ckpt.WEIGHTS, "items.ids.weight")
+    )
+    if old < table.num_items:
+        if getattr(model.items, "text_proj", None) is None:
+            table.fill_from(old, NUM_RESERVED_ITEMS)
+        grown.append(f"item rows (sharded) {old:,} -> {table.num_items:,}")
+        log(f"grew {grown[-1]}")
+    return grown
 
 
 def load_weights_into(model, folder: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -117,7 +141,7 @@ def load_weights_into(model, folder: Path, weights: dict[str, torch.Tensor]) -> 
         for name, param in model.named_parameters():
             if name in weights and name not in skip:
                 param.copy_(weights[name])
-    table.load(folder / ITEM_ROWS)
+    load_table(table, folder / ITEM_ROWS)
 
 
 def sharded_test(model, run: Path, cfg, part, device: torch.device) -> dict:

@@ -29,19 +29,14 @@ depends on the CUDA ``fbgemm-gpu``, which a CPU machine does not want) plus the 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 TABLE = "item_rows"
 """The TorchRec table name (its feature is ``item``)."""
-INDEX = "item_rows.json"
-"""A sharded checkpoint's index: the table's shape and which file holds which rows."""
 
 
 def _torchrec():
@@ -74,7 +69,7 @@ class ShardedItemTable(torch.nn.Module):
         lr: float = 0.01,
         eps: float = 1e-8,
         init_std: float = 0.02,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         vocab_version: str | None = None,
     ) -> None:
         super().__init__()
@@ -92,6 +87,9 @@ class ShardedItemTable(torch.nn.Module):
         self.num_items, self.dim = int(num_items), int(dim)
         if self.dim % 4:
             raise ValueError(f"the sharded item table's width must be a multiple of 4 (FBGEMM's kernels), not {dim}")
+        if device is None:  # where the process group computes: a rank's GPU under NCCL
+            nccl = dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.device = torch.device(device)
         self.vocab_version = vocab_version
         config = EmbeddingConfig(
@@ -99,7 +97,7 @@ class ShardedItemTable(torch.nn.Module):
             embedding_dim=self.dim,
             num_embeddings=self.num_items,
             feature_names=["item"],
-            init_fn=functools.partial(torch.nn.init.normal_, std=init_std),
+            init_fn=functools.partial(_normal_rows, std=init_std),
         )
         collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
         sharder = EmbeddingCollectionSharder(
@@ -140,7 +138,7 @@ class ShardedItemTable(torch.nn.Module):
         (shard,) = tensor.local_shards()
         return shard
 
-    def _accumulator(self) -> torch.Tensor:
+    def accumulator(self) -> torch.Tensor:
         """This rank's row-wise Adagrad accumulators (a view of FBGEMM's state: one per row)."""
         state = self.dmp.fused_optimizer.state_dict()["state"][f"embeddings.{TABLE}.weight"]
         (shard,) = state[f"{TABLE}.momentum1"].local_shards()
@@ -251,70 +249,30 @@ class ShardedItemTable(torch.nn.Module):
         rows.copy_(table[first : first + rows.shape[0]].to(rows))
 
     @torch.no_grad()
-    def save(self, folder: Path | str) -> None:
-        """Write the table to ``folder`` as one file per rank (its rows and their accumulators,
-        ``item_rows-RRRRR-of-WWWWW.safetensors``) and an index (``item_rows.json``, written last,
-        by rank 0). No rank gathers the table. A collective: every rank calls it."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        rank, world = dist.get_rank(), dist.get_world_size()
+    def fill_from(self, start: int, lo: int) -> None:
+        """Rows ``start..`` set to the mean of rows ``lo..start-1`` (an all-reduce over the ranks):
+        the neutral start of new items without text, as trainer.checkpoint.grow_and_load gives them."""
         first, rows = self.local_rows()
-        name = f"item_rows-{rank:05d}-of-{world:05d}.safetensors"
-        tensors = {"rows": rows.detach().cpu().contiguous(), "accumulator": self._accumulator().cpu().contiguous()}
-        save_file(tensors, str(folder / (name + ".tmp")), metadata={"first": str(first)})
-        os.replace(folder / (name + ".tmp"), folder / name)
-        shards = [None] * world
-        dist.all_gather_object(shards, {"first": first, "count": rows.shape[0], "file": name})
-        if rank == 0:
-            index = {"num_items": self.num_items, "dim": self.dim, "optimizer": "exact_rowwise_adagrad"}
-            index.update(vocab_version=self.vocab_version, world_size=world, shards=shards)
-            (folder / (INDEX + ".tmp")).write_text(json.dumps(index, indent=2) + "\n")
-            os.replace(folder / (INDEX + ".tmp"), folder / INDEX)
-        dist.barrier()
-
-    @torch.no_grad()
-    def load(self, folder: Path | str) -> None:
-        """Set this rank's rows and accumulators from a checkpoint of ``save``, written at any world
-        size (each rank reads only the rows of its own slice from the files that hold them)."""
-        from safetensors import safe_open
-
-        folder = Path(folder)
-        index = read_index(folder, self.num_items, self.dim)
-        first, rows = self.local_rows()
-        accumulator, end, filled = self._accumulator(), first + rows.shape[0], 0
-        for shard in index["shards"]:
-            lo, hi = max(first, shard["first"]), min(end, shard["first"] + shard["count"])
-            if lo >= hi:
-                continue
-            path = folder / shard["file"]
-            try:
-                with safe_open(str(path), "pt") as f:
-                    part = slice(lo - shard["first"], hi - shard["first"])
-                    rows[lo - first : hi - first] = f.get_slice("rows")[part]
-                    accumulator[lo - first : hi - first] = f.get_slice("accumulator")[part]
-            except Exception as e:  # missing, truncated or foreign file: name it
-                raise ValueError(f"sharded item table {path}: cannot read rows {lo}-{hi - 1}: {e}") from e
-            filled += hi - lo
-        if filled != rows.shape[0]:
-            raise ValueError(f"{folder / INDEX}: its shards do not cover rows {first}-{end - 1}")
+        a = max(lo, first) - first
+        b = max(a, min(start, first + rows.shape[0]) - first)
+        total = torch.cat([rows[a:b].sum(0, dtype=torch.float64), torch.tensor([float(b - a)], dtype=torch.float64)])
+        dist.all_reduce(total)
+        a = max(start - first, 0)
+        if a < rows.shape[0]:
+            rows[a:] = (total[:-1] / total[-1]).to(rows.dtype)
 
 
-def read_index(folder: Path, num_items: int | None = None, dim: int | None = None) -> dict:
-    """A sharded checkpoint's index, checked against the table's shape when it is given."""
-    try:
-        index = json.loads((folder / INDEX).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{folder} holds no sharded item table ({INDEX} is missing)") from None
-    except ValueError as e:
-        raise ValueError(f"{folder / INDEX} is not valid JSON: {e}") from e
-    if num_items is not None and (index.get("num_items"), index.get("dim")) != (num_items, dim):
-        raise ValueError(
-            f"{folder / INDEX}: a table of {index.get('num_items')} x {index.get('dim')}, "
-            f"this one is {num_items} x {dim}"
-        )
-    return index
+def _normal_rows(rows: torch.Tensor, std: float) -> torch.Tensor:
+    """TorchRec's initialisation of this rank's slice of rows. Each rank draws its own: a run seeds
+    every rank alike, and the global stream would give every slice the same values (item ``i`` and
+    item ``i + V / world`` would start as twins). Rank 0 draws from the global stream, so a
+    one-process table starts as before."""
+    rank = dist.get_rank()
+    if rank == 0 or rows.device.type == "meta":  # (TorchRec also calls it on a meta copy)
+        return torch.nn.init.normal_(rows, std=std)
+    stream = torch.Generator(device=rows.device).manual_seed((torch.initial_seed() * 1_000_003 + rank) % 2**63)
+    with torch.no_grad():
+        return rows.normal_(0.0, std, generator=stream)
 
 
 def _excluded(exclude: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -69,13 +69,7 @@ class Trainer(CheckpointMixin):
         )
         plugin = accelerator.state.deepspeed_plugin
         self.zero_stage = plugin.zero_stage if plugin is not None else None
-        placed = prepare_for_ddp(model, accelerator.device)  # DDP leaves a sharded item table to TorchRec
-        placement = [False, True] if placed else None
-        self.model, self.optimizer = accelerator.prepare(model, optimizer, device_placement=placement)
-        if accelerator.process_index > 0:
-            # Every rank was seeded alike (the same initial weights); from here each rank draws its
-            # own dropout masks and sampled negatives (rank 0 keeps the run's stream).
-            torch.manual_seed(train.seed * 1_000_003 + accelerator.process_index)
+        self._prepare(model, optimizer, train.seed)
         self.set_row_lr()
         if self.zero_stage == 3:
             import deepspeed
@@ -101,7 +95,18 @@ class Trainer(CheckpointMixin):
             self._clear_stale_stop()
         self._install_signal_handlers()
 
+    def _prepare(self, model, optimizer, seed: int) -> None:
+        """``accelerator.prepare`` (DDP leaves a sharded item table to TorchRec, which placed it),
+        then each rank's own random stream: every rank was seeded alike (the same initial weights);
+        from here each draws its own dropout masks and sampled negatives (rank 0 keeps the run's)."""
+        placed = prepare_for_ddp(model, self.accelerator.device)
+        placement = [False, True] if placed else None
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer, device_placement=placement)
+        if self.accelerator.process_index > 0:
+            torch.manual_seed(seed * 1_000_003 + self.accelerator.process_index)
+
     # -- stop requests (preemption) -------------------------------------------------------------
+
     def _install_signal_handlers(self) -> None:
         """SIGUSR1 / SIGTERM (Slurm's preemption warning, `kill`) ask for a checkpoint and a clean exit."""
         if threading.current_thread() is not threading.main_thread():

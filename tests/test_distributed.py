@@ -83,10 +83,18 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def launch(strategy: str, data: Path, run: Path) -> subprocess.CompletedProcess:
+def launch(strategy: str, data: Path, run: Path, **extra) -> subprocess.CompletedProcess:
     port = str(free_port())
     return bgpt(
-        "launch", "--nproc", "2", "--strategy", strategy, "--master-port", port, "--", *train_args(data, run, 1)
+        "launch",
+        "--nproc",
+        "2",
+        "--strategy",
+        strategy,
+        "--master-port",
+        port,
+        "--",
+        *train_args(data, run, 1, **extra),
     )
 
 
@@ -147,6 +155,19 @@ def test_deepspeed_zero_matches_ddp(strategy, small_data, ddp, tmp_path):
     # Evaluation here reproduces what the distributed job reported.
     reported = json.loads((run / "metrics.json").read_text())
     assert evaluate_run(run, "test", log=lambda *a: None)["hr@10"] == reported["hr@10"]
+
+
+def test_zero3_validation_shares_the_batches_and_equals_one_process_evaluation(small_data, tmp_path):
+    """Under ZeRO-3 every forward gathers the weights collectively: each rank scores its share of
+    the validation batches in step with the other (an odd count: one rank joins the last forward
+    without counting it), and the merged metrics are one process's on the kept weights."""
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    launch("zero3", small_data, run, **{"train.eval_every": STEPS, "eval.batch_size": 10})
+    reported = [json.loads(line) for line in (run / "valid_metrics.jsonl").read_text().splitlines()][-1]["valid"]
+    assert -(-reported["count"] // 10) % 2 == 1  # an odd number of batches
+    alone = evaluate_run(run, "valid", log=lambda *a: None)
+    assert {k: alone[k] for k in reported} == reported
 
 
 def test_a_stop_signal_checkpoints_and_the_same_command_resumes(small_data, tmp_path):

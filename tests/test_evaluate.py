@@ -74,7 +74,8 @@ def test_exclude_seen_removes_history_items_from_the_ranking(tmp_path):
 
 
 def test_two_processes_share_the_batches_and_merge_into_one_process_metrics_exactly(dataset):
-    from trainer.evaluate import Part, evaluate_model
+    from trainer.eval_part import Part
+    from trainer.evaluate import evaluate_model
     from trainer.factory import build_model
     from trainer.heads import HeadsConfig
     from trainer.model import LoraConfig, ModelConfig
@@ -100,3 +101,29 @@ def test_two_processes_share_the_batches_and_merge_into_one_process_metrics_exac
     assert 0 < alone["count"] < whole["count"]  # rank 1 scored only its share (rank 0's not yet there)
     merged = evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"), Part(0, 2, gather_as(0)))
     assert merged == whole
+
+    # ZeRO-3 (every forward a collective): with an odd number of batches, the rank without a batch
+    # in the last round runs one forward more, uncounted; both ranks run as many, metrics unchanged.
+    cfg = EvalConfig(ks=[1, 10], batch_size=-(-whole["count"] // 5), exclude_seen=True)  # 5 batches
+    forwards = []
+    model.backbone.register_forward_hook(lambda *a: forwards.append(1))
+    partial.clear()  # rank 1 goes first again: rank 0's share not there yet
+    for rank in (1, 0):
+        forwards.clear()
+        part = Part(rank, 2, gather_as(rank), collective=True)
+        got = evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"), part)
+        assert len(forwards) == 3
+    assert got == evaluate_model(model, dataset, "valid", cfg, 12, torch.device("cpu"))
+
+
+def test_a_rank_idles_in_the_last_round_when_the_batches_do_not_divide():
+    from trainer.eval_part import Part
+
+    idle = {read: [Part(rank, 3).idles_last_round(read) for rank in range(3)] for read in (0, 1, 4, 5, 6)}
+    assert idle == {
+        0: [False, False, False],
+        1: [False, True, True],
+        4: [False, True, True],
+        5: [False, False, True],
+        6: [False, False, False],
+    }

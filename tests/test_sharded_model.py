@@ -111,7 +111,8 @@ def _train(rank: int, world: int, port: int, out: str) -> None:
 def _evaluations(sharded, table: torch.Tensor, rank: int, world: int) -> dict:
     """Metrics of the sharded model by the sharded evaluator (each rank its share of 5 batches) and
     of a dense twin with the same weights by the dense one (every batch, in one process)."""
-    from trainer.evaluate import WHOLE, EvalConfig, Part, evaluate_batches
+    from trainer.eval_part import WHOLE, Part
+    from trainer.evaluate import EvalConfig, evaluate_batches
     from trainer.sharded_eval import evaluate_sharded
 
     twin = build(False)

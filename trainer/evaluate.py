@@ -16,7 +16,6 @@ off on logs with repeat consumption (music, groceries, restaurants).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +27,7 @@ from data_sharding.loader import StreamLoader
 from data_sharding.stream import ShardDataset, StreamConfig, iter_sequences
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
+from trainer.eval_part import WHOLE, Part, merge_parts
 
 UNRANKABLE = 2**40
 """The rank of a target that can never be recommended."""
@@ -108,34 +108,6 @@ def rank_metrics(ranks: np.ndarray, ks: list[int]) -> dict[str, float]:
         out[f"ndcg@{k}"] = float((hit / np.log2(ranks + 2)).sum() / n)
     out["mrr"] = float((1.0 / (ranks + 1)).sum() / n)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
-
-
-@dataclass(frozen=True)
-class Part:
-    """This process's share of an evaluation: the batches ``rank``, ``rank + world``, ... of the
-    one fixed batch order. ``gather`` (accelerate.utils.gather_object) collects every rank's
-    partial metrics, and each rank merges them into the metrics of all batches: equal to one
-    process's exactly, since every batch is scored as one process would and merged in its order."""
-
-    rank: int = 0
-    world: int = 1
-    gather: Callable[[list], list] | None = None
-
-    def owns(self, batch_index: int) -> bool:
-        return batch_index % self.world == self.rank
-
-    @classmethod
-    def of(cls, accelerator) -> Part:
-        """This process's share under ``accelerator`` (every batch when it is the only process)."""
-        if accelerator.num_processes == 1:
-            return cls()
-        from accelerate.utils import gather_object
-
-        return cls(accelerator.process_index, accelerator.num_processes, gather_object)
-
-
-WHOLE = Part()
-"""Every batch, in this process (no other process to merge with)."""
 
 
 class RankingMetrics:
@@ -302,26 +274,21 @@ def rank_batches(
     batches and merge every process's (distributed evaluation; every batch is still read)."""
     if cfg.exclude_seen == "auto":
         raise ConfigError("eval.exclude_seen=auto must be resolved on the data first (resolve_exclude_seen)")
-    metrics = {name: RankingMetrics(cfg.ks, scorer.num_items, catalogue) for name, scorer in scorers.items()}
+
+    def fresh() -> dict[str, RankingMetrics]:
+        return {name: RankingMetrics(cfg.ks, scorer.num_items, catalogue) for name, scorer in scorers.items()}
+
+    metrics = fresh()
     blocked = {name: None if mask is None else ~mask.to(device) for name, mask in (rankable or {}).items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.autocast)
+    read, unowned = 0, None
     for index, batch in enumerate(batches):
-        if not part.owns(index):
-            continue
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        rows, pos, targets, mask = held_out(batch)
-        for name, scorer in scorers.items():
-            with autocast:
-                scores = scorer(batch, rows, pos, mask).float()
-            if blocked.get(name) is not None:
-                scores[:, blocked[name]] = float("-inf")
-            if cfg.exclude_seen:
-                exclude_history(scores, batch, mask)
-            metrics[name].add(scores, targets, index)
-            side = getattr(scorer, "side_metrics", None)
-            if side is not None:
-                with autocast:
-                    side(metrics[name], batch, rows, pos)
+        read = index + 1
+        if part.owns(index):
+            _score_batch(scorers, batch, index, metrics, blocked, cfg, device)
+        else:
+            unowned = batch
+    if part.collective and part.idles_last_round(read):  # the other ranks' last forward: join it
+        _score_batch(scorers, unowned, read, fresh(), blocked, cfg, device)
     merge_parts(metrics, part)
     results = {}
     for name, accumulated in metrics.items():
@@ -331,13 +298,23 @@ def rank_batches(
     return results
 
 
-def merge_parts(metrics: dict[str, RankingMetrics], part: Part) -> None:
-    """Merge every other process's metrics of its batches into ``metrics`` (by name)."""
-    if part.gather is not None:
-        for rank, other in enumerate(part.gather([metrics])):  # one entry per rank, in rank order
-            if rank != part.rank:
-                for name, accumulated in metrics.items():
-                    accumulated.merge(other[name])
+def _score_batch(scorers: dict, batch: dict, index: int, metrics: dict, blocked: dict, cfg, device) -> None:
+    """Rank one batch's held-out events by every scorer into ``metrics`` (rank_batches)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.autocast)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    rows, pos, targets, mask = held_out(batch)
+    for name, scorer in scorers.items():
+        with autocast:
+            scores = scorer(batch, rows, pos, mask).float()
+        if blocked.get(name) is not None:
+            scores[:, blocked[name]] = float("-inf")
+        if cfg.exclude_seen:
+            exclude_history(scores, batch, mask)
+        metrics[name].add(scores, targets, index)
+        side = getattr(scorer, "side_metrics", None)
+        if side is not None:
+            with autocast:
+                side(metrics[name], batch, rows, pos)
 
 
 def evaluate_batches(
@@ -393,7 +370,9 @@ def _add_side_metrics(model, metrics: RankingMetrics, hidden, batch, rows, pos) 
         metrics.type_correct += int((predicted == batch["types"][rows, pos + 1]).sum())
         metrics.type_total += len(rows)
     if heads.value_head is not None:
+        # Every row through the head (no branch on the data: under ZeRO-3 each head's forward is
+        # a collective every rank must run), errors counted where a value exists.
         has = batch["has_value"][rows, pos + 1]
+        err = heads.value_head(hidden).squeeze(-1).float() - batch["values"][rows, pos + 1]
         if has.any():
-            err = heads.value_head(hidden[has]).squeeze(-1).float() - batch["values"][rows, pos + 1][has]
-            metrics.add_values(float((err**2).sum()), int(has.sum()))
+            metrics.add_values(float((err[has] ** 2).sum()), int(has.sum()))

@@ -24,7 +24,8 @@ from trainer import checkpoint as ckpt
 from trainer import sharded_run
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
-from trainer.evaluate import WHOLE, Part, eval_loader, evaluate_model
+from trainer.eval_part import WHOLE, Part
+from trainer.evaluate import eval_loader, evaluate_model
 from trainer.item_rows import dense_parameters, prepare_for_ddp
 from trainer.loop_checkpoint import CheckpointMixin, TrainState
 from trainer.next_period import evaluate_model_on_period
@@ -145,9 +146,9 @@ class Trainer(CheckpointMixin):
             return self._keep_latest()
         stop = False
         model = self.accelerator.unwrap_model(self.model)
-        # ZeRO-3: parameters are partitioned, so every rank runs the (identical) evaluation and
-        # the forward passes gather them collectively; the weights kept if this is the best
-        # validation yet are gathered by every rank too.
+        # ZeRO-3: parameters are partitioned and every forward gathers them collectively, so each
+        # rank scores its share of the batches in step with the others (Part.collective); the
+        # weights kept if this is the best validation yet are gathered by every rank too.
         weights = self.trainable_weights() if self.zero_stage == 3 else None
         metrics = None
         if self.zero_stage == 3:
@@ -155,7 +156,7 @@ class Trainer(CheckpointMixin):
 
             # The item table is read outside any module's forward in evaluation: gather it.
             with deepspeed.zero.GatheredParameters([model.items.ids.weight], modifier_rank=None):
-                metrics = self._evaluate_valid(model, WHOLE)
+                metrics = self._evaluate_valid(model, Part.of(self.accelerator, collective=True))
         elif self.accelerator.num_processes > 1:
             # Each rank scores its share of the batches; the merged metrics equal one process's.
             metrics = self._evaluate_valid(model, Part.of(self.accelerator))

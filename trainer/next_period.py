@@ -32,7 +32,8 @@ from data_sharding.batching import collate_windows
 from data_sharding.vocab import UNK_ITEM
 from trainer import baselines
 from trainer.errors import ConfigError
-from trainer.evaluate import WHOLE, EvalConfig, ModelScorer, Part, eval_mode, rank_batches, rank_metrics
+from trainer.eval_part import WHOLE, Part
+from trainer.evaluate import EvalConfig, ModelScorer, eval_mode, rank_batches, rank_metrics
 from trainer.periods import Period, catalogue, iter_period, previous_period
 
 GROUPS = {

@@ -19,7 +19,8 @@ from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
 from trainer.config import CONFIG, RunConfig, check_compatible, load_run_config
 from trainer.errors import ConfigError
-from trainer.evaluate import WHOLE, EvalConfig, Part, evaluate_model, resolve_exclude_seen
+from trainer.eval_part import WHOLE, Part
+from trainer.evaluate import EvalConfig, evaluate_model, resolve_exclude_seen
 from trainer.factory import build_model, mark_cold_items, parameter_counts
 from trainer.loop import Trainer
 from trainer.next_period import KnownItems, ModelScorer, evaluate_next_period

@@ -17,16 +17,8 @@ import torch
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
-from trainer.evaluate import (
-    WHOLE,
-    EvalConfig,
-    Part,
-    RankingMetrics,
-    _add_side_metrics,
-    eval_mode,
-    held_out,
-    merge_parts,
-)
+from trainer.eval_part import WHOLE, Part, merge_parts
+from trainer.evaluate import EvalConfig, RankingMetrics, _add_side_metrics, eval_mode, held_out
 
 
 @torch.no_grad()

@@ -105,6 +105,10 @@ class TrainConfig:
     """Validate every N optimizer steps (0: only at the end)."""
     patience: int = 5
     """Stop after this many validations without a better valid NDCG@10 (0: never)."""
+    ema_decay: float = 0.0
+    """Validate, early-stop and keep in ``best/`` an exponential moving average of the trainable
+    weights with this decay per optimizer step (e.g. 0.999; 0: off, the raw weights). DDP or one
+    process with a dense item table (trainer.ema)."""
     collective_timeout_minutes: float = 60.0
     """How long a collective (all-reduce, barrier) waits for every rank before the process group
     fails. The other ranks wait in one while the main process validates, so it must outlast the
@@ -124,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError("train.global_batch_size must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay {self.ema_decay}: use a value in [0, 1), e.g. 0.999 (0: off)")
         if self.collective_timeout_minutes <= 0:
             raise ConfigError("train.collective_timeout_minutes must be > 0")
 

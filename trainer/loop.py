@@ -8,6 +8,7 @@ each rank reads its own part of the shards (see data_sharding.stream).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -23,6 +24,7 @@ from data_sharding.stream import ShardDataset, StreamConfig
 from trainer import checkpoint as ckpt
 from trainer import sharded_run
 from trainer.config import RunConfig
+from trainer.ema import WeightAverage
 from trainer.errors import ConfigError
 from trainer.eval_part import WHOLE, Part
 from trainer.evaluate import eval_loader, evaluate_model
@@ -105,6 +107,20 @@ class Trainer(CheckpointMixin):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer, device_placement=placement)
         if self.accelerator.process_index > 0:
             torch.manual_seed(seed * 1_000_003 + self.accelerator.process_index)
+        self.ema = None
+        decay = self.cfg.train.ema_decay
+        if decay > 0:
+            if self.zero_stage is not None or placed:
+                raise ConfigError(
+                    "train.ema_decay needs DDP or one process and a dense item table (not DeepSpeed or sharded)"
+                )
+            self.ema = WeightAverage(self.accelerator.unwrap_model(self.model), decay)
+
+    def _averaged(self):
+        """The model with the weight average swapped in (train.ema_decay), or as it is."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.accelerator.unwrap_model(self.model))
 
     # -- stop requests (preemption) -------------------------------------------------------------
 
@@ -141,7 +157,12 @@ class Trainer(CheckpointMixin):
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> bool:
-        """Validate on the main process; keep the best weights; True when patience ran out."""
+        """Validate (the weight average, with train.ema_decay); keep the best weights; True when
+        patience ran out."""
+        with self._averaged():
+            return self._validate()
+
+    def _validate(self) -> bool:
         if not self.validates:
             return self._keep_latest()
         stop = False
@@ -239,6 +260,8 @@ class Trainer(CheckpointMixin):
                 step_loss += out["loss"].detach() / self.grad_accum
                 if not acc.sync_gradients:
                     continue
+                if self.ema is not None:
+                    self.ema.update(acc.unwrap_model(self.model))
                 self.scheduler.step()
                 self.set_row_lr()
                 self.state.step += 1

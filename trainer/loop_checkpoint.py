@@ -34,7 +34,7 @@ class TrainState:
 
 
 class CheckpointMixin:
-    """Needs: run, cfg, accelerator, model, optimizer, scheduler, loader, state, zero_stage,
+    """Needs: run, cfg, accelerator, model, optimizer, scheduler, loader, state, zero_stage, ema,
     vocab_version, log, _last_save (set by Trainer.__init__)."""
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
@@ -67,6 +67,8 @@ class CheckpointMixin:
             optimizer = {"scheduler": self.scheduler.state_dict()}
             if self.zero_stage is None:
                 optimizer["optimizer"] = self.optimizer.state_dict()
+            if self.ema is not None:
+                optimizer["ema"] = self.ema.state_dict()
             ckpt.finish_checkpoint(tmp, target, weights, optimizer, state)
             ckpt.prune(self.run, self.cfg.checkpoint.keep_last)
         acc.wait_for_everyone()
@@ -102,6 +104,10 @@ class CheckpointMixin:
                 str(path / ckpt.ZERO_DIR), tag="state", load_module_strict=False, load_lr_scheduler_states=False
             )
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ema is not None and "ema" in saved:
+            self.ema.load_state_dict(saved["ema"])
+        elif self.ema is not None:
+            self.log(f"{path} holds no weight average (train.ema_decay was off): it starts from these weights")
         self.set_row_lr()
         rank = self.accelerator.process_index
         rank_state = ckpt.load_rank_state(path, rank if rank < saved_world else 0)  # ranks step together

@@ -63,6 +63,7 @@ def arms(smoke: bool, smollm2: str) -> dict[str, list[str]]:
         return {"default": [*scratch, *tiny], "smollm2_lora": [*lora, *tiny]}
     return {
         "default": ["--train.micro_batch_size=256"],  # the SmolLM2 architecture, 2 blocks, random init
+        "default_compiled": ["--train.micro_batch_size=256", "--train.compile=true"],
         "smollm2_lora": [*lora, "--train.micro_batch_size=128"],
     }
 

@@ -105,6 +105,10 @@ class TrainConfig:
     """Validate every N optimizer steps (0: only at the end)."""
     patience: int = 5
     """Stop after this many validations without a better valid NDCG@10 (0: never)."""
+    compile: bool = False
+    """``torch.compile`` the backbone (dynamic shapes: packed batches vary in rows). Off by default:
+    on CPU it took ~49 s to warm up and ran no faster on the Sports recipe (issue 19's note); on
+    GPUs `benchmarks/gpu_bench.py` measures it (its ``default_compiled`` arm)."""
     ema_decay: float = 0.0
     """Validate, early-stop and keep in ``best/`` an exponential moving average of the trainable
     weights with this decay per optimizer step (e.g. 0.999; 0: off, the raw weights). DDP or one

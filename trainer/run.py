@@ -65,6 +65,8 @@ def _train_run(run: Path, cfg: RunConfig, log) -> dict:
         if problem:
             raise ConfigError(f"train.init_from {source}: {problem}")
         (grow_sharded if sharded else ckpt.grow_and_load)(model, source, main_log)
+    if cfg.train.compile:
+        model.backbone.compile(dynamic=True)  # in place: parameter names (checkpoints) unchanged
     trainable, total = parameter_counts(model)
     main_log(f"model: {trainable:,} trainable of {total:,} parameters; {info.num_items:,} item ids")
     if info.text_report:

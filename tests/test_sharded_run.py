@@ -101,6 +101,9 @@ def test_the_item_table_choice_says_what_a_sharded_table_needs(tmp_path, cyclic_
     assert not use_sharded_table(auto, SHARDED_FROM_ITEMS - 1, 1, False)
     assert use_sharded_table(auto, SHARDED_FROM_ITEMS, 1, False, said.append) and "auto -> sharded" in said[-1]
     assert not use_sharded_table(auto, SHARDED_FROM_ITEMS, 2, False, said.append)  # accumulation
+    auto.train.ema_decay = 0.999
+    assert not use_sharded_table(auto, SHARDED_FROM_ITEMS, 1, False, said.append)
+    assert "train.ema_decay=0" in said[-1]
 
 
 def test_a_two_rank_sharded_run_validates_as_one_process_and_resumes_on_two_ranks_and_on_one(small_data, tmp_path):  # noqa: F811

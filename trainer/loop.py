@@ -110,10 +110,8 @@ class Trainer(CheckpointMixin):
         self.ema = None
         decay = self.cfg.train.ema_decay
         if decay > 0:
-            if self.zero_stage is not None or placed:
-                raise ConfigError(
-                    "train.ema_decay needs DDP or one process and a dense item table (not DeepSpeed or sharded)"
-                )
+            if self.zero_stage is not None:  # (a sharded table refuses it: trainer.sharded_run.blockers)
+                raise ConfigError("train.ema_decay needs DDP or one process (not DeepSpeed)")
             self.ema = WeightAverage(self.accelerator.unwrap_model(self.model), decay)
 
     def _averaged(self):

@@ -88,7 +88,9 @@ def load_dense_rows(table, path: Path | str, name: str) -> int:
             end = min(first + rows.shape[0], old)
             if end > first:
                 rows[: end - first] = part[first:end]
-    except (OSError, KeyError) as e:  # missing or foreign file: name it
+    except ValueError:  # the shape check above: already names the file
+        raise
+    except Exception as e:  # missing, truncated or foreign file: name it
         raise ValueError(f"{path}: cannot read the item table {name}: {e}") from e
     return old
 

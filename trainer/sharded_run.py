@@ -39,6 +39,8 @@ def blockers(cfg, num_items: int, accumulation: int, deepspeed: bool) -> list[st
         out.append("no score priors (model.transition_prior / repeat_prior: not built for it)")
     if cfg.data.validate_on_newest:
         out.append("data.validate_on_newest=false (next-period validation is not built for it)")
+    if cfg.train.ema_decay > 0:
+        out.append("train.ema_decay=0 (the weight average copies every trainable row)")
     if deepspeed:
         out.append("DDP or one process, not DeepSpeed")
     if accumulation > 1:

@@ -50,7 +50,7 @@ BGPT = [sys.executable, "-m", "launch.cli"]
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = REPO / "benchmarks" / "configs"
 CUTS = (0.625, 0.70, 0.775, 0.85, 0.925)
-BASELINES = ["popularity", "recent-popularity", "transition"]
+BASELINES = ["popularity", "recent-popularity", "transition", "transition-online"]
 DATASETS = {
     "ml1m": (
         [str(SHARED / "ml-1m" / "ratings_users_0001-2999.dat"), "--format", "movielens"],
@@ -315,12 +315,18 @@ def summarise(args, series: list[dict], forgetting: dict, epochs: int, config: P
     }
 
 
+def scored_baselines(result: dict) -> list[str]:
+    """The baselines a result holds (one written before a baseline was added lacks it)."""
+    return [b for b in BASELINES if b in result["series"][0]["baselines"]["scorers"]]
+
+
 def report(result: dict, name: str) -> None:
     rows = []
+    kinds = scored_baselines(result)
     for p in result["series"]:
         base = p["baselines"]["scorers"]
         cells = [p[a]["scorers"]["model"]["overall"]["ndcg@10"] for a in ("incremental", "full", "stale")]
-        cells += [base[b]["overall"]["ndcg@10"] for b in BASELINES]
+        cells += [base[b]["overall"]["ndcg@10"] for b in kinds]
         compute = p["compute"]
         rows.append(
             f"| {p['increment']} | {p['baselines']['summary']['scored']:,} | "
@@ -331,7 +337,7 @@ def report(result: dict, name: str) -> None:
     groups = list(last["incremental"]["scorers"]["model"]["breakdown"])
     breakdown = ["| scorer | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     named = [(a, last[a]["scorers"]["model"]) for a in ("incremental", "full", "stale")]
-    named += [(b, last["baselines"]["scorers"][b]) for b in BASELINES]
+    named += [(b, last["baselines"]["scorers"][b]) for b in kinds]
     for label, scores in named:
         cells = [scores["breakdown"].get(g) for g in groups]
         breakdown.append(
@@ -346,9 +352,9 @@ def report(result: dict, name: str) -> None:
         "NDCG@10 on every event of the period after each increment, predicted from everything before it "
         "(next-period protocol, full ranking); targets = training targets of each arm's final model.",
         "",
-        "| increment | events | incremental | full retrain | stale | popularity | recent popularity | transition "
+        "| increment | events | incremental | full retrain | stale | " + " | ".join(kinds) + " "
         "| incremental targets | full targets |",
-        "|---" * 10 + "|",
+        "|---" * (7 + len(kinds)) + "|",
         *rows,
         "",
         *(
@@ -393,7 +399,7 @@ def plot(result: dict, path: Path, name: str) -> None:
     x = [p["increment"] for p in series]
     for arm, label in (("incremental", "(a) incremental"), ("full", "(b) full retrain"), ("stale", "(c) stale")):
         ax.plot(x, [p[arm]["scorers"]["model"]["overall"]["ndcg@10"] for p in series], marker="o", label=label)
-    for b in BASELINES:
+    for b in scored_baselines(result):
         values = [p["baselines"]["scorers"][b]["overall"]["ndcg@10"] for p in series]
         ax.plot(x, values, linestyle="--", marker=".", label=b)
     ax.set_xlabel("increment")

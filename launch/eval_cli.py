@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_sharding.errors import BgptError
 
-BASELINE_KINDS = ("popularity", "recent-popularity", "transition")
+BASELINE_KINDS = ("popularity", "recent-popularity", "transition", "transition-online")  # trainer.baselines.KINDS
 PROTOCOLS = ("split", "next-period")
 
 

@@ -85,6 +85,18 @@ def cyclic_data(tmp_path_factory):
     return root / "data"
 
 
+def shard_generations(tmp_path: Path, generations: list[list[tuple[str, str, int]]], t0: int) -> Path:
+    """(user, item, seconds after t0) rows, one list per generation, sharded as appended generations
+    (``--split none``) into tmp_path/data."""
+    from data_sharding.sequences import SplitConfig
+
+    out = tmp_path / "data"
+    for gen, rows in enumerate(generations, start=1):
+        lines = ["user,item,ts"] + [f"{u},{i},{t0 + t}" for u, i, t in rows]
+        shard([write_lines(tmp_path / f"g{gen}.csv", lines)], out, append=gen > 1, split=SplitConfig("none"))
+    return out
+
+
 def tiny_config(data, **train):
     return build_config(
         {

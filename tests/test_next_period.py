@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import shard, tiny_config, write_lines
+from conftest import shard, shard_generations, tiny_config, write_lines
 
 from data_sharding.sequences import SplitConfig
 from launch.cli import main
@@ -28,11 +28,7 @@ GEN2 = [("u1", "d", 1000), ("u1", "a", 1100), ("u2", "c", 1010), ("u4", "a", 102
 
 
 def two_generations(tmp_path):
-    out = tmp_path / "data"
-    for gen, rows in ((1, GEN1), (2, GEN2)):
-        lines = [HEAD] + [f"{u},{i},{T0 + t}" for u, i, t in rows]
-        shard([write_lines(tmp_path / f"g{gen}.csv", lines)], out, append=gen == 2, split=SplitConfig("none"))
-    return out
+    return shard_generations(tmp_path, [GEN1, GEN2], T0)
 
 
 def hits(ranks: list[int], k: int) -> float:

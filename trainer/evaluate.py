@@ -47,6 +47,10 @@ class EvalConfig:
     """Never recommend an item already in the user's history: true, false, or auto (true when fewer
     than 5% of training events repeat an earlier item of the same user; decided once per run and
     written to its config.yaml)."""
+    online_counts: bool = True
+    """Next-period scoring: count priors (model.transition_prior) also count the pairs of the
+    predicted period completed before each query, as a count memory kept up to date in deployment
+    does (trainer.online_pairs). Never for a stored valid/test split."""
     autocast: bool = True
     """On GPUs, run the network in bf16 autocast when scoring (item scores and ranks stay fp32)."""
 
@@ -225,14 +229,22 @@ class ModelScorer:
         inputs = {**batch, "mask": mask}
         states = [m.query_states(inputs, t, rows, pos) for m, t in zip(self.models, self.tables, strict=True)]
         items, visible = batch["items"][rows], mask[rows]
+        at = batch["times"][rows, pos + 1]
         scores = [
-            m.next_item_scores(h, t, items, visible, pos)
+            m.next_item_scores(h, t, items, visible, pos, at)
             for m, h, t in zip(self.models, states, self.tables, strict=True)
         ]
         if len(self.models) == 1:
             self.hidden = states[0]
             return scores[0]
         return torch.stack([torch.log_softmax(x, dim=1) for x in scores]).mean(dim=0)
+
+    def observe(self, pairs) -> None:
+        """Count the predicted period's pairs (trainer.online_pairs.PeriodPairs; None: stop) in the
+        members' transition priors."""
+        for m in self.models:
+            if m.prior is not None:
+                m.prior.online = None if pairs is None else pairs.get(m.prior.steps)
 
     def side_metrics(self, metrics: RankingMetrics, batch, rows, pos) -> None:
         """Next-event-type accuracy and value error (one model only: the side heads are per model)."""

@@ -374,14 +374,22 @@ class BehaviorGPT(nn.Module):
         return [p for p in (self.prior, self.repeat) if p is not None]
 
     def next_item_scores(
-        self, states: torch.Tensor, table: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+        self,
+        states: torch.Tensor,
+        table: torch.Tensor,
+        items: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, V) scores of the next item from ``states`` (N, H) (query_states), for queries whose
         history ends at ``pos`` of the (N, T) window ``items`` / ``mask`` (what the priors read);
-        reserved ids never win."""
+        reserved ids never win. ``at`` (N,): the queries' times (priors holding online pairs count
+        those known before them)."""
         scores = self.heads.item_scores(states, table)
         for prior in self.score_priors:
-            scores = scores + prior.offsets(prior.query_inputs(items, mask, pos), weights=prior.row_weights(states))
+            inputs = prior.query_inputs(items, mask, pos)
+            scores = scores + prior.offsets(inputs, weights=prior.row_weights(states), at=at)
         return scores
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

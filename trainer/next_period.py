@@ -34,6 +34,7 @@ from trainer import baselines
 from trainer.errors import ConfigError
 from trainer.eval_part import WHOLE, Part
 from trainer.evaluate import EvalConfig, ModelScorer, eval_mode, rank_batches, rank_metrics
+from trainer.online_pairs import PeriodPairs, observing
 from trainer.periods import Period, catalogue, iter_period, previous_period
 
 GROUPS = {
@@ -159,7 +160,12 @@ def score_period(
     queries = PeriodQueries(root, period, max_len, cfg.batch_size, warm)
     items = int(catalogue(root, period).sum())
     device = device or torch.device("cpu")
-    results = rank_batches(scorers, queries.batches(), cfg, device, rankable, True, items, part=part)
+    # Online counts: the period's own pairs, for the scorers that count them (never a stored split).
+    pairs = PeriodPairs(root, period, num_items) if period.split is None else None
+    fitted = fitters or []
+    listening = [s for s in scorers.values() if cfg.online_counts or any(s is f for f in fitted)]
+    with observing(listening, pairs):
+        results = rank_batches(scorers, queries.batches(), cfg, device, rankable, True, items, part=part)
     summary = queries.describe()
     known = getattr(scorers.get("model"), "known", None)
     summary["unknown_targets"] = int((np.array(queries.targets) >= known).sum()) if known is not None else 0
@@ -240,6 +246,9 @@ class KnownItems:
     @property
     def models(self) -> list:
         return self.scorer.models
+
+    def observe(self, pairs) -> None:
+        self.scorer.observe(pairs)
 
     def side_metrics(self, metrics, batch, rows, pos) -> None:
         self.scorer.side_metrics(metrics, batch, rows, pos)

@@ -28,6 +28,7 @@ from torch import nn
 from data_sharding.shards import SPLIT_TRAIN, SPLIT_VALID
 from data_sharding.stream import iter_sequences
 from data_sharding.vocab import PAD_ITEM
+from trainer.online_pairs import OnlinePairs
 
 PAIRS_FILE = "item_pairs.npz"
 DENSE_TABLE_MAX = 64_000_000
@@ -121,6 +122,9 @@ class TransitionPrior(nn.Module):
             nn.init.zeros_(self.gate.bias)
         self._table: torch.Tensor | None = None
         self._work: torch.Tensor | None = None
+        self.online: OnlinePairs | None = None
+        """Pairs of the predicted period (trainer.online_pairs), added to the counts of queries scored
+        with their time (``at``): each query counts those known before it."""
 
     def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T-1, steps): for each training position, its item and the ones before it."""
@@ -167,14 +171,25 @@ class TransitionPrior(nn.Module):
         return out
 
     def features(
-        self, src: torch.Tensor, dst: torch.Tensor | None = None, leave_out: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor | None = None,
+        leave_out: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(steps, N, V) (``dst`` None) or (steps, N, C) log(1 + count) of each source column of
         ``src`` (N, steps) to every item / to ``dst`` (C,) or (N, C). ``leave_out`` (N,): each row's
-        own target, whose pair from source d counted 1/d (training: the pair itself)."""
+        own target, whose pair from source d counted 1/d (training: the pair itself). ``at`` (N,):
+        the queries' times, when :attr:`online` pairs are counted (scoring every item only)."""
+        online = self.online if at is not None else None
+        if online is not None and (dst is not None or leave_out is not None):
+            raise ValueError("online pairs are counted when scoring every item, not in training")
         out = []
         for d in range(self.steps):
-            if dst is None and leave_out is None:
+            if online is not None:
+                column = src[:, d]
+                logs = torch.log1p(self._scatter_rows(column) + online.rows(column, at, self.count.dtype))
+            elif dst is None and leave_out is None:
                 logs = self._log_rows(src[:, d])
             elif dst is None:
                 rows = torch.empty(len(src), self.num_items, dtype=self.count.dtype, device=src.device)
@@ -230,15 +245,17 @@ class TransitionPrior(nn.Module):
             self._work = torch.empty(rows, self.num_items, dtype=dtype, device=device)
         return self._work[:rows]
 
-    def offsets(self, src: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def offsets(
+        self, src: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None, at=None
+    ) -> torch.Tensor:
         """The score offsets: the sum of :meth:`features` over the sources, at the rows' ``weights``
         (N, steps) (:meth:`row_weights`; the step weights alone when None, which a gated prior
-        refuses: it needs the states)."""
+        refuses: it needs the states); ``at``: the queries' times (online pairs)."""
         if weights is None:
             if self.gate is not None:
                 raise ValueError("a gated transition prior scores with row_weights(states)")
             weights = self.row_weights(src)  # without a gate it reads only the row count
-        return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out))
+        return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out, at))
 
 
 class RepeatPrior(nn.Module):
@@ -283,10 +300,11 @@ class RepeatPrior(nn.Module):
         return self.weight.reshape(1, 1).expand(len(states), 1)
 
     def offsets(
-        self, inputs: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None
+        self, inputs: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None, at=None
     ) -> torch.Tensor:
-        """Score offsets (``leave_out`` is ignored: a position's history never holds its target);
-        ``weights`` (N, 1): :meth:`row_weights` (the weight itself when None)."""
+        """Score offsets (``leave_out`` is ignored: a position's history never holds its target;
+        ``at`` too: the history is the query's own); ``weights`` (N, 1): :meth:`row_weights` (the
+        weight itself when None)."""
         return (self.weight if weights is None else weights) * self.features(inputs, dst)
 
     def add_training_offsets(

@@ -1,0 +1,116 @@
+"""Online pair counts: "after X, users did Y" pairs that happened during the predicted period.
+
+A count memory taken when a model was trained (trainer.priors) or a baseline was fit
+(trainer.baselines) knows nothing of the period it predicts. Yet when an event of the period is
+predicted at time T, every pair of consecutive events completed before T has happened: a count
+memory that is kept up to date as events arrive (as a deployed one is) has counted it. This
+module collects the period's pairs with the time each became known (the time of its second event)
+and gives, for a query at time T, the counts of the pairs known strictly before T (events at T
+itself, the user's own included, are never counted: their order within one timestamp is unknown).
+It is also the only source of counts for items first seen in the period, which no count table
+taken before it can hold.
+
+Used by next-period scoring (``eval.online_counts``) for the models' transition priors and by the
+``transition-online`` baseline; never for a stored valid/test split (leave-one-out), whose events
+are not a period that unfolds in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+
+import numpy as np
+import torch
+
+from trainer.periods import Period, iter_period
+
+
+class OnlinePairs:
+    """The pairs of a period (source, destination, weight) with the time each became known; counts
+    of those known before a query's time, as dense (N, V) rows."""
+
+    def __init__(self, src: np.ndarray, dst: np.ndarray, known_at: np.ndarray, weight: np.ndarray, num_items: int):
+        self.num_items = num_items
+        keep = (src < num_items) & (dst < num_items)
+        src, dst, known_at, weight = src[keep], dst[keep], known_at[keep], weight[keep]
+        self.times = np.unique(known_at)  # a pair's time as its rank among these (fits an int64 key)
+        rank = np.searchsorted(self.times, known_at)
+        self.span = len(self.times) + 1
+        order = np.lexsort((rank, src))
+        self.keys = torch.from_numpy(src[order].astype(np.int64) * self.span + rank[order])
+        self.dst = torch.from_numpy(dst[order].astype(np.int64))
+        self.weight = torch.from_numpy(weight[order].astype(np.float64))
+        self.known_at = torch.from_numpy(known_at[order].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(
+        self, src: torch.Tensor, at: torch.Tensor, dtype=torch.float64, decay: tuple[int, float] | None = None
+    ) -> torch.Tensor:
+        """(N, V) summed weights of the pairs from ``src[n]`` known before ``at[n]`` (ms).
+        ``decay`` (reference ms, half-life ms): each weight times 2 ** ((known_at - reference) /
+        half-life), as a decayed count table weighs its pairs."""
+        device = src.device
+        out = torch.zeros(len(src), self.num_items, dtype=dtype, device=device)
+        if not len(self.keys):
+            return out
+        keys, dst, weight = (t.to(device) for t in (self.keys, self.dst, self.weight))
+        if decay is not None:
+            weight = weight * torch.exp2((self.known_at.to(device) - decay[0]).to(torch.float64) / decay[1])
+        before = torch.from_numpy(np.searchsorted(self.times, at.cpu().numpy(), side="left")).to(device)
+        source = src.to(torch.int64) * self.span
+        lo = torch.searchsorted(keys, source)
+        hi = torch.searchsorted(keys, source + before)
+        lengths = hi - lo
+        rows = torch.repeat_interleave(torch.arange(len(src), device=device), lengths)
+        starts = torch.repeat_interleave(lo - (torch.cumsum(lengths, 0) - lengths), lengths)
+        entries = starts + torch.arange(len(rows), device=device)
+        out.index_put_((rows, dst[entries]), weight[entries].to(dtype), accumulate=True)
+        return out
+
+
+def collect(root, period: Period, steps: int, num_items: int) -> OnlinePairs:
+    """The period's pairs up to ``steps`` events apart (weight 1/distance, as the count tables),
+    each pair's second event in the period (its first may be older)."""
+    src, dst, known_at, weight = [], [], [], []
+    for _, events, target, _ in iter_period(root, period):
+        if not target.any():
+            continue
+        items, ts = events["item"].astype(np.int64), events["ts"]
+        for d in range(1, min(steps, len(items) - 1) + 1):
+            new = target[d:]
+            src.append(items[:-d][new])
+            dst.append(items[d:][new])
+            known_at.append(ts[d:][new])
+            weight.append(np.full(int(new.sum()), 1.0 / d))
+    if not src:
+        empty = np.empty(0, np.int64)
+        return OnlinePairs(empty, empty, empty, np.empty(0), num_items)
+    return OnlinePairs(*(np.concatenate(parts) for parts in (src, dst, known_at, weight)), num_items)
+
+
+class PeriodPairs:
+    """The pairs of one period, collected once per number of steps (scorers ask for their own)."""
+
+    def __init__(self, root, period: Period, num_items: int) -> None:
+        self.root, self.period, self.num_items = root, period, num_items
+        self.get = cache(self._collect)
+
+    def _collect(self, steps: int) -> OnlinePairs:
+        return collect(self.root, self.period, steps, self.num_items)
+
+
+@contextlib.contextmanager
+def observing(scorers: list, pairs: PeriodPairs | None):
+    """Within the block, every scorer that counts online (has ``observe``) holds ``pairs``; taken
+    back after it (scorers are reused: a model keeps training after its validation)."""
+    observers = [s for s in scorers if hasattr(s, "observe")] if pairs is not None else []
+    for scorer in observers:
+        scorer.observe(pairs)
+    try:
+        yield
+    finally:
+        for scorer in observers:
+            scorer.observe(None)

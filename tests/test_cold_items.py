@@ -11,7 +11,8 @@ from trainer import checkpoint as ckpt
 from trainer.errors import ConfigError
 from trainer.evaluate import ModelScorer
 from trainer.factory import mark_cold_items
-from trainer.model import ItemEncoder, ItemFeatures, ModelConfig
+from trainer.item_features import ItemFeatures
+from trainer.model import ItemEncoder, ModelConfig
 from trainer.run import evaluate_on_period, run_scorer, train_run
 
 QUIET = {"log": lambda *a: None}

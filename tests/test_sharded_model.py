@@ -29,7 +29,8 @@ def build(sharded: bool):
     from data_sharding.vocab import NUM_RESERVED_ITEMS
     from trainer import backbone as backbones
     from trainer.heads import HeadsConfig
-    from trainer.model import BehaviorGPT, ItemFeatures, ModelConfig
+    from trainer.item_features import ItemFeatures
+    from trainer.model import BehaviorGPT, ModelConfig
 
     cfg = ModelConfig(backbone="scratch", num_layers=1, hidden_size=HIDDEN, num_heads=2, dropout=0.0, max_len=12)
     heads = HeadsConfig(item_loss="sampled", num_negatives=8, type_weight=0.5, time_weight=0.5, value_weight=0)

@@ -245,6 +245,8 @@ class ModelScorer:
         for m in self.models:
             if m.prior is not None:
                 m.prior.online = None if pairs is None else pairs.get(m.prior.steps)
+            if m.trend is not None:
+                m.trend.observe(None if pairs is None else pairs.events())
 
     def side_metrics(self, metrics: RankingMetrics, batch, rows, pos) -> None:
         """Next-event-type accuracy and value error (one model only: the side heads are per model)."""

@@ -19,8 +19,10 @@ from trainer import backbone as backbones
 from trainer import text_tower
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
-from trainer.model import BehaviorGPT, ItemFeatures, LoraConfig, ModelConfig, parse_attributes
+from trainer.item_features import ItemFeatures, parse_attributes
+from trainer.model import BehaviorGPT, LoraConfig, ModelConfig
 from trainer.priors import PAIRS_FILE, count_pairs, load_pairs
+from trainer.trend_prior import EVENTS_FILE, item_events, load_events
 
 
 @dataclass
@@ -208,6 +210,9 @@ def item_features(
     features.text_mode = mode if features.text is not None else None
     if cfg.transition_prior:
         features.pairs = _transition_counts(cfg, info, data, cache)
+    if cfg.trend_prior:  # the run's events (RUN/item_events.npz); without a run, the data's
+        cached = cache / EVENTS_FILE if cache is not None else None
+        features.item_events = load_events(cached) if cached and cached.exists() else item_events(data)
     if cfg.item_attributes and info.has("attributes"):
         features.attribute_vocab = {}
         ids, offsets, size = parse_attributes(info.attributes, features.attribute_vocab)

@@ -127,6 +127,12 @@ class InferenceModel:
         """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
         from trainer.new_items import ItemWriter
 
+        if getattr(model, "trend", None) is not None:
+            raise ConfigError(
+                "model.trend_prior is not built for exports, batch prediction or serving yet "
+                "(it needs a live count of recent events); evaluate the run with `bgpt eval`"
+            )
+
         with torch.no_grad():
             table = model.items.table().detach().clone()
             writer = ItemWriter.from_model(model)

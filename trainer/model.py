@@ -20,9 +20,11 @@ from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
+from trainer.item_features import ItemFeatures
 from trainer.item_rows import RowTable
 from trainer.priors import RepeatPrior, TransitionPrior
-from trainer.text_tower import POOLINGS, attribute_pairs
+from trainer.text_tower import POOLINGS
+from trainer.trend_prior import TrendPrior
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 
@@ -83,6 +85,14 @@ class ModelConfig:
     repeat_prior: bool = False
     """Add a learned multiple of log(1 + times the item occurs in the visible history) to its score:
     repeat consumption (music, groceries, restaurants), learned negative where users never come back."""
+    trend_prior: bool = False
+    """Add learned multiples of log(1 + the item's events in each of the last ``trend_windows_days``
+    before the prediction time), and a learned bias by the item's age then, to every item's score:
+    what is new and popular now (trainer.trend_prior). Only events before the prediction count; in
+    next-period scoring the period's earlier events count too. Training and evaluation only (no
+    export or serving yet)."""
+    trend_windows_days: list[float] = field(default_factory=lambda: [1.0, 7.0, 30.0])
+    """The trend prior's trailing windows, in days."""
     query_time: bool = False
     """Condition next-item scores on when the prediction is made: the (log-bucketed) gap between the
     last event and the prediction time (the next event's time in training and evaluation, the
@@ -117,6 +127,8 @@ class ModelConfig:
             raise ConfigError("model.transition_neighbors and model.transition_steps must be >= 1")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"model.id_dropout {self.id_dropout} must be in [0, 1)")
+        if not self.trend_windows_days or min(self.trend_windows_days) <= 0:
+            raise ConfigError("model.trend_windows_days must be a non-empty list of positive numbers of days")
         if self.transition_gate and not self.transition_prior:
             raise ConfigError("model.transition_gate gates the transition prior: set model.transition_prior=true too")
 
@@ -132,45 +144,6 @@ class LoraConfig:
     """Module names to adapt; names absent from the backbone are ignored."""
     full_finetune: bool = False
     """Train every backbone weight instead of LoRA adapters (always the case for scratch backbones)."""
-
-
-@dataclass
-class ItemFeatures:
-    """Per-item side information, aligned with item ids (reserved ids included)."""
-
-    text: torch.Tensor | None = None
-    """(num_items, D) fixed text vectors (zeros where an item has no text)."""
-    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(mean, std) the LLM tower's vectors were standardised with (trainer.text_tower.standardize)."""
-    text_mode: str | None = None
-    """Which encoder made ``text`` (model.item_text resolved: backbone, minilm or llm)."""
-    attribute_ids: torch.Tensor | None = None
-    """(num_attribute_links,) attribute ids of every item, concatenated."""
-    attribute_offsets: torch.Tensor | None = None
-    """(num_items,) start of each item's run in attribute_ids (EmbeddingBag offsets)."""
-    num_attributes: int = 0
-    attribute_vocab: dict[str, int] | None = None
-    """Attribute token (``name=value``) -> id, as parse_attributes numbered them."""
-    pairs: dict[str, np.ndarray] | None = None
-    """Transition counts (trainer.priors CSR arrays) when the model has a transition prior."""
-
-
-def parse_attributes(
-    attributes: list[str | None], vocab: dict[str, int] | None = None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """``name=v1|v2; other=w`` strings -> (ids, offsets, vocabulary size); id 0 is "no attribute".
-    ``vocab`` (token -> id) is filled as tokens are met; given one already filled (a trained
-    model's), tokens it lacks are dropped instead (items first seen after training)."""
-    grow = vocab is None or not vocab
-    vocab = {} if vocab is None else vocab
-    ids: list[int] = []
-    offsets = np.zeros(len(attributes), dtype=np.int64)
-    for i, text in enumerate(attributes):
-        offsets[i] = len(ids)
-        tokens = [f"{name}={value}" for name, value in attribute_pairs(text)]
-        known = [vocab.setdefault(t, len(vocab) + 1) if grow else vocab.get(t, 0) for t in tokens]
-        ids += [t for t in known if t] or [0]
-    return np.array(ids, dtype=np.int64), offsets, len(vocab) + 1
 
 
 class ItemEncoder(nn.Module):
@@ -309,7 +282,8 @@ class BehaviorGPT(nn.Module):
         self.num_items = num_items
         self.backbone = backbone.model
         hidden = backbone.hidden_size
-        if sharded_items and (not heads_cfg.sampled_for(num_items) or cfg.transition_prior or cfg.repeat_prior):
+        priors = cfg.transition_prior or cfg.repeat_prior or cfg.trend_prior
+        if sharded_items and (not heads_cfg.sampled_for(num_items) or priors):
             raise ConfigError("a sharded item table needs heads.item_loss=sampled and no score priors")
         self.items = ItemEncoder(num_items, hidden, features, cfg.id_dropout, sharded_items)
         self.types = nn.Embedding(num_event_types, hidden, padding_idx=0)
@@ -326,6 +300,11 @@ class BehaviorGPT(nn.Module):
                 raise ConfigError("model.transition_prior needs the run's transition counts")
             self.prior = TransitionPrior(features.pairs, num_items, hidden if cfg.transition_gate else 0)
         self.repeat = RepeatPrior(num_items) if cfg.repeat_prior else None
+        self.trend = None
+        if cfg.trend_prior:
+            if features.item_events is None:
+                raise ConfigError("model.trend_prior needs the run's item events")
+            self.trend = TrendPrior(features.item_events, num_items, cfg.trend_windows_days)
 
     def embed(self, batch: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
         times = batch["times"]
@@ -371,7 +350,7 @@ class BehaviorGPT(nn.Module):
     @property
     def score_priors(self) -> list:
         """The count priors that add to item scores (trainer.priors)."""
-        return [p for p in (self.prior, self.repeat) if p is not None]
+        return [p for p in (self.prior, self.repeat, self.trend) if p is not None]
 
     def next_item_scores(
         self,
@@ -388,7 +367,7 @@ class BehaviorGPT(nn.Module):
         those known before them)."""
         scores = self.heads.item_scores(states, table)
         for prior in self.score_priors:
-            inputs = prior.query_inputs(items, mask, pos)
+            inputs = prior.query_inputs(items, mask, pos, at)
             scores = scores + prior.offsets(inputs, weights=prior.row_weights(states), at=at)
         return scores
 

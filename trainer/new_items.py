@@ -18,7 +18,7 @@ import torch
 from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer import text_tower
 from trainer.errors import ConfigError
-from trainer.model import parse_attributes
+from trainer.item_features import parse_attributes
 
 TEXT_MODES = ("llm", "minilm")
 

@@ -10,8 +10,8 @@ itself, the user's own included, are never counted: their order within one times
 It is also the only source of counts for items first seen in the period, which no count table
 taken before it can hold.
 
-Used by next-period scoring (``eval.online_counts``) for the models' transition priors and by the
-``transition-online`` baseline; never for a stored valid/test split (leave-one-out), whose events
+Used by next-period scoring (``eval.online_counts``) for the models' transition and trend priors
+(trainer.trend_prior: the period's events themselves) and by the ``transition-online`` baseline; never for a stored valid/test split (leave-one-out), whose events
 are not a period that unfolds in time.
 """
 
@@ -97,9 +97,20 @@ class PeriodPairs:
     def __init__(self, root, period: Period, num_items: int) -> None:
         self.root, self.period, self.num_items = root, period, num_items
         self.get = cache(self._collect)
+        self._events: tuple[np.ndarray, np.ndarray] | None = None
 
     def _collect(self, steps: int) -> OnlinePairs:
         return collect(self.root, self.period, steps, self.num_items)
+
+    def events(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items, times) of every event of the period (the trend prior counts those before a query)."""
+        if self._events is None:
+            items, times = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+            for _, events, target, _ in iter_period(self.root, self.period):
+                items.append(events["item"][target].astype(np.int64))
+                times.append(events["ts"][target].astype(np.int64))
+            self._events = (np.concatenate(items), np.concatenate(times))
+        return self._events
 
 
 @contextlib.contextmanager

@@ -136,8 +136,9 @@ class TransitionPrior(nn.Module):
             sources = torch.where(within, sources, torch.zeros_like(sources))
         return sources
 
-    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """(N, steps) sources of queries whose history ends at ``pos`` of each window row."""
+    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, at=None) -> torch.Tensor:
+        """(N, steps) sources of queries whose history ends at ``pos`` of each window row (``at``,
+        the queries' times, is for priors that read it)."""
         return last_items(items, mask, torch.arange(len(items), device=items.device), pos, self.steps)
 
     def counts(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -279,7 +280,7 @@ class RepeatPrior(nn.Module):
             keep = keep & (key >= query - batch["positions"][:, :-1, None])
         return torch.where(keep, items[:, None, :], torch.zeros((), dtype=items.dtype, device=items.device))
 
-    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, at=None) -> torch.Tensor:
         return window_prefixes(items, mask, pos)
 
     def features(self, history: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from trainer.run_folder import LOG_FILE, METRICS, STOPPED_FILE, VALID_LOG
 from trainer.runtime import all_cores, make_accelerator
 from trainer.sharded_run import grow_and_load as grow_sharded
 from trainer.sharded_run import release_process_group, sharded_test, table_of, use_sharded_table
+from trainer.trend_prior import EVENTS_FILE, item_events, save_events
 
 DATA_MANIFEST = "data_manifest.json"
 """The manifest of the data a run trained on, as it stood (written when training starts)."""
@@ -117,6 +118,9 @@ def _prepare_run_folder(run: Path, cfg: RunConfig, resumed: bool) -> None:
     shards.write_atomic(run / DATA_MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     if cfg.model.transition_prior and (not resumed or not (run / PAIRS_FILE).exists()):
         _count_training_pairs(run, cfg, manifest)
+    if cfg.model.trend_prior and (not resumed or not (run / EVENTS_FILE).exists()):
+        holdout = int(manifest["generation"]) - 1 if cfg.data.validate_on_newest else None
+        save_events(run / EVENTS_FILE, item_events(cfg.data.root, holdout, cfg.data.train_on_valid))
 
 
 def _finish(run: Path, cfg: RunConfig, trainer: Trainer, log, seconds: float) -> dict:

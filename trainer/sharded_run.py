@@ -35,8 +35,8 @@ def blockers(cfg, num_items: int, accumulation: int, deepspeed: bool) -> list[st
         out.append("heads.item_loss=sampled (a full softmax reads every row at every step)")
     if cfg.model.id_dropout > 0:
         out.append("model.id_dropout=0")
-    if cfg.model.transition_prior or cfg.model.repeat_prior:
-        out.append("no score priors (model.transition_prior / repeat_prior: not built for it)")
+    if cfg.model.transition_prior or cfg.model.repeat_prior or cfg.model.trend_prior:
+        out.append("no score priors (model.transition_prior / repeat_prior / trend_prior: not built for it)")
     if cfg.data.validate_on_newest:
         out.append("data.validate_on_newest=false (next-period validation is not built for it)")
     if cfg.train.ema_decay > 0:

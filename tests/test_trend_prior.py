@@ -1,0 +1,91 @@
+"""The trend prior: recent events and age of each item at the prediction time, never later ones."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import shard_generations, tiny_config
+
+from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.evaluate import EvalConfig
+from trainer.heads import ChunkedSoftmaxCE
+from trainer.next_period import evaluate_next_period
+from trainer.periods import resolve_period
+from trainer.run import run_scorer, train_run
+from trainer.trend_prior import AGE_BUCKETS, DAY_MS, EventTimes, TrendPrior, age_buckets
+
+DAY = DAY_MS
+# Item 3: days 0, 5, 9, 9. Item 4: day 8. Item 5: never.
+EVENTS = {"item": np.array([3, 3, 3, 3, 4]), "ts": np.array([0, 5, 9, 9, 8]) * DAY}
+
+
+def test_counts_take_only_events_before_the_time_within_the_window():
+    table = EventTimes(EVENTS["item"], EVENTS["ts"], 6)
+    dst = torch.tensor([[3, 4, 5], [3, 4, 5], [3, 4, 5]])
+    at = torch.tensor([9, 10, 100]) * DAY
+    week = table.counts(dst, at - 7 * DAY, at)
+    assert week.tolist() == [[1, 1, 0], [3, 1, 0], [0, 0, 0]]  # day 9 itself counts only after day 9
+    ever = table.counts(dst, at - 1000 * DAY, at)
+    assert ever.tolist() == [[2, 1, 0], [4, 1, 0], [4, 1, 0]]
+    # Ages at day 10: item 3 first seen day 0 (10 days: bucket 1 + floor(log2(11)) = 4), item 4
+    # day 8 (2 days: bucket 2), item 5 never (bucket 0); at day 8, item 4 is not seen yet.
+    assert age_buckets(table.first[dst[:1]], torch.tensor([10 * DAY])).tolist() == [[4, 2, 0]]
+    assert age_buckets(table.first[dst[:1]], torch.tensor([8 * DAY])).tolist() == [[4, 0, 0]]
+    old = age_buckets(torch.tensor([[0]]), torch.tensor([10**6 * DAY]))
+    assert old.item() == AGE_BUCKETS - 1  # the last bucket is open
+
+
+def test_offsets_and_their_exact_full_softmax_gradients():
+    prior = TrendPrior(EVENTS, 6, [1.0, 7.0]).double()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        prior.weight.normal_()
+    at = torch.tensor([9, 10, 6, 10]) * DAY
+    targets = torch.tensor([3, 4, 3, 5])
+    offsets = prior.offsets(at, weights=prior.row_weights(at))
+    w = prior.weight.detach()
+    # Row 1 (day 10), item 3: 1-day window [9, 10): 2 events; 7-day [3, 10): 3; age bucket 4.
+    assert offsets[1, 3].item() == pytest.approx(w[0] * np.log1p(2) + w[1] * np.log1p(3) + w[2 + 4])
+    assert torch.allclose(
+        prior.offsets(at, targets[:, None], weights=prior.row_weights(at))[:, 0],
+        offsets[:, 3:].gather(1, targets[:, None] - 3)[:, 0],
+    )
+
+    h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, at)], prior.row_weights(h))
+    grads = torch.autograd.grad(loss, (h, table, prior.weight))
+    copies = [t.detach().clone().requires_grad_() for t in (h, table, prior.weight)]
+    reference = TrendPrior(EVENTS, 6, [1.0, 7.0]).double()
+    scores = copies[0] @ copies[1].T + reference.offsets(at, weights=copies[2].expand(4, -1))
+    scores = torch.cat([torch.full_like(scores[:, :NUM_RESERVED_ITEMS], float("-inf")), scores[:, 3:]], 1)
+    expected = F.cross_entropy(scores, targets, reduction="sum")
+    assert torch.allclose(loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, copies), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
+    # Before: u1..u3 walk a -> b. In the period (a day later), everyone goes to the new item c.
+    before = [(f"u{u}", x, 60 * u + k) for u in range(3) for k, x in enumerate("ab")]
+    period = [(f"u{u}", "c", 90_000 + 60 * u) for u in range(3)]
+    data = shard_generations(tmp_path, [before, period], 1_600_000_000)
+    cfg = tiny_config(data, max_steps=3)
+    cfg.model.trend_prior = True
+    cfg.data.validate_on_newest = True
+    run = tmp_path / "run"
+    train_run(run, cfg, log=lambda *a: None)
+    assert (run / "item_events.npz").exists()
+    scorer, rankable, facts = run_scorer([run], data, log=lambda *a: None)
+    trend = scorer.models[0].trend
+    assert len(trend.table.keys) == 6  # the run's own events: generation 1
+    with torch.no_grad():
+        trend.weight.zero_()
+        trend.weight[0] = 50.0  # the 1-day count decides
+    eval_cfg = EvalConfig(ks=[1], exclude_seen=True)
+    result = evaluate_next_period((scorer, rankable, facts), data, resolve_period(data), eval_cfg)
+    assert len(trend.table.keys) == 6  # forgotten after scoring
+    # u0's c comes first: nothing of the period before it (a miss, a and b excluded: c or
+    # another item); u1's and u2's c follow earlier c events of the period: first.
+    assert result["scorers"]["model"]["overall"]["count"] == 3
+    assert result["scorers"]["model"]["overall"]["hr@1"] >= 2 / 3

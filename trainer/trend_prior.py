@@ -1,0 +1,149 @@
+"""Trend prior: what is new and popular at the moment of the prediction.
+
+``model.trend_prior`` adds to every item's score, at the prediction time T, learned multiples of
+``log(1 + the item's events in [T - w, T))`` for each window w of ``model.trend_windows_days``,
+and a learned bias by the item's age at T (the time since its first event, in log2-day buckets;
+an item without an event before T has a bucket of its own). Only events strictly before T count:
+in training, each position counts the training events before its target's time (never the target
+itself, never later ones); in next-period scoring the period's own earlier events count too (as a
+deployed counter would have them: trainer.online_pairs), which is how items first seen during the
+period get a score from their first events. Recent popularity alone is a weak ranking on the
+public logs measured, but it is what the network cannot know from its weights: the id vectors
+were learned before the period, and a new item's id vector was never learned at all.
+
+The events are taken once when a run starts (``RUN/item_events.npz``: item ids and times of
+exactly the events the run trains on) and counted again by `bgpt retrain`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_sharding.shards import SPLIT_TRAIN, SPLIT_VALID
+from data_sharding.stream import iter_sequences
+
+EVENTS_FILE = "item_events.npz"
+DAY_MS = 86_400_000
+AGE_BUCKETS = 16
+"""Bucket 0: no event before T; bucket b >= 1: age in [2^(b-1) - 1, 2^b - 1) days (the last open)."""
+
+
+def item_events(data, until_generation: int | None = None, include_valid: bool = False) -> dict[str, np.ndarray]:
+    """{"item", "ts"}: every training event's item and time (ms)."""
+    splits = (SPLIT_TRAIN, SPLIT_VALID) if include_valid else (SPLIT_TRAIN,)
+    items, times = [], []
+    for _, events in iter_sequences(data, until_generation=until_generation):
+        keep = np.isin(events["split"], splits)
+        items.append(events["item"][keep].astype(np.int64))
+        times.append(events["ts"][keep].astype(np.int64))
+    empty = np.empty(0, np.int64)
+    return {"item": np.concatenate(items) if items else empty, "ts": np.concatenate(times) if times else empty}
+
+
+def save_events(path, events: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **events)
+    tmp.rename(path)
+
+
+def load_events(path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+class EventTimes:
+    """Each item's event times, sorted: counts of an item's events in [a, b) by two binary searches
+    of a (item, time rank) key, and each item's first time."""
+
+    def __init__(self, items: np.ndarray, ts: np.ndarray, num_items: int) -> None:
+        keep = items < num_items
+        items, ts = items[keep], ts[keep]
+        self.times = torch.from_numpy(np.unique(ts))
+        self.span = len(self.times) + 1
+        rank = torch.searchsorted(self.times, torch.from_numpy(ts))
+        self.keys = torch.sort(torch.from_numpy(items) * self.span + rank).values
+        first = np.full(num_items, np.iinfo(np.int64).max)
+        np.minimum.at(first, items, ts)
+        self.first = torch.from_numpy(first)
+
+    def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """Events of items ``dst`` (N, C) with times in [start, end) ((N,) each)."""
+        base = dst * self.span
+        lo = torch.searchsorted(self.times, start)[:, None]
+        hi = torch.searchsorted(self.times, end)[:, None]
+        return torch.searchsorted(self.keys, base + hi) - torch.searchsorted(self.keys, base + lo)
+
+
+def age_buckets(first: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """(N, C) age buckets (AGE_BUCKETS) of items first seen at ``first`` (N, C), at times ``at`` (N,)."""
+    age_days = (at[:, None] - first).clamp(min=0).to(torch.float64) / DAY_MS
+    bucket = 1 + torch.floor(torch.log2(1 + age_days)).clamp(max=AGE_BUCKETS - 2).to(torch.int64)
+    return torch.where(first < at[:, None], bucket, torch.zeros_like(bucket))
+
+
+class TrendPrior(nn.Module):
+    """Score offsets ``sum_w weight_w x log(1 + events in the window w before T) + bias[age at T]``."""
+
+    def __init__(self, events: dict[str, np.ndarray], num_items: int, windows_days: list[float]) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.windows_ms = [int(d * DAY_MS) for d in windows_days]
+        self.base = (events["item"], events["ts"])
+        self.table = EventTimes(*self.base, num_items)
+        self.weight = nn.Parameter(torch.zeros(len(self.windows_ms) + AGE_BUCKETS))
+        """The windows' multiples, then one bias per age bucket (all learned from zero)."""
+
+    def observe(self, period_events: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Count the predicted period's events too (each query still counts only those before it);
+        None: the run's own events again."""
+        items, ts = self.base
+        if period_events is not None:
+            items, ts = np.concatenate([items, period_events[0]]), np.concatenate([ts, period_events[1]])
+        self.table = EventTimes(items, ts, self.num_items)
+
+    def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1): each training position's prediction time (its target's time)."""
+        return batch["times"][:, 1:]
+
+    def query_inputs(self, items, mask, pos, at: torch.Tensor | None = None) -> torch.Tensor:
+        if at is None:
+            raise ValueError("model.trend_prior scores at a time: give the queries' times")
+        return at
+
+    def row_weights(self, states: torch.Tensor) -> torch.Tensor:
+        return self.weight[None, :].expand(len(states), -1)
+
+    def _parts(self, at: torch.Tensor, dst: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((windows, N, C) log(1 + counts), (N, C) age buckets) of items ``dst`` ((C,), (N, C) or
+        None: every item) at times ``at`` (N,)."""
+        if dst is None:
+            dst = torch.arange(self.num_items, device=at.device)
+        dst = dst.expand(len(at), -1) if dst.dim() == 1 else dst
+        table, at = self.table, at.cpu()
+        dst_cpu = dst.cpu()
+        logs = [torch.log1p(table.counts(dst_cpu, at - w, at).to(torch.float32)) for w in self.windows_ms]
+        buckets = age_buckets(table.first[dst_cpu], at)
+        return torch.stack(logs).to(dst.device), buckets.to(dst.device)
+
+    def offsets(self, inputs, dst=None, leave_out=None, weights: torch.Tensor | None = None, at=None) -> torch.Tensor:
+        """(N, C) offsets at the queries' times ``inputs`` (N,) (``leave_out``, ``at``: unused: a
+        target's own event is never before its time)."""
+        weights = self.row_weights(inputs) if weights is None else weights
+        logs, buckets = self._parts(inputs, dst)
+        k = len(self.windows_ms)
+        scores = torch.einsum("nw,wnc->nc", weights[:, :k].to(logs.dtype), logs)
+        return scores + torch.gather(weights[:, k:].to(logs.dtype), 1, buckets)
+
+    def add_training_offsets(self, scores: torch.Tensor, inputs, leave_out, weights: torch.Tensor) -> None:
+        scores += self.offsets(inputs, weights=weights).to(scores.dtype)
+
+    def training_weight_grad(self, inputs, leave_out, probs: torch.Tensor) -> torch.Tensor:
+        """(N, windows + AGE_BUCKETS) each row's gradient of its weights: ``probs`` summed against
+        each window's feature, and over the items of each age bucket."""
+        logs, buckets = self._parts(inputs, None)
+        windows = [torch.linalg.vecdot(probs, logs[w].to(probs.dtype)) for w in range(len(self.windows_ms))]
+        ages = torch.zeros(len(probs), AGE_BUCKETS, dtype=probs.dtype, device=probs.device)
+        ages.scatter_add_(1, buckets, probs)
+        return torch.cat([torch.stack(windows, dim=1), ages], dim=1)

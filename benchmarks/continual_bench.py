@@ -50,7 +50,7 @@ BGPT = [sys.executable, "-m", "launch.cli"]
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = REPO / "benchmarks" / "configs"
 CUTS = (0.625, 0.70, 0.775, 0.85, 0.925)
-BASELINES = ["popularity", "recent-popularity", "transition", "transition-online"]
+BASELINES = ["popularity", "recent-popularity", "recent-popularity-online", "transition", "transition-online"]
 DATASETS = {
     "ml1m": (
         [str(SHARED / "ml-1m" / "ratings_users_0001-2999.dat"), "--format", "movielens"],

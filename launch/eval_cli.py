@@ -16,7 +16,13 @@ from pathlib import Path
 
 from data_sharding.errors import BgptError
 
-BASELINE_KINDS = ("popularity", "recent-popularity", "transition", "transition-online")  # trainer.baselines.KINDS
+BASELINE_KINDS = (  # trainer.baselines.KINDS
+    "popularity",
+    "recent-popularity",
+    "recent-popularity-online",
+    "transition",
+    "transition-online",
+)
 PROTOCOLS = ("split", "next-period")
 
 

@@ -111,3 +111,26 @@ def test_the_cli_offers_every_baseline():
     from trainer.baselines import KINDS
 
     assert BASELINE_KINDS == KINDS
+
+
+def test_recent_popularity_online_counts_the_window_before_each_query():
+    from trainer.baselines import BaselineParams, Popularity
+
+    day = 86_400_000
+    fit = Popularity(6, BaselineParams(window_days=2, online=True))
+    fit.add_user(np.array([3, 3, 4]), np.array([0, 1, 2]) * day)
+    fit.finish()
+
+    class Period:  # the period's events: item 5 on days 3 and 4, item 4 on day 4
+        def events(self):
+            return np.array([5, 5, 4]), np.array([3, 4, 4]) * day
+
+    fit.observe(Period())
+    times = torch.tensor([[0, 2 * day], [0, 4 * day], [0, 5 * day]])
+    batch = {"items": torch.zeros(3, 2, dtype=torch.int64), "times": times}
+    scores = fit(batch, torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, 2, dtype=torch.bool))
+    # Windows [0, 2), [2, 4), [3, 5) days: before each query's time only.
+    assert scores[:, 3:].tolist() == [[2, 0, 0], [0, 1, 1], [0, 1, 2]]
+    fit.observe(None)
+    static = fit(batch, torch.arange(3), torch.zeros(3, dtype=torch.int64), batch["items"] >= 0)
+    assert static[:, 3:].tolist() == [[2, 1, 0]] * 3  # the 2 days up to the newest fitted event, inclusive

@@ -89,3 +89,10 @@ def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
     # another item); u1's and u2's c follow earlier c events of the period: first.
     assert result["scorers"]["model"]["overall"]["count"] == 3
     assert result["scorers"]["model"]["overall"]["hr@1"] >= 2 / 3
+
+
+def test_whole_rows_count_as_the_per_item_lookups():
+    table = EventTimes(EVENTS["item"], EVENTS["ts"], 6)
+    start, end = torch.tensor([0, 3, 9, 50]) * DAY, torch.tensor([9, 10, 10, 60]) * DAY
+    every = torch.arange(6).expand(4, -1)
+    assert torch.equal(table.rows(start, end), table.counts(every, start, end))

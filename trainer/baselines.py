@@ -8,6 +8,8 @@ items, the history that ``exclude_seen`` removes), never counted.
 - ``popularity``: events per item, all time.
 - ``recent-popularity``: events per item in the last ``window_days`` before the newest fitted
   event ("what is popular now"); the window is chosen on the previous period.
+- ``recent-popularity-online``: the same window ending at each query's time, the predicted
+  period's earlier events counted (as a deployed counter has them; next-period scoring only).
 - ``transition``: "after X, users did Y". Counts of ordered pairs of a user's events up to
   ``steps`` apart (weight 1/distance), optionally decayed by age (``half_life_days``), normalised
   per source item to P(Y | X); a query sums P(. | X) over its last ``steps`` items (weight
@@ -27,9 +29,10 @@ import torch
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
+from trainer.trend_prior import EventTimes
 
 DAY_MS = 86_400_000
-KINDS = ("popularity", "recent-popularity", "transition", "transition-online")
+KINDS = ("popularity", "recent-popularity", "recent-popularity-online", "transition", "transition-online")
 # Fill weight of popularity under the transition scores: only decides among items whose
 # transition score is exactly 0 (scores are float64, so it never reorders positive ones).
 FILL_SCALE = 1e-12
@@ -46,7 +49,7 @@ class BaselineParams:
     half_life_days: float | None = None
     """transition: a pair's weight halves every N days of age (None: no decay)."""
     online: bool = False
-    """transition: also count the predicted period's pairs known before each query (transition-online)."""
+    """Also count the predicted period's events (pairs) before each query (the -online kinds)."""
 
     def describe(self, kind: str) -> dict:
         """The settings ``kind`` uses."""
@@ -56,6 +59,7 @@ class BaselineParams:
 KNOBS = {
     "popularity": (),
     "recent-popularity": ("window_days",),
+    "recent-popularity-online": ("window_days",),
     "transition": ("steps", "half_life_days"),
     "transition-online": ("steps", "half_life_days"),
 }
@@ -64,6 +68,7 @@ KNOBS = {
 GRIDS: dict[str, list[BaselineParams]] = {
     "popularity": [BaselineParams()],
     "recent-popularity": [BaselineParams(window_days=d) for d in (1, 3, 7, 14, 30, 90, 180, 365)],
+    "recent-popularity-online": [BaselineParams(window_days=d, online=True) for d in (1, 3, 7, 14, 30, 90, 180, 365)],
     "transition": [BaselineParams(steps=s, half_life_days=h) for s in (1, 2, 3) for h in (None, 30.0, 180.0, 730.0)],
     "transition-online": [
         BaselineParams(steps=s, half_life_days=h, online=True) for s in (1, 2, 3) for h in (None, 30.0, 180.0, 730.0)
@@ -73,6 +78,7 @@ GRIDS: dict[str, list[BaselineParams]] = {
 DEFAULTS = {
     "popularity": BaselineParams(),
     "recent-popularity": BaselineParams(window_days=30),
+    "recent-popularity-online": BaselineParams(window_days=30, online=True),
     "transition": BaselineParams(),
     "transition-online": BaselineParams(online=True),
 }
@@ -87,13 +93,17 @@ def _decay(ts: np.ndarray, now: int, half_life_days: float | None) -> np.ndarray
 
 
 class Popularity:
-    """Events per item (all time, or within a trailing window): the same list for every query."""
+    """Events per item (all time, or within a trailing window): the same list for every query.
+    With ``params.online`` and the period's events handed over (:meth:`observe`), each query counts
+    the events in the window before its own time."""
 
     def __init__(self, num_items: int, params: BaselineParams = DEFAULTS["popularity"]) -> None:
         self.num_items, self.params = num_items, params
         self._items: list[np.ndarray] = []
         self._ts: list[np.ndarray] = []
         self.counts = np.zeros(num_items)
+        self.fitted: tuple[np.ndarray, np.ndarray] | None = None
+        self.online: EventTimes | None = None
 
     def add_user(self, items: np.ndarray, ts: np.ndarray) -> None:
         self._items.append(items)
@@ -106,13 +116,30 @@ class Popularity:
         if self.params.window_days is not None and len(ts):
             keep = ts >= ts.max() - self.params.window_days * DAY_MS
         self.counts = np.bincount(items[keep], minlength=self.num_items).astype(np.float64)
+        self.fitted = (items, ts) if self.params.online else None
         self._items, self._ts = [], []
         self._scores = torch.from_numpy(self.counts)
         self._scores[:NUM_RESERVED_ITEMS] = float("-inf")
         return self
 
+    def observe(self, pairs) -> None:
+        """The predicted period (trainer.online_pairs.PeriodPairs), or None: counted only with
+        ``params.online``."""
+        self.online = None
+        if pairs is not None and self.fitted is not None:
+            items, ts = pairs.events()
+            self.online = EventTimes(
+                np.concatenate([self.fitted[0], items]), np.concatenate([self.fitted[1], ts]), self.num_items
+            )
+
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
-        return self._scores.to(batch["items"].device).expand(len(rows), -1).clone()
+        if self.online is None:
+            return self._scores.to(batch["items"].device).expand(len(rows), -1).clone()
+        at = batch["times"].cpu()[rows.cpu(), pos.cpu() + 1]
+        start = at - int(self.params.window_days * DAY_MS) if self.params.window_days else torch.full_like(at, -(2**62))
+        scores = self.online.rows(start, at).to(torch.float64)
+        scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
+        return scores.to(batch["items"].device)
 
 
 class Transition:

@@ -99,6 +99,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="next-period: rank items the run never saw from their text/attributes when it reads them",
     )
+    p.add_argument(
+        "--online-counts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="next-period: the runs' count priors also count the period's events before each query "
+        "(default: the run's eval.online_counts, on)",
+    )
     _add_period_options(p)
     p.set_defaults(func=run_eval)
 
@@ -132,6 +139,7 @@ def run_eval(args: argparse.Namespace) -> int:
             exclude_seen=exclude_seen,
             baseline_kinds=_baseline_list(args.baselines),
             cold_items=args.cold_items,
+            online_counts=args.online_counts,
             log=_log,
         )
         return _report_period(result, args.out)

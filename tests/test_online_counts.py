@@ -134,3 +134,20 @@ def test_recent_popularity_online_counts_the_window_before_each_query():
     fit.observe(None)
     static = fit(batch, torch.arange(3), torch.zeros(3, dtype=torch.int64), batch["items"] >= 0)
     assert static[:, 3:].tolist() == [[2, 1, 0]] * 3  # the 2 days up to the newest fitted event, inclusive
+
+
+def test_the_eval_command_counts_online_unless_told_not_to(tmp_path, monkeypatch):
+    from launch.cli import main
+    from trainer.evaluate import ModelScorer
+
+    data = period_log(tmp_path)
+    cfg = tiny_config(data, max_steps=2)
+    cfg.model.transition_prior = True
+    run = tmp_path / "run"
+    train_run(run, cfg, log=lambda *a: None)
+    handed = []
+    monkeypatch.setattr(ModelScorer, "observe", lambda self, pairs: handed.append(pairs))
+    assert main(["eval", "--run", str(run), "--protocol", "next-period", "--no-online-counts"]) == 0
+    assert handed == []
+    assert main(["eval", "--run", str(run), "--protocol", "next-period"]) == 0
+    assert isinstance(handed[0], PeriodPairs) and handed[-1] is None

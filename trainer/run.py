@@ -317,6 +317,7 @@ def evaluate_on_period(
     exclude_seen: bool | str | None = None,
     baseline_kinds: list[str] | None = None,
     cold_items: bool = True,
+    online_counts: bool | None = None,
     log=print,
 ) -> dict:
     """`bgpt eval --protocol next-period` and `bgpt baseline`: resolve the data (default: the first
@@ -331,7 +332,8 @@ def evaluate_on_period(
     root = storage.as_root(data)
     period = resolve_period(root, generation, start, end, split)
     decided = resolve_exclude_seen(eval_cfg.exclude_seen if exclude_seen is None else exclude_seen, root, log)
-    eval_cfg = dataclasses.replace(eval_cfg, ks=ks or eval_cfg.ks, exclude_seen=decided)
+    online = eval_cfg.online_counts if online_counts is None else online_counts
+    eval_cfg = dataclasses.replace(eval_cfg, ks=ks or eval_cfg.ks, exclude_seen=decided, online_counts=online)
     model = run_scorer(runs, root, cold_items, log) if runs else None
     result = evaluate_next_period(model, root, period, eval_cfg, baseline_kinds, log)
     return {"data": str(data), "runs": [str(r) for r in runs], **result}

@@ -65,7 +65,9 @@ def test_offsets_and_their_exact_full_softmax_gradients():
         assert torch.allclose(got, want, atol=1e-10)
 
 
-def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
+def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path, capsys):
+    from launch.cli import main
+
     # Before: u1..u3 walk a -> b. In the period (a day later), everyone goes to the new item c.
     before = [(f"u{u}", x, 60 * u + k) for u in range(3) for k, x in enumerate("ab")]
     period = [(f"u{u}", "c", 90_000 + 60 * u) for u in range(3)]
@@ -89,6 +91,10 @@ def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
     # another item); u1's and u2's c follow earlier c events of the period: first.
     assert result["scorers"]["model"]["overall"]["count"] == 3
     assert result["scorers"]["model"]["overall"]["hr@1"] >= 2 / 3
+    # Exports and serving would need a live event counter: refused in one line, nothing written.
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert "trend_prior is not built for exports" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
 
 
 def test_whole_rows_count_as_the_per_item_lookups():

@@ -24,6 +24,16 @@ def period_log(tmp_path):
     return shard_generations(tmp_path, [BEFORE, PERIOD], T0)
 
 
+def prior_run(tmp_path, steps: int):
+    """The period log and a tiny run with a transition prior trained on its first generation."""
+    data = period_log(tmp_path)
+    cfg = tiny_config(data, max_steps=steps)
+    cfg.model.transition_prior = True
+    run = tmp_path / "run"
+    train_run(run, cfg, log=lambda *a: None)
+    return data, run
+
+
 def test_online_pairs_count_only_what_happened_before_each_query():
     # Pairs 3 -> 4 known at 10 and at 20, 3 -> 5 at 20 (weight 1/2), 4 -> 5 at 30.
     pairs = OnlinePairs(
@@ -83,11 +93,7 @@ def test_the_transition_prior_adds_online_counts_known_before_the_query():
 
 @pytest.mark.parametrize("online", [True, False])
 def test_a_model_scores_with_the_periods_pairs_only_while_scoring_it(tmp_path, online):
-    data = period_log(tmp_path)
-    cfg = tiny_config(data, max_steps=3)
-    cfg.model.transition_prior = True
-    run = tmp_path / "run"
-    train_run(run, cfg, log=lambda *a: None)
+    data, run = prior_run(tmp_path, 3)
     scorer, rankable, facts = run_scorer([run], data, log=lambda *a: None)
     prior = scorer.models[0].prior
     with torch.no_grad():
@@ -140,11 +146,7 @@ def test_the_eval_command_counts_online_unless_told_not_to(tmp_path, monkeypatch
     from launch.cli import main
     from trainer.evaluate import ModelScorer
 
-    data = period_log(tmp_path)
-    cfg = tiny_config(data, max_steps=2)
-    cfg.model.transition_prior = True
-    run = tmp_path / "run"
-    train_run(run, cfg, log=lambda *a: None)
+    data, run = prior_run(tmp_path, 2)
     handed = []
     monkeypatch.setattr(ModelScorer, "observe", lambda self, pairs: handed.append(pairs))
     assert main(["eval", "--run", str(run), "--protocol", "next-period", "--no-online-counts"]) == 0

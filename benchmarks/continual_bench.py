@@ -163,14 +163,20 @@ def score(run: Path | None, data: Path, generation: int, ks=(10,)) -> dict:
     return evaluate_on_period([run], data, **quiet)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def source_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments naming the events (a named dataset or any file) and the run configuration."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="ml1m, sports, or a name for --input")
     parser.add_argument("--input", nargs="+", help="event files (any format bgpt shard reads)")
     parser.add_argument("--items", help="item metadata file")
     parser.add_argument("--format", help="events format (default: by extension)")
     parser.add_argument("--items-format", help="items format")
     parser.add_argument("--config", help="run configuration (default: benchmarks/configs/continual_<dataset>.yaml)")
+    return parser
+
+
+def main() -> None:
+    parser = source_parser(__doc__)
     parser.add_argument("--search-minutes", type=float, default=15, help="time cap of each early-stopping search")
     parser.add_argument("--retrain-epochs", default="1,2,4", help="incremental budgets tried on increment 1")
     parser.add_argument("--replay-fraction", type=float, default=0.1)

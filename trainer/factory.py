@@ -181,7 +181,9 @@ def _transition_counts(cfg: ModelConfig, info: DatasetInfo, data, cache: Path | 
     a run folder, counted on the data's training events."""
     if cache is not None and (cache / PAIRS_FILE).exists():
         return load_pairs(cache / PAIRS_FILE)
-    return count_pairs(data, info.num_items, cfg.transition_neighbors, cfg.transition_steps)
+    return count_pairs(
+        data, info.num_items, cfg.transition_neighbors, cfg.transition_steps, timed=cfg.transition_causal
+    )
 
 
 def item_features(

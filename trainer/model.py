@@ -82,6 +82,11 @@ class ModelConfig:
     plus a linear function (starting at zero) of the state that scores the items, which knows the
     history and, with query_time, how long ago the last event was. The network then learns when a
     count deserves trust rather than one trust per step. Needs transition_prior."""
+    transition_causal: bool = False
+    """Count the transition prior causally in training: each position counts only the training
+    pairs completed before its target's time (its own pair and pairs of the same timestamp
+    excluded), as next-period scoring does (the counts of everything before the period plus the
+    period's earlier pairs), instead of all training pairs but its own. Needs transition_prior."""
     repeat_prior: bool = False
     """Add a learned multiple of log(1 + times the item occurs in the visible history) to its score:
     repeat consumption (music, groceries, restaurants), learned negative where users never come back."""
@@ -129,8 +134,11 @@ class ModelConfig:
             raise ConfigError(f"model.id_dropout {self.id_dropout} must be in [0, 1)")
         if not self.trend_windows_days or min(self.trend_windows_days) <= 0:
             raise ConfigError("model.trend_windows_days must be a non-empty list of positive numbers of days")
-        if self.transition_gate and not self.transition_prior:
-            raise ConfigError("model.transition_gate gates the transition prior: set model.transition_prior=true too")
+        if (self.transition_gate or self.transition_causal) and not self.transition_prior:
+            raise ConfigError(
+                "model.transition_gate and model.transition_causal shape the transition prior: "
+                "set model.transition_prior=true too"
+            )
 
 
 @dataclass
@@ -298,7 +306,8 @@ class BehaviorGPT(nn.Module):
         if cfg.transition_prior:
             if features.pairs is None:
                 raise ConfigError("model.transition_prior needs the run's transition counts")
-            self.prior = TransitionPrior(features.pairs, num_items, hidden if cfg.transition_gate else 0)
+            gate = hidden if cfg.transition_gate else 0
+            self.prior = TransitionPrior(features.pairs, num_items, gate, causal=cfg.transition_causal)
         self.repeat = RepeatPrior(num_items) if cfg.repeat_prior else None
         self.trend = None
         if cfg.trend_prior:

@@ -42,6 +42,7 @@ class OnlinePairs:
         self.dst = torch.from_numpy(dst[order].astype(np.int64))
         self.weight = torch.from_numpy(weight[order].astype(np.float64))
         self.known_at = torch.from_numpy(known_at[order].astype(np.int64))
+        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -69,6 +70,35 @@ class OnlinePairs:
         entries = starts + torch.arange(len(rows), device=device)
         out.index_put_((rows, dst[entries]), weight[entries].to(dtype), accumulate=True)
         return out
+
+    def counts(self, src: torch.Tensor, dst: torch.Tensor, at: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """(N, C) summed weights of the pairs ``src[n] -> dst[n, c]`` (``dst`` (N, C) or (C,))
+        known before ``at[n]``: two binary searches per pair in a (pair, time rank) index with
+        prefix sums of the weights (built on first use)."""
+        dst = dst.expand(len(src), -1) if dst.dim() == 1 else dst
+        device = src.device
+        keys, cumulative = (t.to(device) for t in self.index_pairs())
+        before = torch.from_numpy(np.searchsorted(self.times, at.cpu().numpy(), side="left")).to(device)
+        base = (src[:, None].to(torch.int64) * self.num_items + dst) * self.span
+        lo = torch.searchsorted(keys, base)
+        hi = torch.searchsorted(keys, base + before[:, None])
+        return (cumulative[hi] - cumulative[lo]).to(dtype)
+
+    def index_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted ``(src * V + dst) * span + time rank`` keys and the prefix sums of their weights
+        (:meth:`counts`; built once; ValueError when the keys cannot fit an int64)."""
+        if self._pairs is not None:
+            return self._pairs
+        if self.num_items**2 * self.span >= 2**62:
+            raise ValueError(
+                f"{self.num_items:,} items x {self.span - 1:,} distinct pair times do not fit one int64 pair "
+                "key: counting pairs by time needs a smaller catalogue or coarser timestamps"
+            )
+        src, rank = self.keys // self.span, self.keys % self.span
+        keys, order = torch.sort((src * self.num_items + self.dst) * self.span + rank)
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.weight[order], 0)])
+        self._pairs = (keys, cumulative)
+        return self._pairs
 
 
 def collect(root, period: Period, steps: int, num_items: int) -> OnlinePairs:

@@ -9,7 +9,8 @@ weighted 1/distance (the transition baseline's counts); each source item keeps i
 ``model.transition_neighbors`` largest. The weights are learned with the network: a kNN-LM style
 interpolation of a neural model with a count model, in log-space. In training, the pair being
 predicted is left out of its own count (so the weights learn how far the counts generalise, not
-how well they memorise). With ``model.transition_gate`` the weights also depend on the query:
+how well they memorise); with ``model.transition_causal`` each position counts only the pairs
+completed before its target's time, as next-period scoring counts them. With ``model.transition_gate`` the weights also depend on the query:
 ``weight_d + gate(state)_d``, a linear function (learned from zero) of the state that scores the
 items, so the network learns when a count deserves trust (a long gap since the last event, an
 unusual last item) instead of one number per step. The counts are taken once when a run starts
@@ -28,6 +29,7 @@ from torch import nn
 from data_sharding.shards import SPLIT_TRAIN, SPLIT_VALID
 from data_sharding.stream import iter_sequences
 from data_sharding.vocab import PAD_ITEM
+from trainer.errors import ConfigError
 from trainer.online_pairs import OnlinePairs
 
 PAIRS_FILE = "item_pairs.npz"
@@ -42,20 +44,26 @@ def count_pairs(
     steps: int = 1,
     until_generation: int | None = None,
     include_valid: bool = False,
+    timed: bool = False,
 ) -> dict[str, np.ndarray]:
     """CSR arrays (``crow`` (V+1,), ``col``, ``count``, ``steps``) of the training pairs up to
     ``steps`` apart (weight 1/distance) per source item: its ``neighbors`` largest (ties: smaller
-    id), columns sorted."""
+    id), columns sorted. ``timed``: also every occurrence of a kept pair with the time it became
+    known (its second event's): ``timed_src``, ``timed_dst``, ``timed_at``, ``timed_weight``
+    (model.transition_causal)."""
     splits = (SPLIT_TRAIN, SPLIT_VALID) if include_valid else (SPLIT_TRAIN,)
-    keys, weights = [], []
+    keys, weights, known = [], [], []
     for _, events in iter_sequences(data, until_generation=until_generation):
-        items = events["item"][np.isin(events["split"], splits)].astype(np.int64)
+        keep = np.isin(events["split"], splits)
+        items, ts = events["item"][keep].astype(np.int64), events["ts"][keep].astype(np.int64)
         for d in range(1, min(steps, len(items) - 1) + 1):
             keys.append(items[:-d] * num_items + items[d:])
             weights.append(np.full(len(items) - d, 1.0 / d))
+            known.append(ts[d:])
     keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    weights = np.concatenate(weights) if weights else np.empty(0)
     unique, inverse = np.unique(keys, return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate(weights) if weights else None, minlength=len(unique))
+    counts = np.bincount(inverse, weights=weights, minlength=len(unique))
     src, dst = unique // num_items, unique % num_items
     # Keep each source's top successors: order by (source, -count, destination), cut, re-sort.
     order = np.lexsort((dst, -counts, src))
@@ -67,7 +75,18 @@ def count_pairs(
     src, dst, counts = src[order], dst[order], counts[order]
     crow = np.zeros(num_items + 1, dtype=np.int64)
     np.add.at(crow, src + 1, 1)
-    return {"crow": np.cumsum(crow), "col": dst, "count": counts.astype(np.float32), "steps": np.array(steps)}
+    out = {"crow": np.cumsum(crow), "col": dst, "count": counts.astype(np.float32), "steps": np.array(steps)}
+    if timed:  # the occurrences of the kept pairs (their keys are sorted: src, then dst)
+        kept = src * num_items + dst
+        at = np.searchsorted(kept, keys).clip(max=max(0, len(kept) - 1))
+        hit = kept[at] == keys if len(kept) else np.zeros(len(keys), bool)
+        out.update(
+            timed_src=keys[hit] // num_items,
+            timed_dst=keys[hit] % num_items,
+            timed_at=np.concatenate(known)[hit] if known else np.empty(0, np.int64),
+            timed_weight=weights[hit],
+        )
+    return out
 
 
 def save_pairs(path: Path, pairs: dict[str, np.ndarray]) -> None:
@@ -100,7 +119,7 @@ class TransitionPrior(nn.Module):
     """Score offsets ``sum_d w_d x log(1 + count(source_d -> item))`` from a CSR pair table, with
     ``w_d`` the learned step weight (plus, with a gate, a linear function of the query's state)."""
 
-    def __init__(self, pairs: dict[str, np.ndarray], num_items: int, gate_from: int = 0) -> None:
+    def __init__(self, pairs: dict[str, np.ndarray], num_items: int, gate_from: int = 0, causal: bool = False) -> None:
         super().__init__()
         crow = pairs["crow"]
         if len(crow) < num_items + 1:  # a grown vocabulary: new items have no pairs yet
@@ -125,6 +144,20 @@ class TransitionPrior(nn.Module):
         self.online: OnlinePairs | None = None
         """Pairs of the predicted period (trainer.online_pairs), added to the counts of queries scored
         with their time (``at``): each query counts those known before it."""
+        self.timed: OnlinePairs | None = None
+        """model.transition_causal: the training pairs with their times; in training each position
+        counts those known before its target's time (scoring reads the whole table, all of it
+        older than the period, plus the online pairs)."""
+        if causal:
+            if "timed_src" not in pairs:
+                raise ConfigError(
+                    "model.transition_causal needs the pairs' times, which these counts (item_pairs.npz) were "
+                    "taken without: start the run afresh (--checkpoint.resume=none)"
+                )
+            self.timed = OnlinePairs(
+                *(np.asarray(pairs[k]) for k in ("timed_src", "timed_dst", "timed_at", "timed_weight")), num_items
+            )
+            self.timed.index_pairs()
 
     def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T-1, steps): for each training position, its item and the ones before it."""
@@ -134,6 +167,8 @@ class TransitionPrior(nn.Module):
         if "positions" in batch:  # packed rows: no source from the window before
             within = batch["positions"][:, :-1, None] >= torch.arange(self.steps, device=sources.device)
             sources = torch.where(within, sources, torch.zeros_like(sources))
+        if self.timed is not None:  # one more column: the target's time, before which pairs count
+            sources = torch.cat([sources, batch["times"][:, 1:, None]], dim=-1)
         return sources
 
     def query_inputs(self, items: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, at=None) -> torch.Tensor:
@@ -185,6 +220,8 @@ class TransitionPrior(nn.Module):
         online = self.online if at is not None else None
         if online is not None and (dst is not None or leave_out is not None):
             raise ValueError("online pairs are counted when scoring every item, not in training")
+        if self._timed_inputs(src):  # training, causal: the pairs known before each target's time
+            return torch.stack([torch.log1p(self._timed_counts(src, d, dst)) for d in range(self.steps)])
         out = []
         for d in range(self.steps):
             if online is not None:
@@ -205,9 +242,23 @@ class TransitionPrior(nn.Module):
             out.append(logs)
         return torch.stack(out)
 
+    def _timed_inputs(self, src: torch.Tensor) -> bool:
+        """Training inputs of a causal prior (:meth:`training_inputs`: the target's time last)."""
+        return self.timed is not None and src.shape[1] == self.steps + 1
+
+    def _timed_counts(self, src: torch.Tensor, d: int, dst: torch.Tensor | None) -> torch.Tensor:
+        """Counts from source column d of causal training inputs, of the pairs known before each
+        row's target time (its own pair, known at that time, never counts): (N, V) or (N, C)."""
+        at = src[:, self.steps]
+        if dst is None:
+            return self.timed.rows(src[:, d], at, self.count.dtype)
+        return self.timed.counts(src[:, d], dst, at, self.count.dtype)
+
     def _step_rows(self, src: torch.Tensor, d: int, leave_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """features(src, leave_out=...)[d] written into ``out`` (N, V): reused buffers, because a
         fresh (N, V) allocation per call costs more in page faults than the gather."""
+        if self._timed_inputs(src):
+            return torch.log1p(self._timed_counts(src, d, None), out=out)
         column = src[:, d]
         if self.num_items**2 <= DENSE_TABLE_MAX:
             self._log_rows(column[:1])  # builds the table once

@@ -151,8 +151,9 @@ def _count_training_pairs(run: Path, cfg: RunConfig, manifest: dict) -> None:
     model = cfg.model
     num_items = int(manifest["vocab"]["num_items"])
     pairs = count_pairs(
-        cfg.data.root, num_items, model.transition_neighbors, model.transition_steps, holdout, cfg.data.train_on_valid
-    )
+        cfg.data.root, num_items, model.transition_neighbors, model.transition_steps, holdout, cfg.data.train_on_valid,
+        timed=model.transition_causal,
+    )  # fmt: skip
     save_pairs(run / PAIRS_FILE, pairs)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data_sharding.vocab import UNK_ITEM
+from data_sharding.vocab import PAD_ITEM, UNK_ITEM
 from serving.store import Event, HistoryStore
 from trainer.errors import ConfigError
 from trainer.export import load_inference, source_signature
@@ -76,10 +76,12 @@ class Recommender:
         if not 0 <= self.slack < model.max_len:
             raise ConfigError(f"--slack {self.slack}: must be in [0, max_len={model.max_len})")
         self.store = HistoryStore(cfg.state, cfg.history_size or model.max_len, cfg.durability)
-        self._items_lock = threading.Lock()
-        """Held while items are posted, and while a reload places them and swaps models: an item
-        posted during a reload lands in the new model too."""
+        self._write_lock = threading.Lock()
+        """Held while items or a model's live-counted events are posted, and while a reload places
+        the posted items, counts the stored events and swaps models: an item or event posted
+        during a reload lands in the new model too, and no event is counted twice."""
         self._place_posted_or_warn(self.current.model)
+        self._count_stored(self.current.model)
         self.reloads = 0
         self.reload_failures = 0
         self.events_total = 0
@@ -131,8 +133,9 @@ class Recommender:
             self._failed = signature
             log.warning("reload of %s failed, still serving %s: %s", self.cfg.source, self.current.model.version, e)
             return False
-        with self._items_lock:
+        with self._write_lock:
             self._place_posted_or_warn(loaded.model)
+            self._count_stored(loaded.model)
             self.current = loaded  # one reference swap: requests already running finish on the old pair
         self.reloads += 1
         log.info("serving %s", loaded.model.version)
@@ -165,7 +168,7 @@ class Recommender:
     def add_items(self, items: list[str], titles: list[str | None], attributes: list[str | None]) -> dict:
         """Make new items recommendable now (vectors from their text and attributes; kept in the
         store so a restart or a reload places them again). Ids the model knows are left alone."""
-        with self._items_lock:
+        with self._write_lock:
             loaded = self.current
             try:
                 added = loaded.model.add_items(items, titles, attributes)
@@ -176,12 +179,33 @@ class Recommender:
         known = [item for item in items if item not in kept]
         return {"added": added, "known": known, "num_items": loaded.model.num_items}
 
+    def _count_stored(self, model: InferenceModel) -> None:
+        """Count in ``model``'s live transition counts the stored events newer than its count table
+        (a start, a reload): a scan of the users with such events."""
+        if model.live is None:
+            return
+        pairs = 0
+        for _, history in self.store.histories_after(model.live.since):
+            items = [model.item_index.get(e.item, PAD_ITEM) for e in history]
+            pairs += model.count_events(items, [e.ts for e in history], [True] * len(history))
+        if pairs:
+            log.info("%s: %d transition pairs of stored events newer than its counts", model.version, pairs)
+
     def add_events(self, user: str, events: list[Event]) -> int:
-        """Validate, persist, then advance the user's cached window (if cached) one step per event."""
-        loaded = self.current
-        items, types, times = self._ids(loaded.model, events)  # nothing is stored if any is unknown
-        names = loaded.model.event_types
-        length = self.store.append(user, [Event(e.item, names[t], e.ts) for e, t in zip(events, types, strict=True)])
+        """Validate, persist, count the new transition pairs (models with a live counter), then
+        advance the user's cached window (if cached) one step per event."""
+        with self._write_lock:
+            loaded = self.current
+            items, types, times = self._ids(loaded.model, events)  # nothing is stored if any is unknown
+            names = loaded.model.event_types
+            live = loaded.model.live
+            before = self.store.history(user)[-live.steps :] if live is not None else []
+            stored = [Event(e.item, names[t], e.ts) for e, t in zip(events, types, strict=True)]
+            length = self.store.append(user, stored)
+            if live is not None:  # the new events after the ones before them, in time order (stable)
+                merged = sorted([(e, False) for e in before] + [(e, True) for e in stored], key=lambda p: p[0].ts)
+                ids = [loaded.model.item_index.get(e.item, PAD_ITEM) for e, _ in merged]
+                loaded.model.count_events(ids, [e.ts for e, _ in merged], [new for _, new in merged])
         self.events_total += len(events)
         state = loaded.caches.get(user)
         if state is not None:
@@ -249,8 +273,9 @@ class Recommender:
             exclude = [sorted({model.item_index[e.item] for e in history if e.item in model.item_index})]
         # The prediction is for now: the last event's item and the time since it (models that use them).
         context = model.context([[model.item_index.get(e.item, UNK_ITEM) for e in history]])
-        gap = torch.tensor([int(time.time() * 1000) - int(history[-1].ts)])
-        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, context, gap)
+        now = int(time.time() * 1000)
+        gap = torch.tensor([now - int(history[-1].ts)])
+        top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, context, gap, torch.tensor([now]))
         side = model.side_predictions(hidden.unsqueeze(0))
         out = {
             "user": user,

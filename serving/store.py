@@ -78,6 +78,23 @@ class HistoryStore:
         ).fetchall()
         return [Event(*row) for row in rows]
 
+    def histories_after(self, ts: int):
+        """(user, stored events ordered by time) of every user with an event after ``ts`` (ms)."""
+        rows = self.db.execute(
+            "SELECT user, item, event_type, ts FROM events WHERE user IN "
+            "(SELECT DISTINCT user FROM events WHERE ts > ?) ORDER BY user, ts, seq",
+            (ts,),
+        )
+        user, events = None, []
+        for row in rows:
+            if row[0] != user:
+                if events:
+                    yield user, events
+                user, events = row[0], []
+            events.append(Event(*row[1:]))
+        if events:
+            yield user, events
+
     def put_items(self, rows: list[tuple[str, str | None, str | None]]) -> None:
         """Keep items posted to the server (id, title, attributes), in one transaction, so that a
         restarted or reloaded server places them again."""

@@ -23,6 +23,7 @@ from torch import nn
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
 from trainer.heads import time_bucket
+from trainer.online_pairs import LivePairs
 
 
 def strip_lora(module: nn.Module, merge: bool = True) -> nn.Module:
@@ -56,6 +57,13 @@ def conv1d_to_linear(module: nn.Module) -> nn.Module:
         else:
             conv1d_to_linear(child)
     return module
+
+
+def live_counter(prior) -> LivePairs | None:
+    """A live counter for a transition prior whose counts say how recent they are."""
+    if prior is None or prior.counted_until is None:
+        return None
+    return LivePairs(prior.num_items, prior.steps, prior.counted_until)
 
 
 def quantize_int8(backbone: nn.Module) -> nn.Module:
@@ -106,6 +114,10 @@ class InferenceModel:
         self.query_gaps = query_gaps.eval() if query_gaps is not None else None
         self.prior = prior.eval() if prior is not None else None
         """A trainer.priors.TransitionPrior (model.transition_prior)."""
+        self.live = live_counter(self.prior)
+        """The prior's live pair counts (trainer.online_pairs.LivePairs): events posted to a server
+        (:meth:`count_events`), read by queries scored at a time (``at_ms``); None without a prior
+        or with counts that do not record how recent they are."""
         self.repeat = repeat.eval() if repeat is not None else None
         """A trainer.priors.RepeatPrior (model.repeat_prior)."""
         self.item_table = item_table.detach().float().contiguous()
@@ -257,6 +269,12 @@ class InferenceModel:
             self.top_k(state.hidden[None], 10, context=self.context([items[:length]]), gap_ms=torch.tensor([1000]))
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
+    def count_events(self, items: list[int], times: list[int], new: list[bool]) -> int:
+        """Count the transition pairs ending at one user's ``new`` events (``items``, ``times``: the
+        user's events in time order, the ones before the new events first) in the live counts;
+        returns how many (0 without a live counter)."""
+        return self.live.add(items, times, new) if self.live is not None else 0
+
     # ----- predictions -----------------------------------------------------------------------
     @property
     def priors(self) -> list:
@@ -272,10 +290,13 @@ class InferenceModel:
         return items, mask, mask.sum(1) - 1
 
     @torch.inference_mode()
-    def scores(self, hidden: torch.Tensor, context=None, gap_ms: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(
+        self, hidden: torch.Tensor, context=None, gap_ms: torch.Tensor | None = None, at_ms: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``context``:
         (items, mask, pos) of the histories (:meth:`context`; the count priors read it); ``gap_ms``
-        (B,): time from the last event to the prediction (model.query_time)."""
+        (B,): time from the last event to the prediction (model.query_time); ``at_ms`` (B,): the
+        prediction's time, at which the transition prior adds the live counts known before it."""
         if self.query_gaps is not None:
             if gap_ms is None:
                 raise ConfigError("this model scores at a time: give the time of the prediction")
@@ -287,7 +308,9 @@ class InferenceModel:
             items, mask, pos = context
             # Items added after training (add_items) have no counts: the priors read them as padding.
             inputs = prior.query_inputs(torch.where(items < prior.num_items, items, 0), mask, pos)
-            offsets = prior.offsets(inputs, weights=prior.row_weights(hidden))
+            live = at_ms is not None and prior is self.prior and self.live is not None
+            live = {"at": at_ms, "online": self.live} if live else {}
+            offsets = prior.offsets(inputs, weights=prior.row_weights(hidden), **live)
             scores[:, : offsets.shape[1]] += offsets
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
@@ -300,10 +323,11 @@ class InferenceModel:
         exclude: list[list[int]] | None = None,
         context=None,
         gap_ms: torch.Tensor | None = None,
+        at_ms: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(B, H) -> (indices, scores) each (B, k), best first; ``exclude``: ids never recommended per
-        row; ``context``, ``gap_ms``: see :meth:`scores`."""
-        scores = self.scores(hidden, context, gap_ms)
+        row; ``context``, ``gap_ms``, ``at_ms``: see :meth:`scores`."""
+        scores = self.scores(hidden, context, gap_ms, at_ms)
         if exclude:
             for row, ids in enumerate(exclude):
                 if ids:

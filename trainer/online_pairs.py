@@ -18,11 +18,13 @@ are not a period that unfolds in time.
 from __future__ import annotations
 
 import contextlib
+import threading
 from functools import cache
 
 import numpy as np
 import torch
 
+from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.periods import Period, iter_period
 
 
@@ -155,3 +157,53 @@ def observing(scorers: list, pairs: PeriodPairs | None):
     finally:
         for scorer in observers:
             scorer.observe(None)
+
+
+class LivePairs:
+    """Pairs counted as events arrive, for a served model (bgpt serve): what next-period scoring
+    counts online, kept up to date by the events posted to the server. Pairs whose second event is
+    not newer than ``since`` (the newest event the model's count table holds) are left out: the
+    table counted them. ``rows`` answers as :meth:`OnlinePairs.rows` does (pairs known strictly
+    before each query's time). Memory grows with the pairs counted until the next model version
+    (whose table holds them) replaces this counter. Thread-safe."""
+
+    def __init__(self, num_items: int, steps: int, since: int) -> None:
+        self.num_items, self.steps, self.since = num_items, steps, since
+        self._by_source: dict[int, tuple[list[int], list[int], list[float]]] = {}
+        self._lock = threading.Lock()
+        self.pairs = 0
+
+    def add(self, items: list[int], times: list[int], new: list[bool]) -> int:
+        """Count the pairs that end at the ``new`` events of one user's events ``items`` (in time
+        order, ``times`` in ms): each with the up to ``steps`` events before it, weight 1/distance,
+        known at its own time. Reserved ids and ids beyond the count table's catalogue (items
+        added after training) are not counted. Returns the number of pairs counted."""
+        added = 0
+        with self._lock:
+            for j in range(len(items)):
+                if not new[j] or times[j] <= self.since or not self._countable(items[j]):
+                    continue
+                for d in range(1, min(self.steps, j) + 1):
+                    if not self._countable(items[j - d]):
+                        continue
+                    dst, known, weight = self._by_source.setdefault(items[j - d], ([], [], []))
+                    dst.append(items[j])
+                    known.append(times[j])
+                    weight.append(1.0 / d)
+                    added += 1
+            self.pairs += added
+        return added
+
+    def _countable(self, item: int) -> bool:
+        return NUM_RESERVED_ITEMS <= item < self.num_items
+
+    def rows(self, src: torch.Tensor, at: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """(N, V) summed weights of the pairs from ``src[n]`` known before ``at[n]`` (ms)."""
+        out = torch.zeros(len(src), self.num_items, dtype=dtype)
+        with self._lock:
+            entries = [(n, self._by_source.get(s)) for n, s in enumerate(src.tolist())]
+            entries = [(n, tuple(np.asarray(part) for part in lists)) for n, lists in entries if lists]
+        for n, (dst, known, weight) in entries:
+            before = known < int(at[n])
+            out[n].index_add_(0, torch.from_numpy(dst[before]), torch.from_numpy(weight[before]).to(dtype))
+        return out.to(src.device)

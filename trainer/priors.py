@@ -15,7 +15,9 @@ completed before its target's time, as next-period scoring counts them. With ``m
 items, so the network learns when a count deserves trust (a long gap since the last event, an
 unusual last item) instead of one number per step. The counts are taken once when a run starts
 (``RUN/item_pairs.npz``, kept with the run and copied into exports), so a run always scores with
-the memory of its own training data; `bgpt retrain` counts again on the grown data.
+the memory of its own training data; `bgpt retrain` counts again on the grown data. Scoring a
+period (trainer.online_pairs: ``OnlinePairs``) and serving (``LivePairs``, fed by the events posted
+to the server) add the pairs completed after the table's newest event (``counted_until``).
 """
 
 from __future__ import annotations
@@ -48,14 +50,16 @@ def count_pairs(
 ) -> dict[str, np.ndarray]:
     """CSR arrays (``crow`` (V+1,), ``col``, ``count``, ``steps``) of the training pairs up to
     ``steps`` apart (weight 1/distance) per source item: its ``neighbors`` largest (ties: smaller
-    id), columns sorted. ``timed``: also every occurrence of a kept pair with the time it became
+    id), columns sorted; ``counted_until``: the newest counted event's time. ``timed``: also every occurrence of a kept pair with the time it became
     known (its second event's): ``timed_src``, ``timed_dst``, ``timed_at``, ``timed_weight``
     (model.transition_causal)."""
     splits = (SPLIT_TRAIN, SPLIT_VALID) if include_valid else (SPLIT_TRAIN,)
     keys, weights, known = [], [], []
+    until = np.iinfo(np.int64).min
     for _, events in iter_sequences(data, until_generation=until_generation):
         keep = np.isin(events["split"], splits)
         items, ts = events["item"][keep].astype(np.int64), events["ts"][keep].astype(np.int64)
+        until = max(until, int(ts.max())) if len(ts) else until
         for d in range(1, min(steps, len(items) - 1) + 1):
             keys.append(items[:-d] * num_items + items[d:])
             weights.append(np.full(len(items) - d, 1.0 / d))
@@ -76,6 +80,7 @@ def count_pairs(
     crow = np.zeros(num_items + 1, dtype=np.int64)
     np.add.at(crow, src + 1, 1)
     out = {"crow": np.cumsum(crow), "col": dst, "count": counts.astype(np.float32), "steps": np.array(steps)}
+    out["counted_until"] = np.array(until, np.int64)  # the newest counted event's time (live counts start after it)
     if timed:  # the occurrences of the kept pairs (their keys are sorted: src, then dst)
         kept = src * num_items + dst
         at = np.searchsorted(kept, keys).clip(max=max(0, len(kept) - 1))
@@ -141,6 +146,9 @@ class TransitionPrior(nn.Module):
             nn.init.zeros_(self.gate.bias)
         self._table: torch.Tensor | None = None
         self._work: torch.Tensor | None = None
+        self.counted_until = int(pairs["counted_until"]) if "counted_until" in pairs else None
+        """The newest counted event's time (ms): a live counter (bgpt serve) counts the pairs after it
+        (None: counts taken before this was recorded)."""
         self.online: OnlinePairs | None = None
         """Pairs of the predicted period (trainer.online_pairs), added to the counts of queries scored
         with their time (``at``): each query counts those known before it."""
@@ -212,12 +220,14 @@ class TransitionPrior(nn.Module):
         dst: torch.Tensor | None = None,
         leave_out: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
+        online=None,
     ) -> torch.Tensor:
         """(steps, N, V) (``dst`` None) or (steps, N, C) log(1 + count) of each source column of
         ``src`` (N, steps) to every item / to ``dst`` (C,) or (N, C). ``leave_out`` (N,): each row's
         own target, whose pair from source d counted 1/d (training: the pair itself). ``at`` (N,):
-        the queries' times, when :attr:`online` pairs are counted (scoring every item only)."""
-        online = self.online if at is not None else None
+        the queries' times, when :attr:`online` pairs (or ``online``, a caller's own counter with
+        the same ``rows``) are counted (scoring every item only)."""
+        online = (self.online if online is None else online) if at is not None else None
         if online is not None and (dst is not None or leave_out is not None):
             raise ValueError("online pairs are counted when scoring every item, not in training")
         if self._timed_inputs(src):  # training, causal: the pairs known before each target's time
@@ -298,16 +308,17 @@ class TransitionPrior(nn.Module):
         return self._work[:rows]
 
     def offsets(
-        self, src: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None, at=None
+        self, src: torch.Tensor, dst=None, leave_out=None, weights: torch.Tensor | None = None, at=None, online=None
     ) -> torch.Tensor:
         """The score offsets: the sum of :meth:`features` over the sources, at the rows' ``weights``
         (N, steps) (:meth:`row_weights`; the step weights alone when None, which a gated prior
-        refuses: it needs the states); ``at``: the queries' times (online pairs)."""
+        refuses: it needs the states); ``at``: the queries' times (online pairs; ``online``: see
+        :meth:`features`)."""
         if weights is None:
             if self.gate is not None:
                 raise ValueError("a gated transition prior scores with row_weights(states)")
             weights = self.row_weights(src)  # without a gate it reads only the row count
-        return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out, at))
+        return torch.einsum("ns,snv->nv", weights.to(self.count.dtype), self.features(src, dst, leave_out, at, online))
 
 
 class RepeatPrior(nn.Module):

@@ -180,16 +180,20 @@ class Recommender:
         return {"added": added, "known": known, "num_items": loaded.model.num_items}
 
     def _count_stored(self, model: InferenceModel) -> None:
-        """Count in ``model``'s live transition counts the stored events newer than its count table
-        (a start, a reload): a scan of the users with such events."""
-        if model.live is None:
+        """Count in ``model``'s live counts (transition pairs, trend events) the stored events newer
+        than the counts it was trained with (a start, a reload): a scan of the users with such events."""
+        since = model.counted_until
+        if since is None:
             return
-        pairs = 0
-        for _, history in self.store.histories_after(model.live.since):
+        pairs = events = 0
+        for _, history in self.store.histories_after(since):
             items = [model.item_index.get(e.item, PAD_ITEM) for e in history]
             pairs += model.count_events(items, [e.ts for e in history], [True] * len(history))
-        if pairs:
-            log.info("%s: %d transition pairs of stored events newer than its counts", model.version, pairs)
+            events += len(history)
+        if events:
+            log.info(
+                "%s: counted %d stored events (%d transition pairs) newer than its counts", model.version, events, pairs
+            )
 
     def add_events(self, user: str, events: list[Event]) -> int:
         """Validate, persist, count the new transition pairs (models with a live counter), then
@@ -202,7 +206,7 @@ class Recommender:
             before = self.store.history(user)[-live.steps :] if live is not None else []
             stored = [Event(e.item, names[t], e.ts) for e, t in zip(events, types, strict=True)]
             length = self.store.append(user, stored)
-            if live is not None:  # the new events after the ones before them, in time order (stable)
+            if loaded.model.counted_until is not None:  # the new events after the ones before them, by time (stable)
                 merged = sorted([(e, False) for e in before] + [(e, True) for e in stored], key=lambda p: p[0].ts)
                 ids = [loaded.model.item_index.get(e.item, PAD_ITEM) for e, _ in merged]
                 loaded.model.count_events(ids, [e.ts for e, _ in merged], [new for _, new in merged])

@@ -1,15 +1,18 @@
-"""Live counts: a served model's transition prior counts the pairs of the events posted to it."""
+"""Live counts: a served model's transition prior counts the pairs of the events posted to it, its
+trend prior the events themselves."""
 
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import shard_generations, tiny_config
 from test_online_counts import T0, prior_run
 
 from serving.service import Recommender, ServiceConfig
 from serving.store import Event
 from trainer.online_pairs import LivePairs, OnlinePairs
+from trainer.run import train_run
 
 
 def test_live_pairs_count_each_new_event_after_the_ones_before_it():
@@ -71,4 +74,40 @@ def test_a_served_model_adds_live_counts_to_its_prior_and_recounts_them_after_a_
     assert again.current.model.live.pairs == 1
     src, at = torch.tensor([a, b]), torch.tensor([now, now])
     assert torch.equal(again.current.model.live.rows(src, at), live.rows(src, at))
+    again.stop()
+
+
+def test_a_served_trend_prior_counts_posted_events_at_each_request_time(tmp_path):
+    rows = [(f"u{u}", x, 60 * u + k) for u in range(4) for k, x in enumerate("abc")]
+    data = shard_generations(tmp_path, [rows], 1_600_000_000)
+    cfg = tiny_config(data, max_steps=3)
+    cfg.model.trend_prior = True
+    run = tmp_path / "run"
+    train_run(run, cfg, log=lambda *a: None)
+    state = tmp_path / "state.sqlite"
+    service = Recommender(ServiceConfig(run, state, reload_seconds=0))
+    model = service.current.model
+    live, trend = model.live_events, model.trend
+    assert live.since == (1_600_000_000 + 182) * 1000  # the newest training event
+    with torch.no_grad():
+        trend.weight.zero_()
+        trend.weight[0] = 1.0  # the 1-day count alone
+    now = int(time.time() * 1000)
+    service.add_events("x", [Event("b", None, now - 2000)])
+    service.add_events("y", [Event("b", None, now - 1000), Event("c", None, live.since)])  # c: not newer
+    assert live.events == 2
+    b = model.item_index["b"]
+    hidden = model.start([b], [1], [now - 5000]).hidden[None]
+    context, gap = model.context([[b]]), torch.tensor([5000])
+    before = model.scores(hidden, context, gap, torch.tensor([now - 3000]))
+    after = model.scores(hidden, context, gap, torch.tensor([now]))
+    assert float(after[0, b] - before[0, b]) == pytest.approx(np.log1p(2), rel=1e-5)
+    others = torch.ones(model.num_items, dtype=torch.bool)
+    others[b] = False
+    torch.testing.assert_close(after[0, others], before[0, others])
+    assert service.recommend("x", None, 2)["items"]
+    service.stop()
+    # A restart counts the stored events newer than the run's again.
+    again = Recommender(ServiceConfig(run, state, reload_seconds=0))
+    assert again.current.model.live_events.events == 2
     again.stop()

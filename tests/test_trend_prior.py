@@ -7,14 +7,17 @@ import torch.nn.functional as F
 from conftest import shard_generations, tiny_config
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS
+from trainer.errors import ConfigError
 from trainer.evaluate import EvalConfig
+from trainer.export import load_export, load_run
 from trainer.heads import ChunkedSoftmaxCE
 from trainer.next_period import evaluate_next_period
 from trainer.periods import resolve_period
 from trainer.run import run_scorer, train_run
-from trainer.trend_prior import AGE_BUCKETS, DAY_MS, EventTimes, TrendPrior, age_buckets
+from trainer.trend_prior import AGE_BUCKETS, DAY_MS, EventTimes, LiveEvents, TrendPrior, age_buckets
 
 DAY = DAY_MS
+T0_MS = 1_600_000_000 * 1000
 # Item 3: days 0, 5, 9, 9. Item 4: day 8. Item 5: never.
 EVENTS = {"item": np.array([3, 3, 3, 3, 4]), "ts": np.array([0, 5, 9, 9, 8]) * DAY}
 
@@ -65,7 +68,7 @@ def test_offsets_and_their_exact_full_softmax_gradients():
         assert torch.allclose(got, want, atol=1e-10)
 
 
-def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path, capsys):
+def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
     from launch.cli import main
 
     # Before: u1..u3 walk a -> b. In the period (a day later), everyone goes to the new item c.
@@ -91,10 +94,16 @@ def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path, ca
     # another item); u1's and u2's c follow earlier c events of the period: first.
     assert result["scorers"]["model"]["overall"]["count"] == 3
     assert result["scorers"]["model"]["overall"]["hr@1"] >= 2 / 3
-    # Exports and serving would need a live event counter: refused in one line, nothing written.
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 2
-    assert "trend_prior is not built for exports" in capsys.readouterr().err
-    assert not (tmp_path / "export").exists()
+    # An export keeps the run's events and weights: the same scores at the same times.
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    served, exported = load_run(run), load_export(tmp_path / "export")
+    assert np.array_equal(exported.trend.base[1], served.trend.base[1])
+    hidden = served.start([NUM_RESERVED_ITEMS], [1], [T0_MS]).hidden[None]
+    context, at = served.context([[NUM_RESERVED_ITEMS]]), torch.tensor([T0_MS + 90 * 60_000])
+    expected = served.scores(hidden, context, torch.tensor([60_000]), at)
+    torch.testing.assert_close(exported.scores(hidden, context, torch.tensor([60_000]), at), expected)
+    with pytest.raises(ConfigError, match="scores at a time"):
+        served.scores(hidden, context, torch.tensor([60_000]))
 
 
 def test_whole_rows_count_as_the_per_item_lookups():
@@ -102,3 +111,18 @@ def test_whole_rows_count_as_the_per_item_lookups():
     start, end = torch.tensor([0, 3, 9, 50]) * DAY, torch.tensor([9, 10, 10, 60]) * DAY
     every = torch.arange(6).expand(4, -1)
     assert torch.equal(table.rows(start, end), table.counts(every, start, end))
+
+
+def test_live_events_count_as_one_table_of_all_the_events():
+    base = EventTimes(EVENTS["item"], EVENTS["ts"], 6)
+    live = LiveEvents(base, since=9 * DAY)
+    # Not newer than the run's newest event, reserved ids, items beyond the catalogue: not counted.
+    assert live.add([3, 4, 1, 7, 5, 4], [9 * DAY, 10 * DAY, 11 * DAY, 11 * DAY, 12 * DAY, 12 * DAY]) == 3
+    assert live.events == 3
+    whole = EventTimes(np.array([3, 3, 3, 3, 4, 4, 5, 4]), np.array([0, 5, 9, 9, 8, 10, 12, 12]) * DAY, 6)
+    at = torch.tensor([9, 11, 13, 100]) * DAY
+    for days in (1, 7, 1000):
+        assert torch.equal(live.rows(at - days * DAY, at), whole.rows(at - days * DAY, at))
+        dst = torch.tensor([[3, 4, 5]] * 4)
+        assert torch.equal(live.counts(dst, at - days * DAY, at), whole.counts(dst, at - days * DAY, at))
+    assert torch.equal(live.first, whole.first)

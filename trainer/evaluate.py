@@ -366,7 +366,7 @@ class InferenceScorer:
         hidden = self.model.encode(batch["items"], batch["types"], batch["times"], mask)
         times = batch["times"]
         context = (batch["items"][rows], mask[rows], pos)
-        scores = self.model.scores(hidden, context, times[rows, pos + 1] - times[rows, pos])
+        scores = self.model.scores(hidden, context, times[rows, pos + 1] - times[rows, pos], times[rows, pos + 1])
         return scores.clone()  # an inference-mode tensor: the ranking code edits it in place
 
 

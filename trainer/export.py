@@ -38,6 +38,7 @@ from trainer.errors import ConfigError
 from trainer.inference import InferenceModel, merge_lora, strip_lora
 from trainer.new_items import ItemWriter
 from trainer.priors import PAIRS_FILE, RepeatPrior, TransitionPrior, load_pairs
+from trainer.trend_prior import EVENTS_FILE, TrendPrior, load_events, save_events
 
 EXPORT_FORMAT = 1
 EXPORT_META = "export.json"
@@ -128,6 +129,8 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
     weights, new_items = _behavior_weights(inference)
     if inference.prior is not None:
         shutil.copyfile(run / PAIRS_FILE, tmp / PAIRS_FILE)
+    if inference.trend is not None:  # the run's events: a served model counts the posted ones on top
+        save_events(tmp / EVENTS_FILE, dict(zip(("item", "ts"), inference.trend.base, strict=True)))
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "behavior.safetensors"))
     pq.write_table(pa.table({"item": inference.items, "title": inference.titles}), tmp / "items.parquet")
     meta = {
@@ -143,6 +146,7 @@ def export_run(run: Path, out: Path, merge: bool = True, quantize: str | None = 
         "lora": lora,
         "quantize": quantize,
         "new_items": new_items,
+        "trend_windows_days": inference.trend.windows_days if inference.trend is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with open(tmp / EXPORT_META, "w") as f:  # written last: an export without it is incomplete
@@ -165,6 +169,8 @@ def _behavior_weights(inference: InferenceModel) -> tuple[dict[str, torch.Tensor
         weights["query_gaps"] = inference.query_gaps.weight
     if inference.repeat is not None:
         weights["repeat_weight"] = inference.repeat.weight.reshape(1)
+    if inference.trend is not None:
+        weights["trend_weight"] = inference.trend.weight
     if inference.prior is not None:
         weights["prior_weight"] = inference.prior.weight
         if inference.prior.gate is not None:
@@ -209,6 +215,7 @@ def load_export(path: Path) -> InferenceModel:
     heads = _heads(weights, meta["heads"])
     query_gaps = nn.Embedding.from_pretrained(weights["query_gaps"], freeze=True) if "query_gaps" in weights else None
     prior, repeat = _priors(path, weights)
+    trend = _trend(path, weights, meta.get("trend_windows_days"))
     model = InferenceModel(
         backbone,
         weights["item_table"],
@@ -224,6 +231,7 @@ def load_export(path: Path) -> InferenceModel:
         prior,
         repeat,
         ItemWriter.from_state(weights, meta.get("new_items")),
+        trend,
     )
     if meta.get("quantize") == "int8":
         model.quantize()
@@ -271,3 +279,15 @@ def _priors(path: Path, weights: dict[str, torch.Tensor]) -> tuple[TransitionPri
         repeat = RepeatPrior(len(weights["item_table"]))
         repeat.weight.data.copy_(weights["repeat_weight"][0])
     return prior, repeat
+
+
+def _trend(path: Path, weights: dict[str, torch.Tensor], windows_days: list[float] | None) -> TrendPrior | None:
+    """The trend prior, when trained (the run's events are a file of the export)."""
+    if "trend_weight" not in weights:
+        return None
+    try:
+        trend = TrendPrior(load_events(path / EVENTS_FILE), len(weights["item_table"]), windows_days)
+        trend.weight.data.copy_(weights["trend_weight"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"{path}/{EVENTS_FILE}: missing or corrupt trend prior events ({e})") from None
+    return trend

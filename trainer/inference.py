@@ -106,6 +106,7 @@ class InferenceModel:
         prior=None,
         repeat=None,
         writer=None,
+        trend=None,
     ) -> None:
         self.backbone = backbone.eval()
         self.writer = writer
@@ -120,6 +121,10 @@ class InferenceModel:
         or with counts that do not record how recent they are."""
         self.repeat = repeat.eval() if repeat is not None else None
         """A trainer.priors.RepeatPrior (model.repeat_prior)."""
+        self.trend = trend.eval() if trend is not None else None
+        """A trainer.trend_prior.TrendPrior (model.trend_prior): every score is taken at a time
+        (``at_ms``), over the run's events plus the events posted since (:meth:`count_events`)."""
+        self.live_events = trend.live() if trend is not None else None
         self.item_table = item_table.detach().float().contiguous()
         self.types = type_embedding.eval()
         self.gaps = gap_embedding.eval()
@@ -138,12 +143,6 @@ class InferenceModel:
     def from_model(cls, model, info, event_types: list[str], version: str) -> InferenceModel:
         """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
         from trainer.new_items import ItemWriter
-
-        if getattr(model, "trend", None) is not None:
-            raise ConfigError(
-                "model.trend_prior is not built for exports, batch prediction or serving yet "
-                "(it needs a live count of recent events); evaluate the run with `bgpt eval`"
-            )
 
         with torch.no_grad():
             table = model.items.table().detach().clone()
@@ -169,6 +168,7 @@ class InferenceModel:
             model.prior,
             model.repeat,
             writer,
+            getattr(model, "trend", None),
         )
 
     @property
@@ -183,8 +183,8 @@ class InferenceModel:
     def add_items(self, items: list[str], titles: list[str | None], attributes: list[str | None]) -> list[str]:
         """Make items the model has never seen recommendable at once: each gets a vector from its
         title and ``name=v1|v2; other=w`` attributes (trainer.new_items) and a new model id; ids
-        already known are left as they are. Returns the ids added. The count priors have no
-        counts for new items (they score them by the network alone)."""
+        already known are left as they are. Returns the ids added. The count priors (transition,
+        trend) have no counts for new items (they score them by the network alone)."""
         from trainer.new_items import split_known
 
         if self.writer is None or (self.writer.text is None and self.writer.attribute_table is None):
@@ -266,19 +266,34 @@ class InferenceModel:
         items = [NUM_RESERVED_ITEMS + i % max(1, self.num_items - NUM_RESERVED_ITEMS) for i in range(n)]
         for length in (n, 1):
             state = self.start(items[:length], [1] * length, list(range(length)))
-            self.top_k(state.hidden[None], 10, context=self.context([items[:length]]), gap_ms=torch.tensor([1000]))
+            context = self.context([items[:length]])
+            self.top_k(
+                state.hidden[None], 10, context=context, gap_ms=torch.tensor([1000]), at_ms=torch.tensor([length])
+            )
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
     def count_events(self, items: list[int], times: list[int], new: list[bool]) -> int:
-        """Count the transition pairs ending at one user's ``new`` events (``items``, ``times``: the
-        user's events in time order, the ones before the new events first) in the live counts;
-        returns how many (0 without a live counter)."""
+        """Count one user's ``new`` events (``items``, ``times``: the user's events in time order,
+        the ones before the new events first) in the live counts: the transition pairs ending at
+        them, and the events themselves for the trend prior; returns how many pairs (0 without a
+        live pair counter)."""
+        if self.live_events is not None:
+            self.live_events.add(
+                [i for i, n in zip(items, new, strict=True) if n], [t for t, n in zip(times, new, strict=True) if n]
+            )
         return self.live.add(items, times, new) if self.live is not None else 0
+
+    @property
+    def counted_until(self) -> int | None:
+        """The oldest time from which posted events are counted live (the start or reload of a server
+        counts the stored events after it); None: nothing is counted live."""
+        since = [c.since for c in (self.live, self.live_events) if c is not None]
+        return min(since) if since else None
 
     # ----- predictions -----------------------------------------------------------------------
     @property
     def priors(self) -> list:
-        return [p for p in (self.prior, self.repeat) if p is not None]
+        return [p for p in (self.prior, self.repeat, self.trend) if p is not None]
 
     def context(self, histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(items, mask, pos) of each history's last ``max_len`` item ids, as the priors read them."""
@@ -296,7 +311,10 @@ class InferenceModel:
         """(B, H) -> (B, V) next-item scores; reserved ids can never be recommended. ``context``:
         (items, mask, pos) of the histories (:meth:`context`; the count priors read it); ``gap_ms``
         (B,): time from the last event to the prediction (model.query_time); ``at_ms`` (B,): the
-        prediction's time, at which the transition prior adds the live counts known before it."""
+        prediction's time, at which the transition prior adds the live counts known before it
+        (required by model.trend_prior, which counts the events before it)."""
+        if self.trend is not None and at_ms is None:
+            raise ConfigError("this model (model.trend_prior) scores at a time: give the time of the prediction")
         if self.query_gaps is not None:
             if gap_ms is None:
                 raise ConfigError("this model scores at a time: give the time of the prediction")
@@ -307,8 +325,8 @@ class InferenceModel:
         for prior in self.priors:
             items, mask, pos = context
             # Items added after training (add_items) have no counts: the priors read them as padding.
-            inputs = prior.query_inputs(torch.where(items < prior.num_items, items, 0), mask, pos)
-            live = at_ms is not None and prior is self.prior and self.live is not None
+            inputs = prior.query_inputs(torch.where(items < prior.num_items, items, 0), mask, pos, at=at_ms)
+            live = at_ms is not None and prior is self.prior and self.live is not None and self.live.pairs > 0
             live = {"at": at_ms, "online": self.live} if live else {}
             offsets = prior.offsets(inputs, weights=prior.row_weights(hidden), **live)
             scores[:, : offsets.shape[1]] += offsets

@@ -120,13 +120,14 @@ def predict(
     model: InferenceModel, histories: list[History], k: int, exclude_seen: bool = False, at_ms: int | None = None
 ) -> list[dict[str, object]]:
     """One record per history: user, items, scores (best first) and the side predictions. ``at_ms``:
-    when the predicted event happens (models with model.query_time; default: now)."""
+    when the predicted event happens (models with model.query_time or model.trend_prior; default:
+    now)."""
     hidden = model.encode(*_batch(histories))
     exclude = [h.items.tolist() for h in histories] if exclude_seen else None
     at = int(time.time() * 1000) if at_ms is None else at_ms
     context = model.context([h.items.tolist() for h in histories])
     gap = torch.tensor([at - int(h.times[-1]) for h in histories])
-    top, scores = model.top_k(hidden, k, exclude, context, gap)
+    top, scores = model.top_k(hidden, k, exclude, context, gap, torch.full((len(histories),), at))
     side = model.side_predictions(hidden)
     records = []
     for row, h in enumerate(histories):

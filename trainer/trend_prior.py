@@ -12,10 +12,14 @@ public logs measured, but it is what the network cannot know from its weights: t
 were learned before the period, and a new item's id vector was never learned at all.
 
 The events are taken once when a run starts (``RUN/item_events.npz``: item ids and times of
-exactly the events the run trains on) and counted again by `bgpt retrain`.
+exactly the events the run trains on) and counted again by `bgpt retrain`. A served model
+(trainer.inference, bgpt serve) counts the events posted to it on top of those
+(:class:`LiveEvents`), and scores every request at its own time.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 
 from data_sharding.shards import SPLIT_TRAIN, SPLIT_VALID
 from data_sharding.stream import iter_sequences
+from data_sharding.vocab import NUM_RESERVED_ITEMS
 
 EVENTS_FILE = "item_events.npz"
 DAY_MS = 86_400_000
@@ -91,6 +96,60 @@ class EventTimes:
         return out
 
 
+class LiveEvents:
+    """A run's event times (:class:`EventTimes`) plus the events counted as they arrive (a served
+    model): counts and first times answer as EventTimes' do, over both. Events not newer than
+    ``since`` (the newest event the run counted) are left out, as are reserved ids and items beyond
+    the run's catalogue (added after training). The live part is indexed again on the first read
+    after an addition (it holds only the events since training). Thread-safe."""
+
+    def __init__(self, base: EventTimes, since: int) -> None:
+        self.base, self.since, self.num_items = base, since, base.num_items
+        self._items: list[int] = []
+        self._times: list[int] = []
+        self._table: EventTimes | None = None
+        self._lock = threading.Lock()
+        self.events = 0
+
+    def add(self, items: list[int], times: list[int]) -> int:
+        """Count events (item ids, times in ms); returns how many were counted."""
+        kept = [
+            (i, t)
+            for i, t in zip(items, times, strict=True)
+            if t > self.since and NUM_RESERVED_ITEMS <= i < self.num_items
+        ]
+        if kept:
+            with self._lock:
+                self._items.extend(i for i, _ in kept)
+                self._times.extend(t for _, t in kept)
+                self._table = None
+                self.events += len(kept)
+        return len(kept)
+
+    def _live(self) -> EventTimes | None:
+        with self._lock:
+            if self._table is None and self._items:
+                self._table = EventTimes(
+                    np.asarray(self._items, np.int64), np.asarray(self._times, np.int64), self.num_items
+                )
+            return self._table
+
+    @property
+    def first(self) -> torch.Tensor:
+        live = self._live()
+        return self.base.first if live is None else torch.minimum(self.base.first, live.first)
+
+    def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        live = self._live()
+        out = self.base.counts(dst, start, end)
+        return out if live is None else out + live.counts(dst, start, end)
+
+    def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        live = self._live()
+        out = self.base.rows(start, end)
+        return out if live is None else out + live.rows(start, end)
+
+
 def age_buckets(first: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """(N, C) age buckets (AGE_BUCKETS) of items first seen at ``first`` (N, C), at times ``at`` (N,)."""
     age_days = (at[:, None] - first).clamp(min=0).to(torch.float64) / DAY_MS
@@ -109,6 +168,15 @@ class TrendPrior(nn.Module):
         self.table = EventTimes(*self.base, num_items)
         self.weight = nn.Parameter(torch.zeros(len(self.windows_ms) + AGE_BUCKETS))
         """The windows' multiples, then one bias per age bucket (all learned from zero)."""
+        self.windows_days = list(windows_days)
+
+    def live(self) -> LiveEvents:
+        """Count events as they arrive from now on (a served model): the table becomes the run's
+        events plus those (returned, for :meth:`LiveEvents.add`)."""
+        ts = self.base[1]
+        since = int(ts.max()) if len(ts) else np.iinfo(np.int64).min
+        self.table = LiveEvents(EventTimes(*self.base, self.num_items), since)
+        return self.table
 
     def observe(self, period_events: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Count the predicted period's events too (each query still counts only those before it);

@@ -11,6 +11,7 @@ from test_online_counts import T0, prior_run
 
 from serving.service import Recommender, ServiceConfig
 from serving.store import Event
+from trainer.export import export_run
 from trainer.online_pairs import LivePairs, OnlinePairs
 from trainer.run import train_run
 
@@ -107,7 +108,13 @@ def test_a_served_trend_prior_counts_posted_events_at_each_request_time(tmp_path
     torch.testing.assert_close(after[0, others], before[0, others])
     assert service.recommend("x", None, 2)["items"]
     service.stop()
-    # A restart counts the stored events newer than the run's again.
-    again = Recommender(ServiceConfig(run, state, reload_seconds=0))
-    assert again.current.model.live_events.events == 2
+    # A restart counts the stored events newer than the run's again; so does a hot reload.
+    export = tmp_path / "export"
+    export_run(run, export)
+    again = Recommender(ServiceConfig(export, state, reload_seconds=0))
+    first = again.current.model
+    assert first.live_events.events == 2
+    export_run(run, export, overwrite=True)
+    assert again.reload_if_changed()
+    assert again.current.model is not first and again.current.model.live_events.events == 2
     again.stop()

@@ -9,7 +9,8 @@ bench's searches, or generation 5 of the next-period tables) instead of searched
 
 - full: ``bgpt train`` on generations 1-5 (p0-p4) for ``--full-steps``;
 - incremental: ``bgpt train`` on p0-p1 for ``--base-steps``, then ``bgpt retrain`` on p2, p3 and p4
-  in turn (``--retrain-epochs`` over the new events + a replay sample);
+  in turn (``--retrain-epochs`` over the new events + a replay sample; or, with
+  ``--retrain-candidates``, the budget that scored best on generation 5 after retrains on p2, p3);
 - stale: the base model, never updated;
 - the count baselines, fit on the same events (their settings chosen on the period before).
 
@@ -77,6 +78,38 @@ def train(data: Path, out: Path, config: Path, steps: int, extra: list[str]) -> 
     return {"run": out, **compute(out)}
 
 
+def budget_name(budget: tuple[int, float, float]) -> str:
+    return "e{}_lr{:g}_replay{:g}".format(*budget)
+
+
+def parse_budget(text: str) -> tuple[int, float, float]:
+    try:
+        epochs, lr, replay = text.split(":")
+        return int(epochs), float(lr), float(replay)
+    except ValueError:
+        raise SystemExit(f"--retrain-candidates: {text!r} is not EPOCHS:LR:REPLAY (e.g. 8:1e-3:0.1)") from None
+
+
+def choose_retrain(args, work: Path, files: list[Path], items: list[str], base: dict) -> tuple[tuple, dict]:
+    """Each candidate retrain budget chains the base through p2 and p3 and is scored on generation 5
+    (p4, the period before the last): (the best budget, {name: {"ndcg@10", "targets"}})."""
+    stages = {k: work / f"d{k + 1}" for k in (2, 3)}  # the data at generation k + 1
+    for k, folder in stages.items():
+        for j in range(k + 1):
+            append(folder, files, j, items)
+    choice = {}
+    for budget in args.retrain_candidates:
+        epochs, lr, replay = budget
+        inc = base
+        for k, folder in stages.items():
+            inc = retrain(inc["run"], folder, work / "choose" / f"{budget_name(budget)}_inc{k}", epochs, replay, lr)
+        overall = score(inc["run"], work / "d5", 5)["scorers"]["model"]["overall"]
+        choice[budget_name(budget)] = {"ndcg@10": overall["ndcg@10"], "targets": inc["targets"]}
+        print(f"retrain budget {budget_name(budget)}: generation 5 NDCG@10 {overall['ndcg@10']:.4f}", flush=True)
+    best = max(args.retrain_candidates, key=lambda b: choice[budget_name(b)]["ndcg@10"])
+    return best, choice
+
+
 def run_arms(args, work: Path, config: Path, extra: list[str]) -> tuple[dict, Path]:
     files, items = period_files(args, work), sources(args)[1]
     full_data, data = work / "d5", work / "d"
@@ -86,10 +119,16 @@ def run_arms(args, work: Path, config: Path, extra: list[str]) -> tuple[dict, Pa
     append(data, files, 0, items)
     append(data, files, 1, items)
     base = train(data, work / "base", config, args.base_steps, extra)
+    budget = (args.retrain_epochs, args.retrain_lr, args.replay_fraction)
+    args.retrain_choice = None
+    if args.retrain_candidates:
+        budget, args.retrain_choice = choose_retrain(args, work, files, items, base)
+        args.retrain_epochs, args.retrain_lr, args.replay_fraction = budget
     inc = base
+    chain = work if budget == (4, 5e-4, 0.1) else work / budget_name(budget)  # the default's runs keep their place
     for k in (2, 3, 4):
         append(data, files, k, items)
-        inc = retrain(inc["run"], data, work / f"inc{k}", args.retrain_epochs, args.replay_fraction, args.retrain_lr)
+        inc = retrain(inc["run"], data, chain / f"inc{k}", args.retrain_epochs, args.replay_fraction, args.retrain_lr)
     append(data, files, 5, items)
     return {"incremental": inc, "full": full, "stale": base}, data
 
@@ -130,9 +169,24 @@ def summarise(args, arms: dict, scored: dict, config: Path, extra: list[str]) ->
             "retrain_epochs": args.retrain_epochs,
             "replay_fraction": args.replay_fraction,
             "retrain_lr": args.retrain_lr,
+            "retrain_choice_generation_5": args.retrain_choice,
         },
         "scored": scored,
     }
+
+
+def choice_lines(settings: dict) -> list[str]:
+    """The retrain budgets tried on generation 5, when the budget was chosen there."""
+    choice = settings.get("retrain_choice_generation_5")
+    if not choice:
+        return []
+    chosen = budget_name((settings["retrain_epochs"], settings["retrain_lr"], settings["replay_fraction"]))
+    rows = [
+        f"| {n}{' (chosen)' if n == chosen else ''} | {c['ndcg@10']:.4f} | {c['targets']:,} |"
+        for n, c in choice.items()
+    ]
+    head = ["", "Retrain budget, chosen on generation 5 (base -> p2 -> p3, every event of p4 scored):", ""]
+    return [*head, "| budget | NDCG@10 | targets of the p3 retrain |", "|---|---|---|", *rows]
 
 
 def report(result: dict, name: str) -> None:
@@ -163,6 +217,7 @@ def report(result: dict, name: str) -> None:
         "",
         f"incremental / best baseline ({result['best_baseline']}) = {m['incremental_over_best_baseline']:.2f}x; "
         f"incremental / full = {m['incremental_over_full']:.2f}x at {m['compute_ratio']:.1%} of its training targets.",
+        *choice_lines(result["settings"]),
         "",
         "Breakdown (NDCG@10, events):",
         "",
@@ -187,6 +242,14 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=4)
     parser.add_argument("--replay-fraction", type=float, default=0.1)
     parser.add_argument("--retrain-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--retrain-candidates",
+        nargs="+",
+        type=parse_budget,
+        metavar="EPOCHS:LR:REPLAY",
+        help="retrain budgets to choose from on generation 5 (the period before the last) instead of the three "
+        "flags above: each chains the base through p2 and p3 and is scored there; the best runs the chain",
+    )
     parser.add_argument("--tag", help="suffix of the result and work folder names")
     parser.add_argument("--work", help="work folder (default: bench_data/last_period_<dataset>[_<tag>])")
     argv = sys.argv[1:]

@@ -13,6 +13,7 @@ from trainer.export import load_export, load_run
 from trainer.heads import ChunkedSoftmaxCE
 from trainer.next_period import evaluate_next_period
 from trainer.periods import resolve_period
+from trainer.predict import histories_from_data, predict
 from trainer.run import run_scorer, train_run
 from trainer.trend_prior import AGE_BUCKETS, DAY_MS, EventTimes, LiveEvents, TrendPrior, age_buckets
 
@@ -104,6 +105,17 @@ def test_a_period_is_counted_while_it_is_scored_and_forgotten_after(tmp_path):
     torch.testing.assert_close(exported.scores(hidden, context, torch.tensor([60_000]), at), expected)
     with pytest.raises(ConfigError, match="scores at a time"):
         served.scores(hidden, context, torch.tensor([60_000]))
+    # Batch prediction scores at its --at time: the same scores as the model at that time.
+    histories = list(histories_from_data(data, served, ["u0"]))
+    at_ms = T0_MS + 90 * 60_000
+    record = predict(served, histories, 3, at_ms=at_ms)[0]
+    h = histories[0]
+    hidden = served.encode(
+        *(torch.from_numpy(a)[None] for a in (h.items, h.types, h.times)), torch.ones(1, len(h.items), dtype=torch.bool)
+    )
+    gap = torch.tensor([at_ms - int(h.times[-1])])
+    expected = served.scores(hidden, served.context([h.items.tolist()]), gap, torch.tensor([at_ms]))
+    assert record["scores"][0] == pytest.approx(float(expected.max()), rel=1e-5)
 
 
 def test_whole_rows_count_as_the_per_item_lookups():

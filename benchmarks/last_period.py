@@ -78,6 +78,10 @@ def train(data: Path, out: Path, config: Path, steps: int, extra: list[str]) -> 
     return {"run": out, **compute(out)}
 
 
+DEFAULT_BUDGET = (4, 5e-4, 0.1)
+"""Retrain epochs, learning rate, replay fraction (Sports' choice in the continual bench)."""
+
+
 def budget_name(budget: tuple[int, float, float]) -> str:
     return "e{}_lr{:g}_replay{:g}".format(*budget)
 
@@ -125,7 +129,7 @@ def run_arms(args, work: Path, config: Path, extra: list[str]) -> tuple[dict, Pa
         budget, args.retrain_choice = choose_retrain(args, work, files, items, base)
         args.retrain_epochs, args.retrain_lr, args.replay_fraction = budget
     inc = base
-    chain = work if budget == (4, 5e-4, 0.1) else work / budget_name(budget)  # the default's runs keep their place
+    chain = work if budget == DEFAULT_BUDGET else work / budget_name(budget)  # the default's runs keep their place
     for k in (2, 3, 4):
         append(data, files, k, items)
         inc = retrain(inc["run"], data, chain / f"inc{k}", args.retrain_epochs, args.replay_fraction, args.retrain_lr)
@@ -239,9 +243,9 @@ def main() -> None:
     parser = source_parser(__doc__)
     parser.add_argument("--base-steps", type=int, required=True, help="steps of the base run on p0-p1")
     parser.add_argument("--full-steps", type=int, required=True, help="steps of the full run on p0-p4")
-    parser.add_argument("--retrain-epochs", type=int, default=4)
-    parser.add_argument("--replay-fraction", type=float, default=0.1)
-    parser.add_argument("--retrain-lr", type=float, default=5e-4)
+    parser.add_argument("--retrain-epochs", type=int, default=DEFAULT_BUDGET[0])
+    parser.add_argument("--replay-fraction", type=float, default=DEFAULT_BUDGET[2])
+    parser.add_argument("--retrain-lr", type=float, default=DEFAULT_BUDGET[1])
     parser.add_argument(
         "--retrain-candidates",
         nargs="+",

@@ -165,7 +165,9 @@ class TrendPrior(nn.Module):
         self.num_items = num_items
         self.windows_ms = [int(d * DAY_MS) for d in windows_days]
         self.base = (events["item"], events["ts"])
-        self.table = EventTimes(*self.base, num_items)
+        self.run_table = EventTimes(*self.base, num_items)
+        """The run's own events, indexed once (restored after a period is scored, shared by a live table)."""
+        self.table: EventTimes | LiveEvents = self.run_table
         self.weight = nn.Parameter(torch.zeros(len(self.windows_ms) + AGE_BUCKETS))
         """The windows' multiples, then one bias per age bucket (all learned from zero)."""
         self.windows_days = list(windows_days)
@@ -175,15 +177,17 @@ class TrendPrior(nn.Module):
         events plus those (returned, for :meth:`LiveEvents.add`)."""
         ts = self.base[1]
         since = int(ts.max()) if len(ts) else np.iinfo(np.int64).min
-        self.table = LiveEvents(EventTimes(*self.base, self.num_items), since)
+        self.table = LiveEvents(self.run_table, since)
         return self.table
 
     def observe(self, period_events: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Count the predicted period's events too (each query still counts only those before it);
         None: the run's own events again."""
+        if period_events is None:
+            self.table = self.run_table
+            return
         items, ts = self.base
-        if period_events is not None:
-            items, ts = np.concatenate([items, period_events[0]]), np.concatenate([ts, period_events[1]])
+        items, ts = np.concatenate([items, period_events[0]]), np.concatenate([ts, period_events[1]])
         self.table = EventTimes(items, ts, self.num_items)
 
     def training_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -285,6 +285,8 @@ def _trend(path: Path, weights: dict[str, torch.Tensor], windows_days: list[floa
     """The trend prior, when trained (the run's events are a file of the export)."""
     if "trend_weight" not in weights:
         return None
+    if not windows_days:
+        raise ConfigError(f"{path}/{EXPORT_META}: a trend prior without its trend_windows_days")
     try:
         trend = TrendPrior(load_events(path / EVENTS_FILE), len(weights["item_table"]), windows_days)
         trend.weight.data.copy_(weights["trend_weight"])

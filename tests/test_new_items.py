@@ -3,6 +3,9 @@ the trained item encoder builds them, recommendable at once, kept across restart
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 from conftest import shard
@@ -11,8 +14,10 @@ from test_text_tower import log_with_titles, tower_config
 
 from data_sharding.vocab import UNK_ITEM
 from serving.service import Recommender, RequestError, ServiceConfig
+from serving.store import Event
 from trainer.export import export_run, load_inference
 from trainer.run import load_run_model, train_run
+from trainer.trend_prior import AGE_BUCKETS
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +87,66 @@ def test_a_model_that_reads_no_text_or_attributes_refuses_new_items(tmp_path, cy
     with pytest.raises(RequestError, match="cannot place new items"):
         service.add_items(["new"], ["a title"], [None])
     service.stop()
+
+
+@pytest.fixture(scope="module")
+def counted_run(tmp_path_factory, tower_dir):
+    """A run that reads item text (so it can place new items) with both count priors."""
+    root = tmp_path_factory.mktemp("newcounts")
+    events, items = log_with_titles(root, range(30), 1_600_000_000)
+    shard([events], root / "data", items=str(items))
+    cfg = tower_config(root / "data", tower_dir, max_steps=3)
+    cfg.model.transition_prior = True
+    cfg.model.trend_prior = True
+    train_run(root / "run", cfg, log=lambda *a: None)
+    return root
+
+
+def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run):
+    state = counted_run / "state.sqlite"
+    service = Recommender(ServiceConfig(counted_run / "run", state, reload_seconds=0))
+    model = service.current.model
+    with torch.no_grad():
+        model.prior.weight.fill_(2.0)  # visible weights (3 training steps leave them near zero)
+        model.trend.weight.zero_()
+        model.trend.weight[0] = 1.0  # the trend prior's 1-day count
+        k = len(model.trend.windows_ms)
+        model.trend.weight[k:] = 0.1 * torch.arange(AGE_BUCKETS)  # and a bias that grows with age
+    assert service.add_items(["new1"], ["blue ball"], [None])["added"] == ["new1"]
+    new, i2, i3 = (model.item_index[i] for i in ("new1", "i2", "i3"))
+    now = int(time.time() * 1000)
+
+    def scores(source: int) -> torch.Tensor:
+        hidden = model.start([source], [1], [now - 60_000]).hidden[None]
+        return model.scores(hidden, model.context([[source]]), torch.tensor([60_000]), torch.tensor([now]))[0]
+
+    before = {src: scores(src) for src in (i2, new)}
+    # Two users go from i2 to the new item, one of them on to i3.
+    service.add_events("x", [Event("i2", "view", now - 50_000), Event("new1", "view", now - 40_000)])
+    service.add_events(
+        "y", [Event("i2", "view", now - 30_000), Event("new1", "view", now - 20_000), Event("i3", "view", now - 10_000)]
+    )
+    after = {src: scores(src) for src in (i2, new)}
+    hidden = model.start([i2], [1], [now - 60_000]).hidden[None]
+    with torch.no_grad():
+        w = float(model.prior.row_weights(hidden)[0, 0])
+    # After i2: two live pairs to the new item (it has none in the run's table), its two events of
+    # the last day, and its age: first seen under a day ago (bucket 1) where it was unseen (bucket 0).
+    expected = w * np.log1p(2) + np.log1p(2) + 0.1
+    assert float(after[i2][new] - before[i2][new]) == pytest.approx(expected, rel=1e-4)
+    # After the new item as the last event: its live pair to i3 (it has no row in the run's table),
+    # and i3's one event of the last day.
+    hidden = model.start([new], [1], [now - 60_000]).hidden[None]
+    with torch.no_grad():
+        w = float(model.prior.row_weights(hidden)[0, 0])
+    assert float(after[new][i3] - before[new][i3]) == pytest.approx(w * np.log1p(1) + np.log1p(1), rel=1e-4)
+    assert service.recommend("x", None, 3)["items"]
+    pairs, events = model.live.pairs, model.live_events.events
+    service.stop()
+    # A restart places the item again before it recounts the stored events: the same counts.
+    again = Recommender(ServiceConfig(counted_run / "run", state, reload_seconds=0))
+    moved = again.current.model
+    assert moved.item_index["new1"] == new and (moved.live.pairs, moved.live_events.events) == (pairs, events)
+    src, at = torch.tensor([i2, new]), torch.tensor([now, now])
+    assert torch.equal(moved.live.rows(src, at), model.live.rows(src, at))
+    again.stop()

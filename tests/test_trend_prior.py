@@ -138,3 +138,15 @@ def test_live_events_count_as_one_table_of_all_the_events():
         dst = torch.tensor([[3, 4, 5]] * 4)
         assert torch.equal(live.counts(dst, at - days * DAY, at), whole.counts(dst, at - days * DAY, at))
     assert torch.equal(live.first, whole.first)
+    # Items added after training (ids 6, 7): counted from their first posted event on, as in one
+    # table of every event over the grown catalogue.
+    live.grow(8)
+    assert live.add([7, 6, 7], [13 * DAY, 14 * DAY, 15 * DAY]) == 3
+    items, ts = np.array([3, 3, 3, 3, 4, 4, 5, 4, 7, 6, 7]), np.array([0, 5, 9, 9, 8, 10, 12, 12, 13, 14, 15]) * DAY
+    whole = EventTimes(items, ts, 8)
+    at = torch.tensor([9, 14, 16, 100]) * DAY
+    for days in (1, 7, 1000):
+        assert torch.equal(live.rows(at - days * DAY, at), whole.rows(at - days * DAY, at))
+        dst = torch.tensor([[3, 5, 6, 7]] * 4)
+        assert torch.equal(live.counts(dst, at - days * DAY, at), whole.counts(dst, at - days * DAY, at))
+    assert torch.equal(live.first, whole.first)

@@ -184,7 +184,9 @@ class InferenceModel:
         """Make items the model has never seen recommendable at once: each gets a vector from its
         title and ``name=v1|v2; other=w`` attributes (trainer.new_items) and a new model id; ids
         already known are left as they are. Returns the ids added. The count priors (transition,
-        trend) have no counts for new items (they score them by the network alone)."""
+        trend) count them from now on, as they count the events posted to a server
+        (:meth:`count_events`): live transition pairs to and from them, their events in the trend
+        windows."""
         from trainer.new_items import split_known
 
         if self.writer is None or (self.writer.text is None and self.writer.attribute_table is None):
@@ -203,6 +205,10 @@ class InferenceModel:
             self.items.append(items[i])
             self.titles.append(titles[i])
             self.item_index[items[i]] = first + offset
+        if self.live is not None:
+            self.live.grow(self.num_items)
+        if self.trend is not None:
+            self.trend.grow(self.num_items)
         return [items[i] for i in fresh]
 
     # ----- ids -------------------------------------------------------------------------------
@@ -324,9 +330,10 @@ class InferenceModel:
             raise ConfigError("this model's count priors need each history's items")
         for prior in self.priors:
             items, mask, pos = context
-            # Items added after training (add_items) have no counts: the priors read them as padding.
-            inputs = prior.query_inputs(torch.where(items < prior.num_items, items, 0), mask, pos, at=at_ms)
             live = at_ms is not None and prior is self.prior and self.live is not None and self.live.pairs > 0
+            # Items added after training (add_items) have only live counts: the other priors read them as padding.
+            known = self.live.num_items if live else prior.num_items
+            inputs = prior.query_inputs(torch.where(items < known, items, 0), mask, pos, at=at_ms)
             live = {"at": at_ms, "online": self.live} if live else {}
             offsets = prior.offsets(inputs, weights=prior.row_weights(hidden), **live)
             scores[:, : offsets.shape[1]] += offsets

@@ -176,8 +176,8 @@ class LivePairs:
     def add(self, items: list[int], times: list[int], new: list[bool]) -> int:
         """Count the pairs that end at the ``new`` events of one user's events ``items`` (in time
         order, ``times`` in ms): each with the up to ``steps`` events before it, weight 1/distance,
-        known at its own time. Reserved ids and ids beyond the count table's catalogue (items
-        added after training) are not counted. Returns the number of pairs counted."""
+        known at its own time. Reserved ids and ids beyond the catalogue are not counted (items
+        added after training are, once :meth:`grow` takes them in). Returns the number of pairs counted."""
         added = 0
         with self._lock:
             for j in range(len(items)):
@@ -193,6 +193,11 @@ class LivePairs:
                     added += 1
             self.pairs += added
         return added
+
+    def grow(self, num_items: int) -> None:
+        """Count pairs of the items added after training too (ids below ``num_items``)."""
+        with self._lock:
+            self.num_items = max(self.num_items, num_items)
 
     def _countable(self, item: int) -> bool:
         return NUM_RESERVED_ITEMS <= item < self.num_items

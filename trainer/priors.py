@@ -236,7 +236,11 @@ class TransitionPrior(nn.Module):
         for d in range(self.steps):
             if online is not None:
                 column = src[:, d]
-                logs = torch.log1p(self._scatter_rows(column) + online.rows(column, at, self.count.dtype))
+                table = self._scatter_rows(torch.where(column < self.num_items, column, 0))
+                live = online.rows(column, at, self.count.dtype)
+                if live.shape[1] > table.shape[1]:  # items added after training (served): counted live only
+                    table = torch.nn.functional.pad(table, (0, live.shape[1] - table.shape[1]))
+                logs = torch.log1p(table + live)
             elif dst is None and leave_out is None:
                 logs = self._log_rows(src[:, d])
             elif dst is None:

@@ -100,7 +100,7 @@ class LiveEvents:
     """A run's event times (:class:`EventTimes`) plus the events counted as they arrive (a served
     model): counts and first times answer as EventTimes' do, over both. Events not newer than
     ``since`` (the newest event the run counted) are left out, as are reserved ids and items beyond
-    the run's catalogue (added after training). The live part is indexed again on the first read
+    the catalogue (items added after training are counted once :meth:`grow` takes them in). The live part is indexed again on the first read
     after an addition (it holds only the events since training). Thread-safe."""
 
     def __init__(self, base: EventTimes, since: int) -> None:
@@ -126,6 +126,20 @@ class LiveEvents:
                 self.events += len(kept)
         return len(kept)
 
+    def grow(self, num_items: int) -> None:
+        """Count the items added after training too (ids below ``num_items``): the run's table holds
+        no events of theirs, so they are counted from their first posted event on."""
+        with self._lock:
+            self.num_items = max(self.num_items, num_items)
+            self._table = None
+
+    def _wide(self, t: torch.Tensor, fill: int) -> torch.Tensor:
+        """``t`` (..., base items) padded with ``fill`` to every item counted (grown by :meth:`grow`)."""
+        extra = self.num_items - t.shape[-1]
+        if extra <= 0:
+            return t
+        return torch.cat([t, torch.full((*t.shape[:-1], extra), fill, dtype=t.dtype)], dim=-1)  # exact int64 fill
+
     def _live(self) -> EventTimes | None:
         with self._lock:
             if self._table is None and self._items:
@@ -137,16 +151,17 @@ class LiveEvents:
     @property
     def first(self) -> torch.Tensor:
         live = self._live()
-        return self.base.first if live is None else torch.minimum(self.base.first, live.first)
+        first = self._wide(self.base.first, int(np.iinfo(np.int64).max))
+        return first if live is None else torch.minimum(first, live.first)
 
     def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         live = self._live()
-        out = self.base.counts(dst, start, end)
+        out = self.base.counts(dst, start, end)  # none for ids beyond the run's catalogue
         return out if live is None else out + live.counts(dst, start, end)
 
     def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         live = self._live()
-        out = self.base.rows(start, end)
+        out = self._wide(self.base.rows(start, end), 0)
         return out if live is None else out + live.rows(start, end)
 
 
@@ -179,6 +194,13 @@ class TrendPrior(nn.Module):
         since = int(ts.max()) if len(ts) else np.iinfo(np.int64).min
         self.table = LiveEvents(self.run_table, since)
         return self.table
+
+    def grow(self, num_items: int) -> None:
+        """A served model's catalogue grew (items added after training): score and count them too."""
+        if not isinstance(self.table, LiveEvents):
+            raise ValueError("only a served trend prior (live counts) takes items added after training")
+        self.table.grow(num_items)
+        self.num_items = self.table.num_items
 
     def observe(self, period_events: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Count the predicted period's events too (each query still counts only those before it);

@@ -150,3 +150,8 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     src, at = torch.tensor([i2, new]), torch.tensor([now, now])
     assert torch.equal(moved.live.rows(src, at), model.live.rows(src, at))
     again.stop()
+    # A request that read the item table just before another item was placed: the counts, grown
+    # meanwhile, are cut to that request's catalogue.
+    model.live.grow(model.num_items + 1)
+    model.trend.grow(model.num_items + 1)
+    assert scores(i2).shape == (model.num_items,)

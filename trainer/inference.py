@@ -336,7 +336,9 @@ class InferenceModel:
             inputs = prior.query_inputs(torch.where(items < known, items, 0), mask, pos, at=at_ms)
             live = {"at": at_ms, "online": self.live} if live else {}
             offsets = prior.offsets(inputs, weights=prior.row_weights(hidden), **live)
-            scores[:, : offsets.shape[1]] += offsets
+            # Counts may cover an item posted after this request's item table was read: not scored here.
+            width = min(offsets.shape[1], scores.shape[1])
+            scores[:, :width] += offsets[:, :width]
         scores[:, :NUM_RESERVED_ITEMS] = float("-inf")
         return scores
 

@@ -204,8 +204,8 @@ class LivePairs:
 
     def rows(self, src: torch.Tensor, at: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         """(N, V) summed weights of the pairs from ``src[n]`` known before ``at[n]`` (ms)."""
-        out = torch.zeros(len(src), self.num_items, dtype=dtype)
-        with self._lock:
+        with self._lock:  # the width and the pairs of one moment (an item may be added meanwhile)
+            out = torch.zeros(len(src), self.num_items, dtype=dtype)
             entries = [(n, self._by_source.get(s)) for n, s in enumerate(src.tolist())]
             entries = [(n, tuple(np.asarray(part) for part in lists)) for n, lists in entries if lists]
         for n, (dst, known, weight) in entries:

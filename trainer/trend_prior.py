@@ -77,6 +77,10 @@ class EventTimes:
         self.items_by_time = torch.from_numpy(items[order])
         self.num_items = num_items
 
+    def snapshot(self) -> EventTimes:
+        """Itself (it never changes): the interface a scorer reads, as :meth:`LiveEvents.snapshot`'s."""
+        return self
+
     def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """Events of items ``dst`` (N, C) with times in [start, end) ((N,) each)."""
         base = dst * self.span
@@ -133,36 +137,56 @@ class LiveEvents:
             self.num_items = max(self.num_items, num_items)
             self._table = None
 
-    def _wide(self, t: torch.Tensor, fill: int) -> torch.Tensor:
-        """``t`` (..., base items) padded with ``fill`` to every item counted (grown by :meth:`grow`)."""
-        extra = self.num_items - t.shape[-1]
-        if extra <= 0:
-            return t
-        return torch.cat([t, torch.full((*t.shape[:-1], extra), fill, dtype=t.dtype)], dim=-1)  # exact int64 fill
-
-    def _live(self) -> EventTimes | None:
+    def snapshot(self) -> LiveSnapshot:
+        """The counts as of now, over one catalogue size (a scorer reads one snapshot, so an item
+        posted meanwhile cannot give its parts different widths)."""
         with self._lock:
             if self._table is None and self._items:
                 self._table = EventTimes(
                     np.asarray(self._items, np.int64), np.asarray(self._times, np.int64), self.num_items
                 )
-            return self._table
+            return LiveSnapshot(self.base, self._table, self.num_items)
 
     @property
     def first(self) -> torch.Tensor:
-        live = self._live()
-        first = self._wide(self.base.first, int(np.iinfo(np.int64).max))
-        return first if live is None else torch.minimum(first, live.first)
+        return self.snapshot().first
 
     def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        live = self._live()
-        out = self.base.counts(dst, start, end)  # none for ids beyond the run's catalogue
-        return out if live is None else out + live.counts(dst, start, end)
+        return self.snapshot().counts(dst, start, end)
 
     def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        live = self._live()
+        return self.snapshot().rows(start, end)
+
+
+class LiveSnapshot:
+    """:class:`LiveEvents` at one moment: the run's table plus the live one, over ``num_items``
+    items (ids beyond the run's catalogue have live events only)."""
+
+    def __init__(self, base: EventTimes, live: EventTimes | None, num_items: int) -> None:
+        self.base, self.live, self.num_items = base, live, num_items
+
+    def snapshot(self) -> LiveSnapshot:
+        return self
+
+    def _wide(self, t: torch.Tensor, fill: int) -> torch.Tensor:
+        """``t`` (..., base items) filled with ``fill`` up to ``num_items`` columns."""
+        extra = self.num_items - t.shape[-1]
+        if extra <= 0:
+            return t
+        return torch.cat([t, torch.full((*t.shape[:-1], extra), fill, dtype=t.dtype)], dim=-1)  # exact int64 fill
+
+    @property
+    def first(self) -> torch.Tensor:
+        first = self._wide(self.base.first, int(np.iinfo(np.int64).max))
+        return first if self.live is None else torch.minimum(first, self.live.first)
+
+    def counts(self, dst: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        out = self.base.counts(dst, start, end)  # none for ids beyond the run's catalogue
+        return out if self.live is None else out + self.live.counts(dst, start, end)
+
+    def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         out = self._wide(self.base.rows(start, end), 0)
-        return out if live is None else out + live.rows(start, end)
+        return out if self.live is None else out + self.live.rows(start, end)
 
 
 def age_buckets(first: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -229,8 +253,8 @@ class TrendPrior(nn.Module):
         None: every item) at times ``at`` (N,)."""
         device = at.device
         every = dst is None
-        dst = torch.arange(self.num_items) if every else dst.cpu()
-        table, at = self.table, at.cpu()
+        table, at = self.table.snapshot(), at.cpu()
+        dst = torch.arange(table.num_items) if every else dst.cpu()
         inverse = None
         if dst.dim() == 1:  # the same items for every row: count once per distinct time
             at, inverse = torch.unique(at, return_inverse=True)

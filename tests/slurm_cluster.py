@@ -116,6 +116,7 @@ JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
 ReturnToService=2
 MinJobAge=60
+SchedulerParameters=bf_interval=2,sched_interval=2
 SlurmdTimeout=30
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE

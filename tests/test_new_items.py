@@ -128,6 +128,7 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     )
     after = {src: scores(src) for src in (i2, new)}
     hidden = model.start([i2], [1], [now - 60_000]).hidden[None]
+    assert model.query_gaps is None  # the state that weighs the counts is the history's
     with torch.no_grad():
         w = float(model.prior.row_weights(hidden)[0, 0])
     # After i2: two live pairs to the new item (it has none in the run's table), its two events of
@@ -154,4 +155,14 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     # meanwhile, are cut to that request's catalogue.
     model.live.grow(model.num_items + 1)
     model.trend.grow(model.num_items + 1)
-    assert scores(i2).shape == (model.num_items,)
+    assert torch.equal(scores(i2), after[i2])
+    # An item placed between two steps' reads of the live pairs: every step is read at one width.
+    rows = model.live.rows
+
+    def rows_then_grow(*args, **kwargs):
+        out = rows(*args, **kwargs)
+        model.live.grow(model.live.num_items + 1)
+        return out
+
+    model.live.rows = rows_then_grow
+    assert model.prior.steps > 1 and torch.equal(scores(i2), after[i2])

@@ -127,6 +127,12 @@ def test_whole_rows_count_as_the_per_item_lookups():
 
 def test_live_events_count_as_one_table_of_all_the_events():
     base = EventTimes(EVENTS["item"], EVENTS["ts"], 6)
+    grown = LiveEvents(base, since=9 * DAY)
+    grown.grow(8)  # items added, no event posted yet: the run's events over the wider catalogue
+    at = torch.tensor([9, 100]) * DAY
+    wide = EventTimes(EVENTS["item"], EVENTS["ts"], 8)
+    assert torch.equal(grown.rows(at - 7 * DAY, at), wide.rows(at - 7 * DAY, at))
+    assert torch.equal(grown.first, wide.first)
     live = LiveEvents(base, since=9 * DAY)
     # Not newer than the run's newest event, reserved ids, items beyond the catalogue: not counted.
     assert live.add([3, 4, 1, 7, 5, 4], [9 * DAY, 10 * DAY, 11 * DAY, 11 * DAY, 12 * DAY, 12 * DAY]) == 3

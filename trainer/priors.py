@@ -254,6 +254,9 @@ class TransitionPrior(nn.Module):
                     counts = torch.where(hit, (counts - own[:, None]).clamp(min=0), counts)
                 logs = torch.log1p(counts)
             out.append(logs)
+        if online is not None:  # an item posted between two steps' reads widens the later ones: one width
+            width = max(o.shape[-1] for o in out)
+            out = [torch.nn.functional.pad(o, (0, width - o.shape[-1])) for o in out]
         return torch.stack(out)
 
     def _timed_inputs(self, src: torch.Tensor) -> bool:

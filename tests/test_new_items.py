@@ -102,6 +102,41 @@ def counted_run(tmp_path_factory, tower_dir):
     return root
 
 
+def _scorer(model, now: int):
+    """Scores of every item at ``now``, after a history of one item a minute earlier."""
+
+    def scores(source: int) -> torch.Tensor:
+        hidden = model.start([source], [1], [now - 60_000]).hidden[None]
+        return model.scores(hidden, model.context([[source]]), torch.tensor([60_000]), torch.tensor([now]))[0]
+
+    return scores
+
+
+def _step_weight(model, source: int, now: int) -> float:
+    """The transition prior's first-step weight for the query after ``source`` (no query-time part)."""
+    assert model.query_gaps is None
+    with torch.no_grad():
+        return float(model.prior.row_weights(model.start([source], [1], [now - 60_000]).hidden[None])[0, 0])
+
+
+def _placed_meanwhile_keeps_scores(model, scores, source: int, expected: torch.Tensor) -> None:
+    """Items placed while a request scores leave its scores as they were."""
+    # The request read the item table just before the counts grew: they are cut to its catalogue.
+    model.live.grow(model.num_items + 1)
+    model.trend.grow(model.num_items + 1)
+    assert torch.equal(scores(source), expected)
+    # An item placed between two steps' reads of the live pairs: every step is read at one width.
+    rows = model.live.rows
+
+    def rows_then_grow(*args, **kwargs):
+        out = rows(*args, **kwargs)
+        model.live.grow(model.live.num_items + 1)
+        return out
+
+    model.live.rows = rows_then_grow
+    assert model.prior.steps > 1 and torch.equal(scores(source), expected)
+
+
 def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run):
     state = counted_run / "state.sqlite"
     service = Recommender(ServiceConfig(counted_run / "run", state, reload_seconds=0))
@@ -115,11 +150,7 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     assert service.add_items(["new1"], ["blue ball"], [None])["added"] == ["new1"]
     new, i2, i3 = (model.item_index[i] for i in ("new1", "i2", "i3"))
     now = int(time.time() * 1000)
-
-    def scores(source: int) -> torch.Tensor:
-        hidden = model.start([source], [1], [now - 60_000]).hidden[None]
-        return model.scores(hidden, model.context([[source]]), torch.tensor([60_000]), torch.tensor([now]))[0]
-
+    scores = _scorer(model, now)
     before = {src: scores(src) for src in (i2, new)}
     # Two users go from i2 to the new item, one of them on to i3.
     service.add_events("x", [Event("i2", "view", now - 50_000), Event("new1", "view", now - 40_000)])
@@ -127,20 +158,14 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
         "y", [Event("i2", "view", now - 30_000), Event("new1", "view", now - 20_000), Event("i3", "view", now - 10_000)]
     )
     after = {src: scores(src) for src in (i2, new)}
-    hidden = model.start([i2], [1], [now - 60_000]).hidden[None]
-    assert model.query_gaps is None  # the state that weighs the counts is the history's
-    with torch.no_grad():
-        w = float(model.prior.row_weights(hidden)[0, 0])
     # After i2: two live pairs to the new item (it has none in the run's table), its two events of
     # the last day, and its age: first seen under a day ago (bucket 1) where it was unseen (bucket 0).
-    expected = w * np.log1p(2) + np.log1p(2) + 0.1
+    expected = _step_weight(model, i2, now) * np.log1p(2) + np.log1p(2) + 0.1
     assert float(after[i2][new] - before[i2][new]) == pytest.approx(expected, rel=1e-4)
     # After the new item as the last event: its live pair to i3 (it has no row in the run's table),
     # and i3's one event of the last day.
-    hidden = model.start([new], [1], [now - 60_000]).hidden[None]
-    with torch.no_grad():
-        w = float(model.prior.row_weights(hidden)[0, 0])
-    assert float(after[new][i3] - before[new][i3]) == pytest.approx(w * np.log1p(1) + np.log1p(1), rel=1e-4)
+    expected = _step_weight(model, new, now) * np.log1p(1) + np.log1p(1)
+    assert float(after[new][i3] - before[new][i3]) == pytest.approx(expected, rel=1e-4)
     assert service.recommend("x", None, 3)["items"]
     pairs, events = model.live.pairs, model.live_events.events
     service.stop()
@@ -151,18 +176,4 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     src, at = torch.tensor([i2, new]), torch.tensor([now, now])
     assert torch.equal(moved.live.rows(src, at), model.live.rows(src, at))
     again.stop()
-    # A request that read the item table just before another item was placed: the counts, grown
-    # meanwhile, are cut to that request's catalogue.
-    model.live.grow(model.num_items + 1)
-    model.trend.grow(model.num_items + 1)
-    assert torch.equal(scores(i2), after[i2])
-    # An item placed between two steps' reads of the live pairs: every step is read at one width.
-    rows = model.live.rows
-
-    def rows_then_grow(*args, **kwargs):
-        out = rows(*args, **kwargs)
-        model.live.grow(model.live.num_items + 1)
-        return out
-
-    model.live.rows = rows_then_grow
-    assert model.prior.steps > 1 and torch.equal(scores(i2), after[i2])
+    _placed_meanwhile_keeps_scores(model, scores, i2, after[i2])

@@ -20,15 +20,21 @@ from trainer.run import load_run_model, train_run
 from trainer.trend_prior import AGE_BUCKETS
 
 
+def _tower_run(root, tower_dir, steps: int, **model):
+    """``root``/run: the titled log's run through the (tiny) LLM tower, with these model settings."""
+    events, items = log_with_titles(root, range(30), 1_600_000_000)
+    shard([events], root / "data", items=str(items))
+    cfg = tower_config(root / "data", tower_dir, max_steps=steps)
+    for name, value in model.items():
+        setattr(cfg.model, name, value)
+    train_run(root / "run", cfg, log=lambda *a: None)
+    return root
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, tower_dir):
     """A run that reads item text through the (tiny) LLM tower and attributes, with id dropout."""
-    root = tmp_path_factory.mktemp("newitems")
-    events, items = log_with_titles(root, range(30), 1_600_000_000)
-    shard([events], root / "data", items=str(items))
-    cfg = tower_config(root / "data", tower_dir, max_steps=12)
-    cfg.model.id_dropout = 0.2
-    train_run(root / "run", cfg, log=lambda *a: None)
+    root = _tower_run(tmp_path_factory.mktemp("newitems"), tower_dir, 12, id_dropout=0.2)
     export_run(root / "run", root / "export")
     return root
 
@@ -92,14 +98,7 @@ def test_a_model_that_reads_no_text_or_attributes_refuses_new_items(tmp_path, cy
 @pytest.fixture(scope="module")
 def counted_run(tmp_path_factory, tower_dir):
     """A run that reads item text (so it can place new items) with both count priors."""
-    root = tmp_path_factory.mktemp("newcounts")
-    events, items = log_with_titles(root, range(30), 1_600_000_000)
-    shard([events], root / "data", items=str(items))
-    cfg = tower_config(root / "data", tower_dir, max_steps=3)
-    cfg.model.transition_prior = True
-    cfg.model.trend_prior = True
-    train_run(root / "run", cfg, log=lambda *a: None)
-    return root
+    return _tower_run(tmp_path_factory.mktemp("newcounts"), tower_dir, 3, transition_prior=True, trend_prior=True)
 
 
 def _scorer(model, now: int):

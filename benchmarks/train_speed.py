@@ -154,11 +154,11 @@ def worktree(rev: str) -> Path:
     return path
 
 
-def train_arm(code: Path, data: Path, run: Path, steps: int, seed: int) -> dict:
-    """One `bgpt train` of the recipe for ``steps`` steps from the tree at ``code``."""
+def train_arm(code: Path, data: Path, run: Path, steps: int, seed: int, recipe: Path = RECIPE, extra=()) -> dict:
+    """One `bgpt train` of the recipe (plus ``extra`` flags) for ``steps`` steps from the tree at ``code``."""
     overrides = [f"--train.max_steps={steps}", "--train.max_minutes=none", "--train.eval_every=0"]
-    overrides += [f"--train.seed={seed}", "--checkpoint.every_steps=0"]
-    cmd = [*BGPT, "train", "--data", str(data), "--config", str(RECIPE), "--out", str(run), *overrides]
+    overrides += [f"--train.seed={seed}", "--checkpoint.every_steps=0", *extra]
+    cmd = [*BGPT, "train", "--data", str(data), "--config", str(recipe), "--out", str(run), *overrides]
     subprocess.run(cmd, check=True, cwd=code, stdout=subprocess.DEVNULL)
     train = json.loads((run / "metrics.json").read_text())["train"]
     valid = [json.loads(line) for line in (run / "valid_metrics.jsonl").read_text().splitlines()][-1]

@@ -125,6 +125,34 @@ def test_whole_rows_count_as_the_per_item_lookups():
     assert torch.equal(table.rows(start, end), table.counts(every, start, end))
 
 
+def test_age_buckets_at_their_edges_before_1970_and_for_items_never_seen():
+    """Bucket 1 + floor(log2(1 + age in days)), at most AGE_BUCKETS - 1; 0 for no event before T."""
+    ages = [0, 1, DAY - 1, DAY, 3 * DAY - 1, 3 * DAY, 7 * DAY, (2**14 - 1) * DAY - 1, (2**14 - 1) * DAY, 10**15]
+    expected = [0, 1, 1, 2, 2, 3, 4, 14, 15, 15]
+    for at in (T0_MS, -T0_MS):  # times before 1970 are int64 ms too
+        first = torch.tensor([[at - a for a in ages] + [np.iinfo(np.int64).max]])
+        assert age_buckets(first, torch.tensor([at])).tolist() == [expected + [0]]
+
+
+def test_long_windows_slide_and_count_as_one_bincount_per_window(monkeypatch):
+    """Windows holding more events than there are items take the sliding path (small blocks here,
+    so several blocks are joined); every row equals a bincount of its own window's events."""
+    rng = np.random.default_rng(0)
+    items, ts = rng.integers(0, 7, 3000), rng.integers(0, 100, 3000) * DAY
+    table = EventTimes(items, ts, 9)
+    at = torch.unique(torch.from_numpy(rng.integers(0, 120, 60)) * DAY)
+    monkeypatch.setattr("trainer.trend_prior.ROWS_BUDGET", 9 * 4)  # blocks of 4 rows
+    uneven = at - torch.from_numpy(rng.integers(1, 40, len(at))) * DAY  # starts out of order: one bincount each
+    for start, end in [(at - 30 * DAY, at), (at, at - 30 * DAY), (uneven, at)]:
+        expected = torch.stack(
+            [
+                torch.bincount(torch.from_numpy(items[(ts >= a) & (ts < b)]), minlength=9)
+                for a, b in zip(start.tolist(), end.tolist(), strict=True)
+            ]
+        )
+        assert torch.equal(table.rows(start, end), expected)
+
+
 def test_live_events_count_as_one_table_of_all_the_events():
     base = EventTimes(EVENTS["item"], EVENTS["ts"], 6)
     grown = LiveEvents(base, since=9 * DAY)

@@ -33,6 +33,8 @@ EVENTS_FILE = "item_events.npz"
 DAY_MS = 86_400_000
 AGE_BUCKETS = 16
 """Bucket 0: no event before T; bucket b >= 1: age in [2^(b-1) - 1, 2^b - 1) days (the last open)."""
+ROWS_BUDGET = 1 << 22
+"""Row x item counts held at once by :meth:`EventTimes.rows` (a block of rows)."""
 
 
 def item_events(data, until_generation: int | None = None, include_valid: bool = False) -> dict[str, np.ndarray]:
@@ -89,15 +91,42 @@ class EventTimes:
         return torch.searchsorted(self.keys, base + hi) - torch.searchsorted(self.keys, base + lo)
 
     def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-        """(N, V) events of every item with times in [start, end) ((N,) each): one bincount of
-        the window's events per row, cheaper than V binary searches per row."""
-        lo = torch.searchsorted(self.ts_sorted, start).tolist()
-        hi = torch.searchsorted(self.ts_sorted, end).tolist()
-        out = torch.zeros(len(lo), self.num_items, dtype=torch.int64)
-        for n, (a, b) in enumerate(zip(lo, hi, strict=True)):
+        """(N, V) events of every item with times in [start, end) ((N,) each).
+
+        Short windows: one bincount of each window's events. Long windows that move forward
+        together (as the windows ``[T - w, T)`` of sorted times T do), holding more events than
+        there are items: a block of rows at a time, each row being the one before plus the events
+        that entered at its end minus those that left at its start (one bincount of the entering
+        and one of the leaving events, by row and item, and a running sum over the rows), so each
+        event of the block's span is read once instead of once per window that holds it."""
+        out = torch.zeros(len(start), self.num_items, dtype=torch.int64)
+        order = torch.argsort(end)
+        lo = torch.searchsorted(self.ts_sorted, start[order])
+        hi = torch.maximum(torch.searchsorted(self.ts_sorted, end[order]), lo)  # an empty window counts 0
+        monotone = len(lo) < 2 or not bool((lo[1:] < lo[:-1]).any())
+        if monotone and int((hi - lo).sum()) > len(lo) * self.num_items:
+            block = max(1, ROWS_BUDGET // max(1, self.num_items))
+            for rows, a, b in zip(order.split(block), lo.split(block), hi.split(block), strict=True):
+                out[rows] = self._sliding(a, b)
+            return out
+        for n, a, b in zip(order.tolist(), lo.tolist(), hi.tolist(), strict=True):
             if b > a:
                 out[n] = torch.bincount(self.items_by_time[a:b], minlength=self.num_items)
         return out
+
+    def _sliding(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(K, V) events at positions [lo_k, hi_k) of the time order, both nondecreasing in k."""
+        first, last = int(lo[0]), int(hi[-1])
+        span = torch.arange(first, max(first, last))
+        items = self.items_by_time[first:last]
+
+        def by_row(bounds: torch.Tensor, upto: int) -> torch.Tensor:  # events before bounds[k], from k on
+            keep = span < upto
+            row = torch.searchsorted(bounds, span[keep], right=True)
+            return torch.bincount(row * self.num_items + items[keep], minlength=len(bounds) * self.num_items)
+
+        entered = by_row(hi, int(hi[-1])).sub_(by_row(lo, int(lo[-1])))
+        return entered.view(len(lo), self.num_items).cumsum(0)
 
 
 class LiveEvents:
@@ -189,11 +218,15 @@ class LiveSnapshot:
         return out if self.live is None else out + self.live.rows(start, end)
 
 
+AGE_EDGES = torch.tensor([(2**b - 1) * DAY_MS for b in range(1, AGE_BUCKETS - 1)])
+"""Ages (ms) where buckets 2, 3, ... begin: bucket 1 + floor(log2(1 + age in days)), counted in integers."""
+
+
 def age_buckets(first: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """(N, C) age buckets (AGE_BUCKETS) of items first seen at ``first`` (N, C), at times ``at`` (N,)."""
-    age_days = (at[:, None] - first).clamp(min=0).to(torch.float64) / DAY_MS
-    bucket = 1 + torch.floor(torch.log2(1 + age_days)).clamp(max=AGE_BUCKETS - 2).to(torch.int64)
-    return torch.where(first < at[:, None], bucket, torch.zeros_like(bucket))
+    age = at[:, None] - first
+    bucket = torch.searchsorted(AGE_EDGES, age, right=True).add_(1)  # 1 + the edges an age has reached
+    return bucket.masked_fill_(first >= at[:, None], 0)  # not seen before T (the age may wrap then)
 
 
 class TrendPrior(nn.Module):
@@ -210,6 +243,8 @@ class TrendPrior(nn.Module):
         self.weight = nn.Parameter(torch.zeros(len(self.windows_ms) + AGE_BUCKETS))
         """The windows' multiples, then one bias per age bucket (all learned from zero)."""
         self.windows_days = list(windows_days)
+        self._held: tuple | None = None
+        """(table, inputs, parts) of the last rows given training offsets (read once by the weight gradient)."""
 
     def live(self) -> LiveEvents:
         """Count events as they arrive from now on (a served model): the table becomes the run's
@@ -263,8 +298,10 @@ class TrendPrior(nn.Module):
         def counts(w: int) -> torch.Tensor:
             return table.rows(at - w, at) if every else table.counts(dst, at - w, at)
 
-        logs = torch.stack([torch.log1p(counts(w).to(torch.float32)) for w in self.windows_ms])
-        buckets = age_buckets(table.first[dst], at)
+        logs = torch.empty(len(self.windows_ms), *dst.shape, dtype=torch.float32)
+        for k, w in enumerate(self.windows_ms):
+            torch.log1p(counts(w), out=logs[k])
+        buckets = age_buckets(table.first.expand(len(at), -1) if every else table.first[dst], at)
         if inverse is not None:
             logs, buckets = logs[:, inverse], buckets[inverse]
         return logs.to(device), buckets.to(device)
@@ -273,18 +310,25 @@ class TrendPrior(nn.Module):
         """(N, C) offsets at the queries' times ``inputs`` (N,) (``leave_out``, ``at``: unused: a
         target's own event is never before its time)."""
         weights = self.row_weights(inputs) if weights is None else weights
-        logs, buckets = self._parts(inputs, dst)
+        return self._combine(self._parts(inputs, dst), weights)
+
+    def _combine(self, parts: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        logs, buckets = parts
         k = len(self.windows_ms)
         scores = torch.einsum("nw,wnc->nc", weights[:, :k].to(logs.dtype), logs)
         return scores + torch.gather(weights[:, k:].to(logs.dtype), 1, buckets)
 
     def add_training_offsets(self, scores: torch.Tensor, inputs, leave_out, weights: torch.Tensor) -> None:
-        scores += self.offsets(inputs, weights=weights).to(scores.dtype)
+        parts = self._parts(inputs, None)
+        self._held = (self.table, inputs, parts)  # a full softmax's backward asks for the same rows' gradient next
+        scores += self._combine(parts, weights).to(scores.dtype)
 
     def training_weight_grad(self, inputs, leave_out, probs: torch.Tensor) -> torch.Tensor:
         """(N, windows + AGE_BUCKETS) each row's gradient of its weights: ``probs`` summed against
         each window's feature, and over the items of each age bucket."""
-        logs, buckets = self._parts(inputs, None)
+        held, self._held = self._held, None
+        same = held is not None and held[0] is self.table and torch.equal(held[1], inputs)
+        logs, buckets = held[2] if same else self._parts(inputs, None)
         windows = [torch.linalg.vecdot(probs, logs[w].to(probs.dtype)) for w in range(len(self.windows_ms))]
         ages = torch.zeros(len(probs), AGE_BUCKETS, dtype=probs.dtype, device=probs.device)
         ages.scatter_add_(1, buckets, probs)

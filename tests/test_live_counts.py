@@ -1,5 +1,5 @@
 """Live counts: a served model's transition prior counts the pairs of the events posted to it, its
-trend prior the events themselves."""
+trend prior the events themselves; a restart and a hot reload count the stored ones again."""
 
 import time
 
@@ -76,6 +76,16 @@ def test_a_served_model_adds_live_counts_to_its_prior_and_recounts_them_after_a_
     src, at = torch.tensor([a, b]), torch.tensor([now, now])
     assert torch.equal(again.current.model.live.rows(src, at), live.rows(src, at))
     again.stop()
+    # So does a hot reload (a new export of the run): the reloaded model's live rows are the same.
+    export = tmp_path / "export"
+    export_run(run, export)
+    served = Recommender(ServiceConfig(export, state, reload_seconds=0))
+    first = served.current.model
+    export_run(run, export, overwrite=True)
+    assert served.reload_if_changed() and served.current.model is not first
+    assert served.current.model.live.pairs == 1
+    assert torch.equal(served.current.model.live.rows(src, at), live.rows(src, at))
+    served.stop()
 
 
 def test_a_served_trend_prior_counts_posted_events_at_each_request_time(tmp_path):

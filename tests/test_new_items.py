@@ -12,7 +12,7 @@ from conftest import shard
 from test_serving import Server
 from test_text_tower import log_with_titles, tower_config
 
-from data_sharding.vocab import UNK_ITEM
+from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from serving.service import Recommender, RequestError, ServiceConfig
 from serving.store import Event
 from trainer.export import export_run, load_inference
@@ -97,8 +97,9 @@ def test_a_model_that_reads_no_text_or_attributes_refuses_new_items(tmp_path, cy
 
 @pytest.fixture(scope="module")
 def counted_run(tmp_path_factory, tower_dir):
-    """A run that reads item text (so it can place new items) with both count priors."""
-    return _tower_run(tmp_path_factory.mktemp("newcounts"), tower_dir, 3, transition_prior=True, trend_prior=True)
+    """A run that reads item text (so it can place new items) with the count priors and the repeat prior."""
+    root = tmp_path_factory.mktemp("newcounts")
+    return _tower_run(root, tower_dir, 3, transition_prior=True, trend_prior=True, repeat_prior=True)
 
 
 def _scorer(model, now: int):
@@ -136,6 +137,20 @@ def _placed_meanwhile_keeps_scores(model, scores, source: int, expected: torch.T
     assert model.prior.steps > 1 and torch.equal(scores(source), expected)
 
 
+def _repeats_count_posted_items(scores, model, new: int) -> None:
+    """The repeat prior counts a posted item in a history as it counts a trained one."""
+    trained = model.repeat.weight.detach().clone()
+    with torch.no_grad():
+        model.repeat.weight.fill_(0.0)
+        plain = scores(new)
+        model.repeat.weight.fill_(0.5)
+        moved = scores(new) - plain
+        model.repeat.weight.copy_(trained)
+    assert float(moved[new]) == pytest.approx(0.5 * np.log1p(1), rel=1e-5)  # the history holds it once
+    moved[new] = 0
+    assert float(moved[NUM_RESERVED_ITEMS:].abs().max()) == 0  # and nothing else (reserved ids: -inf)
+
+
 def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run):
     state = counted_run / "state.sqlite"
     service = Recommender(ServiceConfig(counted_run / "run", state, reload_seconds=0))
@@ -165,6 +180,7 @@ def test_items_posted_after_training_are_counted_live_by_both_priors(counted_run
     # and i3's one event of the last day.
     expected = _step_weight(model, new, now) * np.log1p(1) + np.log1p(1)
     assert float(after[new][i3] - before[new][i3]) == pytest.approx(expected, rel=1e-4)
+    _repeats_count_posted_items(scores, model, new)
     assert service.recommend("x", None, 3)["items"]
     pairs, events = model.live.pairs, model.live_events.events
     service.stop()

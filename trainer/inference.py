@@ -209,6 +209,8 @@ class InferenceModel:
             self.live.grow(self.num_items)
         if self.trend is not None:
             self.trend.grow(self.num_items)
+        if self.repeat is not None:
+            self.repeat.grow(self.num_items)
         return [items[i] for i in fresh]
 
     # ----- ids -------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ class InferenceModel:
         for prior in self.priors:
             items, mask, pos = context
             live = at_ms is not None and prior is self.prior and self.live is not None and self.live.pairs > 0
-            # Items added after training (add_items) have only live counts: the other priors read them as padding.
+            # Items added after training (add_items): the frozen transition table reads them as padding.
             known = self.live.num_items if live else prior.num_items
             inputs = prior.query_inputs(torch.where(items < known, items, 0), mask, pos, at=at_ms)
             live = {"at": at_ms, "online": self.live} if live else {}

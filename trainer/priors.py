@@ -365,6 +365,10 @@ class RepeatPrior(nn.Module):
             counts = ((history[:, :, None] == dst[:, None, :]) * real[:, :, None]).sum(dim=1)
         return torch.log1p(counts)
 
+    def grow(self, num_items: int) -> None:
+        """A served model's catalogue grew (items added after training): count them in histories too."""
+        self.num_items = max(self.num_items, num_items)
+
     def row_weights(self, states: torch.Tensor) -> torch.Tensor:
         """(N, 1): the one weight, for every row (the interface of TransitionPrior.row_weights)."""
         return self.weight.reshape(1, 1).expand(len(states), 1)

@@ -134,16 +134,28 @@ def test_age_buckets_at_their_edges_before_1970_and_for_items_never_seen():
         assert age_buckets(first, torch.tensor([at])).tolist() == [expected + [0]]
 
 
-def test_long_windows_slide_and_count_as_one_bincount_per_window(monkeypatch):
-    """Windows holding more events than there are items take the sliding path (small blocks here,
-    so several blocks are joined); every row equals a bincount of its own window's events."""
+def test_overlapping_windows_slide_and_count_as_one_bincount_per_window(monkeypatch):
+    """Overlapping windows that move forward together take the sliding path (small blocks here, so
+    several blocks are joined); short, scattered or out-of-order ones one bincount each; every row
+    equals a bincount of its own window's events."""
     rng = np.random.default_rng(0)
     items, ts = rng.integers(0, 7, 3000), rng.integers(0, 100, 3000) * DAY
     table = EventTimes(items, ts, 9)
     at = torch.unique(torch.from_numpy(rng.integers(0, 120, 60)) * DAY)
     monkeypatch.setattr("trainer.trend_prior.ROWS_BUDGET", 9 * 4)  # blocks of 4 rows
-    uneven = at - torch.from_numpy(rng.integers(1, 40, len(at))) * DAY  # starts out of order: one bincount each
-    for start, end in [(at - 30 * DAY, at), (at, at - 30 * DAY), (uneven, at)]:
+    slid = []
+    sliding = EventTimes._sliding
+    monkeypatch.setattr(EventTimes, "_sliding", lambda self, lo, hi: slid.append(len(lo)) or sliding(self, lo, hi))
+    uneven = at - torch.from_numpy(rng.integers(1, 40, len(at))) * DAY  # starts out of order
+    scattered = at[::8]  # 1-hour windows days apart
+    cases = [
+        (at - 30 * DAY, at, True),
+        (at, at - 30 * DAY, False),
+        (uneven, at, False),
+        (scattered - DAY // 24, scattered, False),
+    ]
+    for start, end, slides in cases:
+        slid.clear()
         expected = torch.stack(
             [
                 torch.bincount(torch.from_numpy(items[(ts >= a) & (ts < b)]), minlength=9)
@@ -151,6 +163,7 @@ def test_long_windows_slide_and_count_as_one_bincount_per_window(monkeypatch):
             ]
         )
         assert torch.equal(table.rows(start, end), expected)
+        assert (sum(slid) > len(start) // 2) if slides else not slid
 
 
 def test_live_events_count_as_one_table_of_all_the_events():
@@ -184,3 +197,18 @@ def test_live_events_count_as_one_table_of_all_the_events():
         dst = torch.tensor([[3, 5, 6, 7]] * 4)
         assert torch.equal(live.counts(dst, at - days * DAY, at), whole.counts(dst, at - days * DAY, at))
     assert torch.equal(live.first, whole.first)
+
+
+def test_a_trend_prior_not_yet_served_takes_items_added_after_training():
+    """InferenceModel.add_items on a model loaded outside a server: the run's counts over the wider
+    catalogue (the items added have none yet), not an error after the item table already grew."""
+    trend = TrendPrior(EVENTS, 6, [7])
+    with torch.no_grad():
+        trend.weight[0] = 1.0
+        trend.weight[1:] = torch.arange(AGE_BUCKETS, dtype=torch.float32)
+    at = torch.tensor([10 * DAY])
+    before = trend.offsets(at)
+    trend.grow(8)
+    after = trend.offsets(at)
+    assert after.shape == (1, 8) and torch.equal(after[:, :6], before)
+    assert after[0, 6:].tolist() == [0.0, 0.0]  # no event, never seen (age bucket 0)

@@ -123,7 +123,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
                 hc = h[rows]
                 block = hc @ table.T
                 for (prior, inputs), w in zip(ctx.priors, weights, strict=True):
-                    prior.add_training_offsets(block, inputs[rows], targets[rows], w[rows])
+                    prior.add_training_offsets(block, inputs[rows], targets[rows], w[rows], keep=True)
                 probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
                 probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
                 probs *= grad

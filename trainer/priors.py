@@ -294,10 +294,11 @@ class TransitionPrior(nn.Module):
         return weights if self.gate is None else weights + self.gate(states).to(weights.dtype)
 
     def add_training_offsets(
-        self, scores: torch.Tensor, src: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor
+        self, scores: torch.Tensor, src: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor, keep=False
     ) -> None:
         """Add to ``scores`` (N, V), in place, the offsets with each row's own pair left out, at the
-        rows' ``weights`` (N, steps) (the full-softmax training path)."""
+        rows' ``weights`` (N, steps) (the full-softmax training path; ``keep``: nothing is kept, the
+        rows are cheap to read again)."""
         work = self._workspace(len(src), scores.dtype, src.device)
         for d in range(self.steps):
             scores.addcmul_(self._step_rows(src, d, leave_out, work), weights[:, d : d + 1].to(scores.dtype))
@@ -382,8 +383,8 @@ class RepeatPrior(nn.Module):
         return (self.weight if weights is None else weights) * self.features(inputs, dst)
 
     def add_training_offsets(
-        self, scores: torch.Tensor, inputs: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor
-    ) -> None:
+        self, scores: torch.Tensor, inputs: torch.Tensor, leave_out: torch.Tensor, weights: torch.Tensor, keep=False
+    ) -> None:  # (keep: nothing to keep, the features are cheap to build again)
         scores.addcmul_(self.features(inputs).to(scores.dtype), weights.to(scores.dtype))
 
     def training_weight_grad(self, inputs: torch.Tensor, leave_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

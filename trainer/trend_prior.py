@@ -65,7 +65,7 @@ class EventTimes:
     of a (item, time rank) key, and each item's first time."""
 
     def __init__(self, items: np.ndarray, ts: np.ndarray, num_items: int) -> None:
-        keep = items < num_items
+        keep = (items >= 0) & (items < num_items)
         items, ts = items[keep], ts[keep]
         self.times = torch.from_numpy(np.unique(ts))
         self.span = len(self.times) + 1
@@ -93,25 +93,27 @@ class EventTimes:
     def rows(self, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """(N, V) events of every item with times in [start, end) ((N,) each).
 
-        Short windows: one bincount of each window's events. Long windows that move forward
-        together (as the windows ``[T - w, T)`` of sorted times T do), holding more events than
-        there are items: a block of rows at a time, each row being the one before plus the events
-        that entered at its end minus those that left at its start (one bincount of the entering
-        and one of the leaving events, by row and item, and a running sum over the rows), so each
-        event of the block's span is read once instead of once per window that holds it."""
+        A block of rows at a time, in the order of their ends. Short or scattered windows: one
+        bincount of each window's events. Windows that move forward together (as the windows
+        ``[T - w, T)`` of sorted times T do) and overlap: each row is the one before plus the
+        events that entered at its end minus those that left at its start (one bincount of the
+        entering and one of the leaving events, by row and item, and a running sum over the rows),
+        so each event of the block's span is read once instead of once per window that holds it."""
         out = torch.zeros(len(start), self.num_items, dtype=torch.int64)
         order = torch.argsort(end)
         lo = torch.searchsorted(self.ts_sorted, start[order])
         hi = torch.maximum(torch.searchsorted(self.ts_sorted, end[order]), lo)  # an empty window counts 0
         monotone = len(lo) < 2 or not bool((lo[1:] < lo[:-1]).any())
-        if monotone and int((hi - lo).sum()) > len(lo) * self.num_items:
-            block = max(1, ROWS_BUDGET // max(1, self.num_items))
-            for rows, a, b in zip(order.split(block), lo.split(block), hi.split(block), strict=True):
+        block = max(1, ROWS_BUDGET // max(1, self.num_items))
+        for rows, a, b in zip(order.split(block), lo.split(block), hi.split(block), strict=True):
+            # Sliding reads every event of the block's span (twice) and writes a few rows x items
+            # arrays; one bincount per row reads each window's events: whichever reads less.
+            if monotone and 2 * int(b[-1] - a[0]) + 3 * len(a) * self.num_items < int((b - a).sum()):
                 out[rows] = self._sliding(a, b)
-            return out
-        for n, a, b in zip(order.tolist(), lo.tolist(), hi.tolist(), strict=True):
-            if b > a:
-                out[n] = torch.bincount(self.items_by_time[a:b], minlength=self.num_items)
+                continue
+            for n, x, y in zip(rows.tolist(), a.tolist(), b.tolist(), strict=True):
+                if y > x:
+                    out[n] = torch.bincount(self.items_by_time[x:y], minlength=self.num_items)
         return out
 
     def _sliding(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,7 @@ AGE_EDGES = torch.tensor([(2**b - 1) * DAY_MS for b in range(1, AGE_BUCKETS - 1)
 def age_buckets(first: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """(N, C) age buckets (AGE_BUCKETS) of items first seen at ``first`` (N, C), at times ``at`` (N,)."""
     age = at[:, None] - first
-    bucket = torch.searchsorted(AGE_EDGES, age, right=True).add_(1)  # 1 + the edges an age has reached
+    bucket = torch.searchsorted(AGE_EDGES.to(age.device), age, right=True).add_(1)  # 1 + the edges an age has reached
     return bucket.masked_fill_(first >= at[:, None], 0)  # not seen before T (the age may wrap then)
 
 
@@ -257,7 +259,7 @@ class TrendPrior(nn.Module):
     def grow(self, num_items: int) -> None:
         """A served model's catalogue grew (items added after training): score and count them too."""
         if not isinstance(self.table, LiveEvents):
-            raise ValueError("only a served trend prior (live counts) takes items added after training")
+            self.live()  # (no events posted yet: the run's counts, over the wider catalogue)
         self.table.grow(num_items)
         self.num_items = self.table.num_items
 
@@ -318,9 +320,15 @@ class TrendPrior(nn.Module):
         scores = torch.einsum("nw,wnc->nc", weights[:, :k].to(logs.dtype), logs)
         return scores + torch.gather(weights[:, k:].to(logs.dtype), 1, buckets)
 
-    def add_training_offsets(self, scores: torch.Tensor, inputs, leave_out, weights: torch.Tensor) -> None:
+    def add_training_offsets(
+        self, scores: torch.Tensor, inputs, leave_out, weights: torch.Tensor, keep: bool = False
+    ) -> None:
+        """``keep``: the counts are kept for :meth:`training_weight_grad` of the same rows, which a
+        full softmax's backward asks for next (read once, then dropped)."""
+        self._held = None
         parts = self._parts(inputs, None)
-        self._held = (self.table, inputs, parts)  # a full softmax's backward asks for the same rows' gradient next
+        if keep:
+            self._held = (self.table, inputs, parts)
         scores += self._combine(parts, weights).to(scores.dtype)
 
     def training_weight_grad(self, inputs, leave_out, probs: torch.Tensor) -> torch.Tensor:

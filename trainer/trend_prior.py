@@ -118,16 +118,16 @@ class EventTimes:
 
     def _sliding(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """(K, V) events at positions [lo_k, hi_k) of the time order, both nondecreasing in k."""
-        first, last = int(lo[0]), int(hi[-1])
-        span = torch.arange(first, max(first, last))
+        first, last = int(lo[0]), int(hi[-1])  # hi_k >= lo_k >= lo_0
+        span = torch.arange(first, last)
         items = self.items_by_time[first:last]
 
-        def by_row(bounds: torch.Tensor, upto: int) -> torch.Tensor:  # events before bounds[k], from k on
-            keep = span < upto
+        def by_row(bounds: torch.Tensor) -> torch.Tensor:  # events before bounds[k], from k on
+            keep = span < bounds[-1]
             row = torch.searchsorted(bounds, span[keep], right=True)
             return torch.bincount(row * self.num_items + items[keep], minlength=len(bounds) * self.num_items)
 
-        entered = by_row(hi, int(hi[-1])).sub_(by_row(lo, int(lo[-1])))
+        entered = by_row(hi).sub_(by_row(lo))
         return entered.view(len(lo), self.num_items).cumsum(0)
 
 

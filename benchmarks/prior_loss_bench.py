@@ -41,7 +41,7 @@ def main() -> None:
     for _ in range(6):
         start = time.perf_counter()
         weights = prior.row_weights(h) if per_row else prior.weight
-        ChunkedSoftmaxCE.apply(h, table, targets, 512, [(prior, sources)], weights).backward()
+        ChunkedSoftmaxCE.apply(h, table, targets, 512, [(prior, sources)], None, weights).backward()
         seconds.append(time.perf_counter() - start)
     version = "per-row prior weights" if per_row else "scalar prior weights"
     print(f"{version}: median {sorted(seconds[1:])[2]:.3f} s per forward + backward")

@@ -92,7 +92,7 @@ def test_a_causal_prior_trains_with_exact_full_softmax_gradients(tmp_path):
     torch.manual_seed(0)
     h = torch.randn(len(targets), 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 4, dtype=torch.float64, requires_grad=True)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(prior, inputs)], prior.row_weights(h))
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(prior, inputs)], None, prior.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     copies = [t.detach().clone().requires_grad_() for t in (h, table, prior.weight)]
     features = prior.features(inputs, leave_out=targets).double()

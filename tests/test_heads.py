@@ -16,7 +16,7 @@ def test_chunked_softmax_matches_cross_entropy_in_value_and_gradient():
     h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
     table = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(NUM_RESERVED_ITEMS, 50, (37,))
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [])
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [], None)
     grads = torch.autograd.grad(loss, (h, table))
 
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
@@ -92,7 +92,7 @@ def test_the_transition_prior_adds_learned_log_counts_with_the_own_pair_left_out
     torch.manual_seed(0)
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 3, dtype=torch.float64, requires_grad=True)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.row_weights(h))
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], None, prior.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = prior.weight.detach().clone().requires_grad_()
@@ -116,7 +116,7 @@ def test_a_gated_transition_prior_weighs_each_query_by_its_state_with_exact_grad
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     table = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     params = (h, table, prior.weight, prior.gate.weight, prior.gate.bias)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], prior.row_weights(h))
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, src)], None, prior.row_weights(h))
     grads = torch.autograd.grad(loss, params)
 
     copies = [p.detach().clone().requires_grad_() for p in params]
@@ -153,7 +153,7 @@ def test_the_repeat_prior_counts_each_items_occurrences_in_the_visible_history()
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(num_items, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([4, 3, 5])
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(repeat, history)], repeat.row_weights(h))
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 2, [(repeat, history)], None, repeat.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, repeat.weight))
     h2, table2 = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
     weight = repeat.weight.detach().clone().requires_grad_()
@@ -170,7 +170,7 @@ def test_the_full_softmax_keeps_fp32_scores_under_bf16_and_returns_gradients_in_
     table = torch.randn(40, 8, requires_grad=True)
     targets = torch.randint(NUM_RESERVED_ITEMS, 40, (23,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [])
+        loss = ChunkedSoftmaxCE.apply(h, table, targets, 5, [], None)
     loss.backward()
     assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
 

@@ -57,7 +57,7 @@ def test_offsets_and_their_exact_full_softmax_gradients():
 
     h = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     table = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, at)], prior.row_weights(h))
+    loss = ChunkedSoftmaxCE.apply(h, table, targets, 3, [(prior, at)], None, prior.row_weights(h))
     grads = torch.autograd.grad(loss, (h, table, prior.weight))
     copies = [t.detach().clone().requires_grad_() for t in (h, table, prior.weight)]
     reference = TrendPrior(EVENTS, 6, [1.0, 7.0]).double()

@@ -39,6 +39,10 @@ class HeadsConfig:
     logQ-corrected). False: uniform negatives only (the published SASRec+SS recipe)."""
     chunk_mb: int = 32
     """Size of one block of scores in the chunked full softmax."""
+    sync_free: bool | None = None
+    """Every position is a loss row (weight 0 where the next event is no target), so a step never
+    waits for the device (no data-dependent shape). None: on a GPU, where such a wait stalls the
+    queue; off on CPU, where gathering the target positions first computes fewer rows."""
 
     def __post_init__(self) -> None:
         if self.item_loss not in ("auto", "full", "sampled"):
@@ -62,6 +66,11 @@ def _mask_reserved(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) -> (B * T, ...): one row per position."""
+    return x.reshape(-1, *x.shape[2:])
+
+
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32 when it is a 16-bit float (fp32 and fp64 stay as they are)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
@@ -77,8 +86,8 @@ def fp32_scores(h: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
-    """Sum over rows of cross-entropy(h @ table.T [+ score priors' offsets], target), computed
-    ``chunk`` rows at a time.
+    """Sum over rows of cross-entropy(h @ table.T [+ score priors' offsets], target) [x the row's
+    ``row_weight``, (N,), or None for 1], computed ``chunk`` rows at a time.
 
     Saves only h, table, targets and the per-row log-sum-exp; backward recomputes each block.
     ``priors``: (prior, per-row inputs) pairs (trainer.priors: the transition and repeat priors);
@@ -92,7 +101,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, table, targets, chunk, priors, *weights) -> torch.Tensor:
+    def forward(ctx, h, table, targets, chunk, priors, row_weight, *weights) -> torch.Tensor:
         ctx.dtypes = (h.dtype, table.dtype)
         with torch.autocast(h.device.type, enabled=False):
             h, table = _wide(h), _wide(table)
@@ -106,15 +115,20 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
             target_scores = (h * table[targets]).sum(dim=1)
             for (prior, inputs), w in zip(priors, weights, strict=True):
                 target_scores = target_scores + prior.offsets(inputs, targets[:, None], targets, w)[:, 0]
-        ctx.save_for_backward(h, table, targets, lse, *weights)
+            rows_loss = lse - target_scores
+            if row_weight is not None:
+                rows_loss = rows_loss * row_weight.to(h.dtype)
+        ctx.save_for_backward(h, table, targets, lse, row_weight, *weights)
         ctx.chunk, ctx.priors = chunk, priors
-        return (lse - target_scores).sum()
+        return rows_loss.sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        h, table, targets, lse, *weights = ctx.saved_tensors
+        h, table, targets, lse, row_weight, *weights = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
             grad = grad.to(h.dtype)
+            # Each row's factor: the output's gradient times the row's weight.
+            scale = grad if row_weight is None else (grad * row_weight.to(h.dtype))[:, None]
             grad_h = torch.empty_like(h)
             grad_table = torch.zeros_like(table)
             grad_weights = [torch.zeros_like(w, dtype=h.dtype) for w in weights]
@@ -126,14 +140,14 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
                     prior.add_training_offsets(block, inputs[rows], targets[rows], w[rows], keep=True)
                 probs = torch.exp(_mask_reserved(block) - lse[rows, None])  # softmax
                 probs[torch.arange(len(hc), device=h.device), targets[rows]] -= 1.0
-                probs *= grad
+                probs *= scale if row_weight is None else scale[rows]
                 grad_h[rows] = probs @ table
                 grad_table.addmm_(probs.T, hc)
                 for g, (prior, inputs) in zip(grad_weights, ctx.priors, strict=True):
                     g[rows] += prior.training_weight_grad(inputs[rows], targets[rows], probs)
         grads = [g.to(w.dtype) for g, w in zip(grad_weights, weights, strict=True)]
         h_dtype, table_dtype = ctx.dtypes
-        return grad_h.to(h_dtype), grad_table.to(table_dtype), None, None, None, *grads
+        return grad_h.to(h_dtype), grad_table.to(table_dtype), None, None, None, None, *grads
 
 
 class MultiTaskHeads(nn.Module):
@@ -169,15 +183,20 @@ class MultiTaskHeads(nn.Module):
         table: torch.Tensor,
         priors: list | None = None,
         negatives: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-item loss over rows of h (N, H) with targets (N,); ``priors``: (score prior,
-        its (N, ...) inputs for these rows) pairs (trainer.priors); ``negatives``: the sampled
-        softmax's draw (drawn here when not given)."""
+        """Next-item loss over rows of h (N, H) with targets (N,): the mean, or with ``weight`` (N,)
+        (1 for a target, 0 for a position that is not one) the weighted mean; a row of weight 0 is
+        no in-batch negative either. ``priors``: (score prior, its (N, ...) inputs for these rows)
+        pairs (trainer.priors); ``negatives``: the sampled softmax's draw (drawn here when not
+        given). No host synchronisation: every shape follows the inputs' shapes."""
         priors = priors or []
         weights = [prior.row_weights(h) for prior, _ in priors]  # (N, k) each: per query with a gate
+        count = torch.tensor(float(len(targets)), device=h.device) if weight is None else weight.sum()
         if not self.sampled:
             chunk = max(1, (self.cfg.chunk_mb << 20) // (4 * self.num_items))
-            return ChunkedSoftmaxCE.apply(h, table, targets, chunk, priors, *weights) / max(1, len(targets))
+            total = ChunkedSoftmaxCE.apply(h, table, targets, chunk, priors, weight, *weights)
+            return total / count.clamp(min=1)
         if negatives is None:
             negatives = self.draw_negatives(h.device)
         if not self.cfg.in_batch_negatives:
@@ -187,18 +206,31 @@ class MultiTaskHeads(nn.Module):
             drawn = fp32_scores(h, table[negatives]).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
             scores = torch.cat([positive, drawn], dim=1)
             columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
-            for (prior, inputs), w in zip(priors, weights, strict=True):
-                scores = scores + prior.offsets(inputs, columns, targets, w)
-            return F.cross_entropy(scores, torch.zeros_like(targets))
-        candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
-        positive = inverse[: len(targets)]
-        # logQ: expected sampling frequency of each candidate = in-batch draws + uniform draws.
-        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
-        q = len(targets) * self.log_freq[candidates].exp() + uniform
-        scores = fp32_scores(h, table[candidates]) - torch.log(q)
+            own = torch.zeros_like(targets)
+        else:
+            scores, columns = self._in_batch_scores(h, targets, table, negatives, count, weight)
+            own = torch.arange(len(targets), device=h.device)
         for (prior, inputs), w in zip(priors, weights, strict=True):
-            scores = scores + prior.offsets(inputs, candidates, targets, w)
-        return F.cross_entropy(scores, positive)
+            scores = scores + prior.offsets(inputs, columns, targets, w)
+        losses = F.cross_entropy(scores, own, reduction="none")
+        return losses.mean() if weight is None else (losses * weight).sum() / count.clamp(min=1)
+
+    def _in_batch_scores(self, h, targets, table, negatives, count, weight) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, N + K) logQ-corrected scores of every row against the batch's targets (row n's own
+        target in column n) and the K uniform draws, and the (N + K,) column ids. Each draw is its
+        own column (duplicates included, as a sampled softmax with replacement counts them), with
+        its expected count as q; a column holding the row's target anywhere but in its own place
+        (an accidental hit) is masked, and so is the target column of a row of weight 0."""
+        columns = torch.cat([targets, negatives])
+        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
+        q = count * self.log_freq[columns].exp() + uniform
+        scores = fp32_scores(h, table[columns]) - torch.log(q)
+        n = len(targets)
+        own = torch.eye(n, n + len(negatives), dtype=torch.bool, device=h.device)
+        drop = columns[None, :] == targets[:, None]
+        if weight is not None:
+            drop = drop | F.pad(weight == 0, (0, len(negatives)))[None, :]
+        return scores.masked_fill(drop & ~own, float("-inf")), columns
 
     def losses(
         self,
@@ -212,40 +244,53 @@ class MultiTaskHeads(nn.Module):
         """h: (B, T-1, H) states at positions 0..T-2, each predicting the event after it;
         ``item_states``: the states that score the next item, when they differ from h (conditioned
         on the prediction time); ``priors``: score priors (trainer.priors), each reading its own
-        per-position inputs from the batch; ``negatives``: the sampled softmax's draw."""
+        per-position inputs from the batch; ``negatives``: the sampled softmax's draw.
+
+        With ``heads.sync_free`` every position is a row, weighted 1 when its next event is a
+        target and 0 otherwise: no host synchronisation, the same losses and gradients. Without
+        it, the target positions alone are gathered first (one host synchronisation; the cheaper
+        step where one costs nothing, on CPU, and where few positions are targets)."""
         # Positions whose next event is a training target (incremental runs: only the new events
         # and the replay sample; otherwise every real event).
         valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
         out: dict[str, torch.Tensor] = {"targets": valid.sum()}
-        empty = not bool(valid.any())
-        if empty:  # no target in this batch (possible in incremental runs): one dummy row, weight 0,
-            valid = torch.zeros_like(valid)  # so every head stays in the graph (DDP needs that)
-            valid[0, 0] = True
-        hv = h[valid]  # (N, H)
+        weight = valid.reshape(-1)
+        pick = _rows
+        if not self.sync_free(h.device) and bool(weight.any()):  # no target at all: every row, weight 0
+            keep = weight.nonzero()[:, 0]
+            weight, pick = weight[keep], lambda x: _rows(x)[keep]
+        weight = weight.to(torch.float32)
+        count = weight.sum().clamp(min=1)
+        hv = pick(h)  # (N, H)
         total = torch.zeros((), device=h.device)
         if self.cfg.item_weight > 0:
-            item_h = hv if item_states is None else item_states[valid]
-            inputs = [(prior, prior.training_inputs(batch)[valid]) for prior in priors or []]
-            out["item"] = self.item_loss(item_h, batch["items"][:, 1:][valid], table, inputs, negatives)
+            item_h = hv if item_states is None else pick(item_states)
+            inputs = [(prior, pick(prior.training_inputs(batch))) for prior in priors or []]
+            out["item"] = self.item_loss(item_h, pick(batch["items"][:, 1:]), table, inputs, negatives, weight)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:
-            out["type"] = F.cross_entropy(self.type_head(hv), batch["types"][:, 1:][valid])
+            losses = F.cross_entropy(self.type_head(hv), pick(batch["types"][:, 1:]), reduction="none")
+            out["type"] = (losses * weight).sum() / count
             total = total + self.cfg.type_weight * out["type"]
         if self.time_head is not None:
             gaps = batch["times"][:, 1:] - batch["times"][:, :-1]
-            buckets = time_bucket(gaps[valid], self.time_head.out_features)
-            out["time"] = F.cross_entropy(self.time_head(hv), buckets)
+            buckets = time_bucket(pick(gaps), self.time_head.out_features)
+            losses = F.cross_entropy(self.time_head(hv), buckets, reduction="none")
+            out["time"] = (losses * weight).sum() / count
             total = total + self.cfg.time_weight * out["time"]
         if self.value_head is not None:
-            values = batch["values"][:, 1:][valid]
-            has_value = batch["has_value"][:, 1:][valid].float()
             # Masked mean over every row: the head is in the graph even for a batch without values
             # (a zero gradient then), so distributed ranks always agree on which weights have one.
-            err = (self.value_head(hv).squeeze(-1) - values) ** 2 * has_value
+            has_value = pick(batch["has_value"][:, 1:]).float() * weight
+            err = (self.value_head(hv).squeeze(-1) - pick(batch["values"][:, 1:])) ** 2 * has_value
             out["value"] = err.sum() / has_value.sum().clamp(min=1)
             total = total + self.cfg.value_weight * out["value"]
-        out["loss"] = total * 0.0 if empty else total
+        out["loss"] = total
         return out
+
+    def sync_free(self, device: torch.device) -> bool:
+        """Whether this step computes every position (heads.sync_free; auto: on a GPU)."""
+        return self.cfg.sync_free if self.cfg.sync_free is not None else device.type == "cuda"
 
     @staticmethod
     def item_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_sharding.stream import StreamConfig
-from data_sharding.vocab import NUM_RESERVED_ITEMS, UNK_ITEM
 from trainer import backbone as backbones
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig, MultiTaskHeads, time_bucket
+from trainer.item_encoder import ItemEncoder
 from trainer.item_features import ItemFeatures
-from trainer.item_rows import RowTable
 from trainer.priors import RepeatPrior, TransitionPrior
 from trainer.text_tower import POOLINGS
 from trainer.trend_prior import TrendPrior
@@ -154,123 +152,6 @@ class LoraConfig:
     """Train every backbone weight instead of LoRA adapters (always the case for scratch backbones)."""
 
 
-class ItemEncoder(nn.Module):
-    """Item id -> vector: id embedding (+ projected text vector) (+ mean attribute embedding).
-    In training, ``id_dropout`` of the rows read their id part from the UNK row instead.
-    ``sharded``: the id rows live in a TorchRec table split over the ranks (trainer.sharded_table);
-    ``table(needed)`` then returns the needed rows alone (trainer.item_rows.RowTable)."""
-
-    def __init__(
-        self, num_items: int, hidden: int, features: ItemFeatures, id_dropout: float = 0.0, sharded: bool = False
-    ) -> None:
-        super().__init__()
-        self.id_dropout = id_dropout
-        self.cold_from: int | None = None
-        """With id dropout: ids from here on were never trained (a run validated on a newer
-        generation's items): they always read the UNK id row (trainer.factory.mark_cold_items)."""
-        # With text, start near the text geometry: id rows 0.1x, so projected vectors dominate.
-        scale = 0.1 if features.text is not None else 1.0
-        self.ids, self.sharded = None, None
-        if sharded:
-            from trainer.sharded_table import ShardedItemTable
-
-            if id_dropout > 0:
-                raise ConfigError("model.id_dropout reads the UNK row for dropped items: not built for a sharded table")
-            self.sharded = ShardedItemTable(num_items, hidden, init_std=hidden**-0.5 * scale)
-        else:
-            self.ids = nn.Embedding(num_items, hidden, padding_idx=0)
-            nn.init.normal_(self.ids.weight, std=hidden**-0.5)
-            if scale != 1.0:
-                with torch.no_grad():
-                    self.ids.weight.mul_(scale)
-        self.text_proj = None
-        self.text_mode = features.text_mode  # these three place new items (trainer.new_items)
-        self.text_stats = features.text_stats
-        self.attribute_vocab = features.attribute_vocab
-        if features.text is not None:
-            self.register_buffer("text", features.text.float(), persistent=False)
-            self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)
-        self.attributes = None
-        if features.attribute_ids is not None and features.num_attributes > 1:
-            self.register_buffer("attribute_ids", features.attribute_ids, persistent=False)
-            self.register_buffer("attribute_offsets", features.attribute_offsets, persistent=False)
-            ends = torch.cat([features.attribute_offsets[1:], torch.tensor([len(features.attribute_ids)])])
-            self.register_buffer("attribute_lengths", ends - features.attribute_offsets, persistent=False)
-            self.attributes = nn.EmbeddingBag(features.num_attributes, hidden, mode="mean", padding_idx=0)
-            nn.init.normal_(self.attributes.weight, std=hidden**-0.5)
-
-    def table(self, needed: torch.Tensor | None = None) -> torch.Tensor:
-        """(num_items, H) vectors of every item. ``needed`` (unique ids): only those rows are complete
-        (the others hold their id embedding alone), for a step that reads no other row (a sampled
-        softmax): the text and attribute parts then cost the batch's items, not the catalogue's.
-        A sharded table returns the ``needed`` rows alone (a RowTable, indexed by item id)."""
-        if self.sharded is not None:
-            return self._sharded_rows(needed)
-        table = self.ids.weight
-        dropping = self.id_dropout > 0 and (self.training or self.cold_from is not None)
-        if needed is None:
-            if dropping:
-                dropped = self._dropped(torch.arange(len(table), device=table.device))
-                table = torch.where(dropped.unsqueeze(1), table[UNK_ITEM], table)
-            if self.text_proj is not None:
-                table = table + self.text_proj(self.text)
-            if self.attributes is not None:
-                table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
-            return table
-        parts = []
-        if dropping:  # a dropped row's id part becomes the UNK row's: add the difference
-            parts.append(self._dropped(needed).unsqueeze(1) * (table[UNK_ITEM] - table[needed]))
-        if self.text_proj is not None:
-            parts.append(self.text_proj(self.text[needed]))
-        if self.attributes is not None:
-            parts.append(self._attribute_rows(needed))
-        return table.index_add(0, needed, sum(parts)) if parts else table
-
-    def _sharded_rows(self, needed: torch.Tensor | None) -> RowTable:
-        if needed is None:
-            raise ConfigError(
-                "a sharded item table has no dense catalogue table: a step reads the rows it needs "
-                "(sampled softmax), and the catalogue is ranked by slices (ShardedItemTable.target_ranks)"
-            )
-        return RowTable(needed, self.complete(needed, self.sharded(needed)))
-
-    def complete(self, ids: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
-        """The vectors of ``ids`` from their id rows: + projected text, + mean attribute embedding,
-        in the order the dense ``table()`` adds them (the sharded table's lookups and its
-        catalogue ranking, ShardedItemTable's ``complete``)."""
-        rows = id_rows
-        if self.text_proj is not None:
-            rows = rows + self.text_proj(self.text[ids])
-        if self.attributes is not None:
-            rows = rows + self._attribute_rows(ids)
-        return rows
-
-    def _dropped(self, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows),) bool: which ``rows`` read the UNK id row (reserved ids never): a random
-        ``id_dropout`` share in training, and the never-trained rows from ``cold_from`` on."""
-        if self.training:
-            dropped = torch.rand(rows.shape, device=rows.device) < self.id_dropout
-        else:
-            dropped = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
-        if self.cold_from is not None:
-            dropped = dropped | (rows >= self.cold_from)
-        return dropped & (rows >= NUM_RESERVED_ITEMS)
-
-    def _attribute_rows(self, needed: torch.Tensor) -> torch.Tensor:
-        """(len(needed), H) mean attribute embedding of the ``needed`` items (their bags gathered)."""
-        lengths = self.attribute_lengths[needed]
-        offsets = torch.cumsum(lengths, 0) - lengths
-        # Position of every link of the needed items in attribute_ids: its item's start + its rank.
-        starts = torch.repeat_interleave(self.attribute_offsets[needed] - offsets, lengths)
-        links = starts + torch.arange(len(starts), device=starts.device)
-        return self.attributes(self.attribute_ids[links], offsets)
-
-    def forward(self, items: torch.Tensor, table: torch.Tensor | RowTable | None = None) -> torch.Tensor:
-        if isinstance(table, RowTable):
-            return table[items]
-        return F.embedding(items, self.table() if table is None else table)
-
-
 class BehaviorGPT(nn.Module):
     """Behaviour sequence model: (B, T) events -> (B, T, H) hidden states -> heads."""
 
@@ -333,9 +214,9 @@ class BehaviorGPT(nn.Module):
         table = self.items.table() if table is None else table
         x = self.embed(batch, table)
         if "positions" in batch:
-            # Packed rows (data_sharding.stream.collate_windows): with no 2D mask, transformers reads
-            # the restarting position ids as separate sequences and attends within each only.
-            out = self.backbone(inputs_embeds=x, position_ids=batch["positions"], use_cache=False)
+            # Packed rows (data_sharding.batching.collate_windows): each window attends within itself.
+            mask = block_causal_mask(batch["positions"], x.dtype, self.backbone.config._attn_implementation)
+            out = self.backbone(inputs_embeds=x, position_ids=batch["positions"], attention_mask=mask, use_cache=False)
         else:
             out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
         return out.last_hidden_state
@@ -386,10 +267,33 @@ class BehaviorGPT(nn.Module):
         if self.heads.sampled:
             # A sampled softmax reads the vectors of the batch's items and the negatives only.
             negatives = self.heads.draw_negatives(batch["items"].device)
-            table = self.items.table(torch.unique(torch.cat([batch["items"].flatten(), negatives])))
+            needed = torch.cat([batch["items"].flatten(), negatives])
+            if self.items.sharded is not None or not self.heads.sync_free(needed.device):
+                needed = torch.unique(needed)  # fewer rows to complete (a sharded table needs them unique)
+            table = self.items.table(needed)
         else:
             table = self.items.table()
         hidden = self.hidden_states(batch, table)[:, :-1]
         times = batch["times"]
         item_states = self.with_query_time(hidden, times[:, 1:] - times[:, :-1])
         return self.heads.losses(hidden, batch, table, item_states, self.score_priors, negatives)
+
+
+def block_causal_mask(positions: torch.Tensor, dtype: torch.dtype, attention: str) -> torch.Tensor | None:
+    """The (R, 1, T, T) attention mask of packed rows (``positions``: each event's place in its own
+    window, restarting at 0): a position sees the earlier positions of its own window. Built here
+    from the positions with fixed shapes; transformers would otherwise find the windows itself
+    from ``position_ids`` and read a value back to decide whether the rows are packed (a host
+    sync). SDPA takes it as booleans, eager attention as 0 / -inf-like additive floats; other
+    attention implementations (flash attention's variable-length kernels) get None and read the
+    windows from ``position_ids`` as before."""
+    if attention not in ("sdpa", "eager"):
+        return None
+    window = torch.cumsum(positions == 0, dim=1)  # (R, T): which window of its row each event is in
+    length = positions.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()
+    allowed = (window[:, :, None] == window[:, None, :]) & causal
+    if attention == "sdpa":
+        return allowed[:, None]
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -63,7 +63,10 @@ def arms(smoke: bool, smollm2: str) -> dict[str, list[str]]:
         return {"default": [*scratch, *tiny], "smollm2_lora": [*lora, *tiny]}
     return {
         "default": ["--train.micro_batch_size=256"],  # the SmolLM2 architecture, 2 blocks, random init
-        "default_compiled": ["--train.micro_batch_size=256", "--train.compile=true"],
+        # The step gathering the target positions first (host syncs), against the default sync-free one.
+        "default_gathered": ["--train.micro_batch_size=256", "--heads.sync_free=false"],
+        # Packed row counts rounded to multiples of 32: a few batch shapes, so few recompiles.
+        "default_compiled": ["--train.micro_batch_size=256", "--train.compile=true", "--data.pack_row_multiple=32"],
         "smollm2_lora": [*lora, "--train.micro_batch_size=128"],
     }
 

@@ -40,6 +40,7 @@ def collate_windows(
     seen: list[np.ndarray] | None = None,
     pack_width: int | None = None,
     targets: list[np.ndarray] | None = None,
+    row_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) tensors of SEQ_DTYPE windows; ``mask`` marks real events, ``has_value``
     those with a value, ``targets`` the positions that count as prediction targets. ``seen``: per
@@ -50,14 +51,15 @@ def collate_windows(
     then gives each event's place in its own window (padding counts on from 0 as a window of its
     own), and a window's first event is never a target (nothing before it in its row is its
     history). ``users`` stays one entry per window. ``targets``: per window, which of its events
-    are targets (default: all)."""
+    are targets (default: all). ``row_multiple``: a packed batch's row count is rounded up to a
+    multiple of it (rows of padding), so batches take few distinct shapes."""
     lengths = [len(w) for w in windows]
     if pack_width is None:
         row, offset = np.arange(len(windows)), np.zeros(len(windows), np.int64)
         width, num_rows = width or max(lengths), len(windows)
     else:
         row, offset = pack_rows(lengths, pack_width)
-        width, num_rows = pack_width, int(row.max()) + 1
+        width, num_rows = pack_width, -(-(int(row.max()) + 1) // row_multiple) * row_multiple
     batch = np.zeros((num_rows, width), dtype=shards.SEQ_DTYPE)
     mask = np.zeros((num_rows, width), dtype=bool)
     is_target = np.zeros((num_rows, width), dtype=bool)

@@ -55,13 +55,23 @@ class StreamLoader:
     """The rank's batch iterator with a resumable position (epoch, batches consumed)."""
 
     def __init__(
-        self, dataset: ShardDataset, num_workers: int = 0, prefetch_factor: int | None = None, pin_memory: bool = False
+        self,
+        dataset: ShardDataset,
+        num_workers: int = 0,
+        prefetch_factor: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
     ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         """Page-locked batches (GPU training): host-to-device copies can then overlap compute."""
+        self.persistent_workers = persistent_workers and num_workers > 0
+        """Workers forked once and kept from epoch to epoch (they read each epoch's position from
+        the dataset's shared memory); not for the epoch an elastic resume continues, whose order
+        depends on the earlier topologies' segments: that epoch gets workers of its own."""
+        self._persistent: DataLoader | None = None
         self.epoch = 0
         self.batches = 0
 
@@ -72,6 +82,19 @@ class StreamLoader:
     def __iter__(self):
         self.dataset.set_epoch(self.epoch)
         self.dataset.skip_batches = self.batches
+        loader = self._loader(persistent=self.persistent_workers and not self.dataset.segments)
+        with _stop_signals_blocked(self.num_workers > 0):
+            batches = iter(loader)  # forks the workers (a persistent loader: the first time only)
+        for batch in batches:
+            self.batches += 1
+            yield batch
+        self.epoch += 1
+        self.batches = 0
+        self.dataset.segments = []
+
+    def _loader(self, persistent: bool) -> DataLoader:
+        if persistent and self._persistent is not None:
+            return self._persistent
         # A private generator: creating a DataLoader iterator draws a worker base seed, and from the
         # global RNG that draw would shift dropout masks after a resume (which starts a new iterator).
         generator = torch.Generator().manual_seed(self.dataset.cfg.seed * 1_000_003 + self.epoch)
@@ -83,15 +106,12 @@ class StreamLoader:
             generator=generator,
             pin_memory=self.pin_memory,
             worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers else None,
+            persistent_workers=persistent,
         )
-        with _stop_signals_blocked(self.num_workers > 0):
-            batches = iter(loader)  # forks the workers
-        for batch in batches:
-            self.batches += 1
-            yield batch
-        self.epoch += 1
-        self.batches = 0
-        self.dataset.segments = []
+        if persistent:
+            self.dataset.share_position()  # before the workers fork
+            self._persistent = loader
+        return loader
 
     def state_dict(self) -> dict:
         """The position, the topology that reached it and, after an elastic resume within this

@@ -60,6 +60,8 @@ class StreamConfig:
     batch's longest window)."""
     pack_width: int | None = None
     """Positions per packed row (default max_len + 1: one full window)."""
+    pack_row_multiple: int = 1
+    """A packed batch's rows are rounded up to a multiple of this (fixed shapes; batching.collate_windows)."""
     focus_new: bool = False
     """Incremental training: only windows holding the newest generation's events, and only those
     events as targets (the older events before them are context), plus the replay sample."""
@@ -80,6 +82,8 @@ class StreamConfig:
             raise DataError("replay_fraction must be between 0 and 1")
         if self.include_valid and self.focus_new:
             raise DataError("include_valid (a refit on train + valid) does not combine with focus_new")
+        if self.pack_row_multiple < 1:
+            raise DataError(f"pack_row_multiple must be >= 1 (got {self.pack_row_multiple})")
         if self.split not in SPLIT_NAMES:
             raise DataError(f"unknown split {self.split!r}; choose train, valid or test")
         if self.pack_width is not None and self.pack_width < self.max_len + 1:
@@ -107,8 +111,7 @@ class ShardDataset(IterableDataset):
             self.shards = [s for s in self.shards if s.generation <= cfg.until_generation]
         self._counts = self._window_counts()
         self.num_samples = int(sum(c.sum() for c in self._counts))
-        self.epoch = 0
-        self.skip_batches = 0
+        self._position = torch.zeros(2, dtype=torch.int64)  # epoch, batches to skip (share_position)
         self.segments: list[Segment] = []
         """Earlier stretches of this epoch, read by another topology (data_sharding.order)."""
 
@@ -189,6 +192,28 @@ class ShardDataset(IterableDataset):
             return n_train, n_valid
         return n_train + n_valid, index["n_events"].astype(np.int64) - n_train - n_valid
 
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._position[0] = epoch
+
+    @property
+    def skip_batches(self) -> int:
+        """Batches of this epoch the rank already consumed (a resume skips them)."""
+        return int(self._position[1])
+
+    @skip_batches.setter
+    def skip_batches(self, batches: int) -> None:
+        self._position[1] = batches
+
+    def share_position(self) -> None:
+        """Keep the epoch and the batches to skip in shared memory, so that loader workers forked
+        once (persistent, data_sharding.loader) read each new epoch's values."""
+        self._position.share_memory_()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -262,7 +287,9 @@ class ShardDataset(IterableDataset):
             # Only the new events are targets, except for the replay sample's users (every event).
             replay = self.replayed(np.array(users))
             targets = [(w["new"] == 1) | r for w, r in zip(windows, replay, strict=True)]
-        return collate_windows(users, windows, width, None if train else seen, pack_width, targets)
+        return collate_windows(
+            users, windows, width, None if train else seen, pack_width, targets, self.cfg.pack_row_multiple
+        )
 
     def __iter__(self):
         info = get_worker_info()

@@ -128,3 +128,19 @@ def test_a_sampled_step_builds_only_the_batch_items_vectors_with_the_same_loss_a
     assert grads_a.keys() == grads_b.keys() and "items.attributes.weight" in grads_a
     for name, grad in grads_a.items():
         assert torch.allclose(grad, grads_b[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_packed_rows_round_up_to_a_multiple_with_rows_of_padding(dataset):
+    windows = _windows([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    plain = collate_windows([1, 2, 3], windows, pack_width=6)
+    rounded = collate_windows([1, 2, 3], windows, pack_width=6, row_multiple=4)
+    assert plain["items"].shape == (2, 6) and rounded["items"].shape == (4, 6)
+    for key in ("items", "mask", "targets", "positions"):
+        assert torch.equal(rounded[key][:2], plain[key]), key
+    assert not rounded["mask"][2:].any() and not rounded["targets"][2:].any()
+    assert rounded["positions"][2:].tolist() == [list(range(6))] * 2
+    cfg = StreamConfig(max_len=12, batch_size=24, seed=3, pack=True, pack_row_multiple=24)
+    shapes = {tuple(b["items"].shape) for b in ShardDataset(dataset, cfg)}
+    assert shapes == {(24, 13)}  # one shape for every batch: 24 windows never need more than 24 rows
+    with pytest.raises(DataError, match="pack_row_multiple must be >= 1"):
+        StreamConfig(pack_row_multiple=0)

@@ -244,3 +244,21 @@ def test_a_worker_signalled_before_its_handlers_exist_survives_only_when_forked_
         assert done.returncode == 0 and int(done.stdout) > 0, done.stderr[-2000:]
     else:  # the race this guards against: the worker dies of the TERM, the rank's fetch raises
         assert done.returncode != 0 and "DataLoader worker" in done.stderr
+
+
+def test_persistent_workers_are_forked_once_and_read_each_epochs_order(dataset):
+    cfg = StreamConfig(batch_size=16, max_len=20, seed=4)
+    kept = StreamLoader(ShardDataset(dataset, cfg, 0, 2), num_workers=2)
+    fresh = StreamLoader(ShardDataset(dataset, cfg, 0, 2), num_workers=2, persistent_workers=False)
+    pids = []
+    for epoch in range(3):
+        assert [sample_ids(b) for b in kept] == [sample_ids(b) for b in fresh], epoch
+        pids.append(sorted(w.pid for w in kept._persistent._iterator._workers))
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2
+    # A resume mid-epoch into a loader whose workers already exist continues the same order.
+    cut = StreamLoader(ShardDataset(dataset, cfg, 0, 2), num_workers=2)
+    head = [sample_ids(b) for b in itertools.islice(iter(cut), 3)]
+    cut.load_state_dict({**cut.state_dict(), "epoch": 3})  # (a later epoch, batch 3)
+    kept.load_state_dict(cut.state_dict())
+    fresh.load_state_dict(cut.state_dict())
+    assert len(head) == 3 and [sample_ids(b) for b in kept] == [sample_ids(b) for b in fresh]

@@ -136,3 +136,46 @@ def test_eager_and_sdpa_attention_give_the_same_packed_states(dataset, batch):
         eager = model.hidden_states(batch)
     real = batch["mask"]
     assert torch.allclose(sdpa[real], eager[real], atol=1e-5)
+
+
+def _flags_rank(rank: int, port: int, out) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from trainer.runtime import ControlFlags
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    accelerator = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    flags = ControlFlags(accelerator, timeout_minutes=1, own_group=True)  # the group a GPU run uses
+    out.put((rank, flags.any_of(rank == 1, False, True), flags.group is not None))
+    dist.destroy_process_group()
+
+
+def test_control_flags_agree_over_their_own_cpu_group():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_flags_rank, args=(rank, port, out)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    answers = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert answers == [(0, [True, False, True], True), (1, [True, False, True], True)]
+
+
+def test_the_step_is_sync_free_by_default_on_gpus_with_packed_batches_of_targets_only():
+    from trainer.config import build_config
+
+    assert build_config({}).sync_free_step(cuda=True) is True
+    assert build_config({}).sync_free_step(cuda=False) is False
+    assert build_config({"data": {"pack": False}}).sync_free_step(cuda=True) is False
+    assert build_config({"data": {"focus_new": True}}).sync_free_step(cuda=True) is False
+    assert build_config({"heads": {"sync_free": True}}).sync_free_step(cuda=False) is True

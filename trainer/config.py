@@ -46,6 +46,10 @@ class DataConfig:
     the same samples, targets and loss, without computing the padding of short histories."""
     pack_width: int | None = None
     """Positions per packed row (default model.max_len + 1, one full window)."""
+    pack_row_multiple: int = 1
+    """Packed batches get a multiple of this many rows (rows of padding added): few distinct batch
+    shapes for compiled steps and CUDA graphs, which recompile or re-record per shape (one shape
+    when it is micro_batch_size, at the cost of computing every padding row). 1: as few rows as fit."""
     generations: str = "state"
     """state (every user's latest sequence), latest (the newest generation only) or a generation number."""
     focus_new: bool = False
@@ -167,6 +171,14 @@ class RunConfig:
                 f"data.pack_width {width} cannot hold one training window: model.max_len + 1 = {window} events"
             )
 
+    def sync_free_step(self, cuda: bool) -> bool:
+        """heads.sync_free as set, or (None) on GPUs when batches are packed and every event is a
+        target: then nearly every position is a loss row anyway. With many positions that are no
+        target (unpacked rows, data.focus_new) computing them all costs more than the syncs."""
+        if self.heads.sync_free is not None:
+            return self.heads.sync_free
+        return cuda and self.data.pack and not self.data.focus_new
+
     def training_stream(self, until_generation: int | None = None) -> StreamConfig:
         """How the run's training windows are cut, ordered, batched and packed."""
         data = self.data
@@ -181,6 +193,7 @@ class RunConfig:
             until_generation=until_generation,
             pack=data.pack,
             pack_width=data.pack_width,
+            pack_row_multiple=data.pack_row_multiple,
         )
 
     def to_dict(self) -> dict:

@@ -41,8 +41,10 @@ class HeadsConfig:
     """Size of one block of scores in the chunked full softmax."""
     sync_free: bool | None = None
     """Every position is a loss row (weight 0 where the next event is no target), so a step never
-    waits for the device (no data-dependent shape). None: on a GPU, where such a wait stalls the
-    queue; off on CPU, where gathering the target positions first computes fewer rows."""
+    waits for the device (no data-dependent shape). None: on a GPU with packed batches in which
+    every event is a target (RunConfig.sync_free_step), where such a wait stalls the queue and
+    nearly every position is a target anyway; off on CPU, where gathering the target positions
+    first computes fewer rows and a sync costs nothing."""
 
     def __post_init__(self) -> None:
         if self.item_loss not in ("auto", "full", "sampled"):

@@ -33,7 +33,7 @@ from trainer.loop_checkpoint import CheckpointMixin, TrainState
 from trainer.next_period import evaluate_model_on_period
 from trainer.periods import newest_holdout
 from trainer.run_folder import LOG_FILE, STOP_FILE, STOPPED_FILE, VALID_LOG, current_attempt, write_resources
-from trainer.runtime import all_cores, loader_workers, lr_lambda
+from trainer.runtime import ControlFlags, all_cores, loader_workers, lr_lambda
 from trainer.sharded_eval import evaluate_sharded
 
 
@@ -57,6 +57,7 @@ class Trainer(CheckpointMixin):
         cuda = accelerator.device.type == "cuda"
         workers = loader_workers(run_cfg.data.num_workers, cuda)
         self.loader = StreamLoader(dataset, num_workers=workers, pin_memory=cuda)
+        self.flags = ControlFlags(accelerator, train.collective_timeout_minutes)
         if len(self.loader) == 0:
             raise ConfigError(f"{data}: no training windows (every user has fewer than 2 training events)")
         self.grad_accum = train.accumulation(accelerator.num_processes)
@@ -145,13 +146,10 @@ class Trainer(CheckpointMixin):
             stop.unlink(missing_ok=True)
             self.log(f"ignored {stop}: a stop request of attempt {owner}, not of this one ({self.attempt or 'no job'})")
 
-    def _stop_now(self) -> bool:
-        """A signal to any rank, or the run's stop file, stops every rank at the same step."""
-        local = self.stop_requested or (self.accelerator.is_main_process and (self.run / STOP_FILE).exists())
-        if self.accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+    def _stop_here(self) -> bool:
+        """This rank's answer to "stop now?": a signal to it, or (main process) the run's stop file.
+        A yes from any rank stops every rank at the same step (ControlFlags)."""
+        return self.stop_requested or (self.accelerator.is_main_process and (self.run / STOP_FILE).exists())
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> bool:
@@ -269,15 +267,14 @@ class Trainer(CheckpointMixin):
                     self._log_step(step_loss, window_tokens, window_start, bar)
                     window_tokens, window_start = self._no_tokens(), time.perf_counter()
                 step_loss = torch.zeros((), device=acc.device)
-                out_of_time = train.max_minutes is not None and self.state.seconds > 60 * train.max_minutes
+                out_of_time, saved, stop = self._step_flags()
                 done = self.state.step >= self.total_steps or out_of_time
                 if (train.eval_every and self.state.step % train.eval_every == 0) or done:
                     last_eval = self.state.step
                     done = self.validate() or done
-                saved = self._checkpoint_due()
                 if saved:
                     self.save()
-                if not done and self._stop_now():
+                if not done and stop:
                     self._stop_on_request(window_tokens, saved)
                     bar.close()
                     return self.state
@@ -298,18 +295,23 @@ class Trainer(CheckpointMixin):
         """Targets of the last window summed over every rank (one host sync per log line)."""
         return int(self.accelerator.reduce(window_tokens.detach().clone(), reduction="sum"))
 
-    def _checkpoint_due(self) -> bool:
-        """Every ``every_steps`` steps, or ``every_minutes`` after the last save (the main process's
-        clock decides, so every rank saves at the same step)."""
-        every = self.cfg.checkpoint
-        due = bool(every.every_steps) and self.state.step % every.every_steps == 0
-        if every.every_minutes and not due:
-            late = time.perf_counter() - self._last_save > 60 * every.every_minutes
-            flag = torch.tensor(
-                [1.0 if late and self.accelerator.is_main_process else 0.0], device=self.accelerator.device
-            )
-            due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-        return due
+    def _step_flags(self) -> list[bool]:
+        """(out of time, checkpoint due, stop requested) as every rank agrees, in one exchange
+        (each rank's own clock could disagree on the time budget)."""
+        train, every = self.cfg.train, self.cfg.checkpoint.every_steps
+        out_of_time, late, stop = self.flags.any_of(
+            train.max_minutes is not None and self.state.seconds > 60 * train.max_minutes,
+            self._save_late(),
+            self._stop_here(),
+        )
+        return [out_of_time, late or (bool(every) and self.state.step % every == 0), stop]
+
+    def _save_late(self) -> bool:
+        """``checkpoint.every_minutes`` have passed since the last save, by the main process's clock
+        (so every rank saves at the same step)."""
+        every = self.cfg.checkpoint.every_minutes
+        late = bool(every) and time.perf_counter() - self._last_save > 60 * every
+        return late and self.accelerator.is_main_process
 
     def _log_step(self, step_loss: torch.Tensor, window_tokens: torch.Tensor, window_start: float, bar) -> None:
         """Loss of the last optimizer step averaged over every rank and micro batch; tokens/s since the

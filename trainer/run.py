@@ -184,7 +184,8 @@ def _build_run_model(run: Path, cfg: RunConfig, data, sharded: bool = False):
     manifest the run recorded when it trained). ``sharded``: its item rows in a sharded table (the
     training processes of a run that uses one; every other reader of a run is one process with
     the dense table)."""
-    model, info = build_model(cfg.model, cfg.lora, cfg.heads, data, cache=run, sharded=sharded)
+    heads = dataclasses.replace(cfg.heads, sync_free=cfg.sync_free_step(torch.cuda.is_available()))
+    model, info = build_model(cfg.model, cfg.lora, heads, data, cache=run, sharded=sharded)
     recorded = run / DATA_MANIFEST
     if recorded.exists():
         mark_cold_items(model, json.loads(recorded.read_text()), cfg.data.validate_on_newest)

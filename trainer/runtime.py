@@ -92,5 +92,42 @@ def make_accelerator(cfg: TrainConfig, run: Path):
         gradient_accumulation_steps=cfg.accumulation(world_size),
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(run),
-        kwargs_handlers=process_group_kwargs(cfg, world_size, cuda),
+        kwargs_handlers=[*process_group_kwargs(cfg, world_size, cuda), *ddp_kwargs(world_size)],
     )
+
+
+def ddp_kwargs(world_size: int) -> list:
+    """DDP without broadcasting buffers before every forward: the model's buffers (item text
+    vectors, attribute bags, count tables) are built from the data, identical on every rank and
+    never change in training, and the item text table alone is items x 384 floats."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(broadcast_buffers=False)] if world_size > 1 else []
+
+
+class ControlFlags:
+    """The loop's yes/no questions to every rank (out of time? checkpoint due? stop now?), each
+    answered "yes" when any rank says yes, all in one exchange per step. On GPUs they travel over
+    a CPU (gloo) process group of their own: a flag all-reduced over NCCL is a GPU tensor, and
+    reading it back makes the host wait for every kernel queued before it, each step. On CPU the
+    default (gloo) group carries them."""
+
+    def __init__(self, accelerator, timeout_minutes: float, own_group: bool | None = None) -> None:
+        self.accelerator = accelerator
+        self.group = None
+        if own_group is None:
+            own_group = accelerator.device.type != "cpu"
+        if accelerator.num_processes > 1 and own_group:
+            # Every rank builds its Trainer, so every rank calls this, in the same order.
+            timeout = timedelta(minutes=timeout_minutes)
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timeout)
+
+    def any_of(self, *flags: bool) -> list[bool]:
+        if self.accelerator.num_processes == 1:
+            return [bool(f) for f in flags]
+        if self.group is None:
+            values = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.accelerator.device)
+            return (self.accelerator.reduce(values, reduction="sum") > 0).tolist()
+        values = torch.tensor([1.0 if f else 0.0 for f in flags])
+        torch.distributed.all_reduce(values, group=self.group)
+        return (values > 0).tolist()

@@ -5,7 +5,8 @@ indexing, ``repeat_interleave`` without an output size, ``bincount``) or that re
 Python (``.item()``, ``int()``, ``bool()``) makes the host wait for every queued kernel: the step
 can no longer run ahead of the device. ``torch.cuda.set_sync_debug_mode`` reports them on CUDA only;
 ``HostSyncs`` records the same ops through the dispatcher on any device (CPU included), so a test
-can hold a training step to none.
+can hold a training step to none; on a GPU it also records copies from the device to the host.
+(Copies from the host to the device, e.g. ``torch.tensor(x, device="cuda")``, are not recorded.)
 """
 
 from __future__ import annotations
@@ -45,9 +46,19 @@ class HostSyncs(TorchDispatchMode):
             why = None
         if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and _bool_index(args[1]):
             why = "boolean-mask indexing (runs nonzero)"
+        if func in (aten._to_copy.default, aten.copy_.default) and _to_host(func, args, kwargs or {}):
+            why = "a copy from the device to the host (.cpu(), .tolist(), .numpy())"
         if why is not None:
             self.found.append((str(func), why, _caller()))
         return func(*args, **(kwargs or {}))
+
+
+def _to_host(func, args, kwargs) -> bool:
+    """Whether this copy reads a device tensor into host memory (never on a CPU-only run)."""
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    target = kwargs.get("device")
+    return target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu"
 
 
 def _bool_index(indices) -> bool:

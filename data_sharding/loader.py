@@ -8,11 +8,13 @@ makes the rank checkpoint instead of a worker dying under it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
 import signal
 import threading
+import weakref
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,6 +24,12 @@ from data_sharding.order import Segment
 from data_sharding.stream import ShardDataset
 
 STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+
+def _close_at_exit(ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
 
 
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
@@ -111,7 +119,17 @@ class StreamLoader:
         if persistent:
             self.dataset.share_position()  # before the workers fork
             self._persistent = loader
+            # Before multiprocessing's own exit hook (registered earlier, so run later), which would
+            # join workers that ignore its single SIGTERM (_leave_stop_signals_to_the_rank).
+            atexit.register(_close_at_exit, weakref.ref(self))
         return loader
+
+    def close(self) -> None:
+        """End the persistent workers (each leaves its loop and exits); a later epoch forks anew."""
+        loader, self._persistent = self._persistent, None
+        if loader is not None and loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
 
     def state_dict(self) -> dict:
         """The position, the topology that reached it and, after an elastic resume within this

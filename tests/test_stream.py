@@ -262,3 +262,21 @@ def test_persistent_workers_are_forked_once_and_read_each_epochs_order(dataset):
     kept.load_state_dict(cut.state_dict())
     fresh.load_state_dict(cut.state_dict())
     assert len(head) == 3 and [sample_ids(b) for b in kept] == [sample_ids(b) for b in fresh]
+
+
+def test_a_process_with_persistent_workers_mid_epoch_exits_without_closing_them(dataset):
+    """Python's exit ends persistent workers (they ignore the single SIGTERM multiprocessing's exit
+    hook sends them, so StreamLoader closes them first); without that the process hangs at exit."""
+    script = (
+        "import itertools, sys\n"
+        "from data_sharding.loader import StreamLoader\n"
+        "from data_sharding.stream import ShardDataset, StreamConfig\n"
+        "loader = StreamLoader(ShardDataset(sys.argv[1], StreamConfig(batch_size=4, max_len=20)), num_workers=2)\n"
+        "print(len(list(itertools.islice(iter(loader), 3))))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(dataset)], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"

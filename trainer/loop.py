@@ -276,10 +276,12 @@ class Trainer(CheckpointMixin):
                     self.save()
                 if not done and stop:
                     self._stop_on_request(window_tokens, saved)
+                    self.loader.close()
                     bar.close()
                     return self.state
                 if done:
                     break
+        self.loader.close()  # its persistent workers are done
         self.state.tokens += self._all_ranks(window_tokens)
         if last_eval != self.state.step:
             self.validate()

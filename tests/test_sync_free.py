@@ -77,7 +77,14 @@ def test_a_sync_free_step_reads_nothing_back(dataset, batch, family, item_loss):
 @pytest.mark.parametrize("item_loss", ["full", "sampled"])
 def test_a_sync_free_step_gives_the_gathered_steps_losses_and_gradients(dataset, batch, family, item_loss):
     # (no id dropout here: its random draw is per needed id, and the gathered step needs fewer)
-    runs = [_step(_model(dataset, family, item_loss, sync_free=f, query_time=True, dropout=0.1), batch) for f in (1, 0)]
+    model = dict(query_time=True, dropout=0.1, transition_prior=True, transition_steps=2, repeat_prior=True)
+    runs = []
+    for sync_free in (True, False):
+        built = _model(dataset, family, item_loss, sync_free, **model)
+        with torch.no_grad():  # the priors start at 0: give them weight so their columns matter
+            built.prior.weight.fill_(0.5)
+            built.repeat.weight.fill_(0.3)
+        runs.append(_step(built, batch))
     (free, free_grads), (gathered, gathered_grads) = runs
     assert int(free["targets"]) == int(gathered["targets"]) < int(batch["mask"].sum())
     for key in ("item", "type", "time", "value", "loss"):

@@ -186,12 +186,15 @@ class MultiTaskHeads(nn.Module):
         priors: list | None = None,
         negatives: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        dedupe: bool = False,
     ) -> torch.Tensor:
         """Next-item loss over rows of h (N, H) with targets (N,): the mean, or with ``weight`` (N,)
         (1 for a target, 0 for a position that is not one) the weighted mean; a row of weight 0 is
         no in-batch negative either. ``priors``: (score prior, its (N, ...) inputs for these rows)
         pairs (trainer.priors); ``negatives``: the sampled softmax's draw (drawn here when not
-        given). No host synchronisation: every shape follows the inputs' shapes."""
+        given). No host synchronisation: every shape follows the inputs' shapes, unless
+        ``dedupe`` (every row a target): the sampled softmax then scores each distinct id once,
+        the same loss with fewer columns for the priors to fill (a sync, for CPU steps)."""
         priors = priors or []
         weights = [prior.row_weights(h) for prior, _ in priors]  # (N, k) each: per query with a gate
         count = torch.tensor(float(len(targets)), device=h.device) if weight is None else weight.sum()
@@ -209,6 +212,8 @@ class MultiTaskHeads(nn.Module):
             scores = torch.cat([positive, drawn], dim=1)
             columns = torch.cat([targets[:, None], negatives.expand(len(targets), -1)], dim=1)
             own = torch.zeros_like(targets)
+        elif dedupe:
+            scores, columns, own = self._unique_in_batch_scores(h, targets, table, negatives, count)
         else:
             scores, columns = self._in_batch_scores(h, targets, table, negatives, count, weight)
             own = torch.arange(len(targets), device=h.device)
@@ -234,6 +239,19 @@ class MultiTaskHeads(nn.Module):
             drop = drop | F.pad(weight == 0, (0, len(negatives)))[None, :]
         return scores.masked_fill(drop & ~own, float("-inf")), columns
 
+    def _unique_in_batch_scores(self, h, targets, table, negatives, count):
+        """What :meth:`_in_batch_scores` computes for rows that are all targets, one column per
+        distinct id: a column drawn m times adds log m (its m equal terms of the softmax), except
+        in the row whose target it is, where only the row's own draw counts (the others are
+        accidental hits). Returns (scores, the distinct ids, each row's target column)."""
+        columns, inverse, drawn = torch.unique(torch.cat([targets, negatives]), return_inverse=True, return_counts=True)
+        own = inverse[: len(targets)]
+        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
+        q = count * self.log_freq[columns].exp() + uniform
+        is_own = torch.arange(len(columns), device=h.device)[None, :] == own[:, None]
+        repeats = torch.where(is_own, 0.0, torch.log(drawn.to(torch.float32))[None, :])
+        return fp32_scores(h, table[columns]) - torch.log(q) + repeats, columns, own
+
     def losses(
         self,
         h: torch.Tensor,
@@ -257,10 +275,10 @@ class MultiTaskHeads(nn.Module):
         valid = batch["mask"][:, 1:] & batch["targets"][:, 1:] if "targets" in batch else batch["mask"][:, 1:]
         out: dict[str, torch.Tensor] = {"targets": valid.sum()}
         weight = valid.reshape(-1)
-        pick = _rows
+        pick, gathered = _rows, False
         if not self.sync_free(h.device) and bool(weight.any()):  # no target at all: every row, weight 0
             keep = weight.nonzero()[:, 0]
-            weight, pick = weight[keep], lambda x: _rows(x)[keep]
+            weight, pick, gathered = weight[keep], lambda x: _rows(x)[keep], True
         weight = weight.to(torch.float32)
         count = weight.sum().clamp(min=1)
         hv = pick(h)  # (N, H)
@@ -268,7 +286,8 @@ class MultiTaskHeads(nn.Module):
         if self.cfg.item_weight > 0:
             item_h = hv if item_states is None else pick(item_states)
             inputs = [(prior, pick(prior.training_inputs(batch))) for prior in priors or []]
-            out["item"] = self.item_loss(item_h, pick(batch["items"][:, 1:]), table, inputs, negatives, weight)
+            targets = pick(batch["items"][:, 1:])
+            out["item"] = self.item_loss(item_h, targets, table, inputs, negatives, weight, dedupe=gathered)
             total = total + self.cfg.item_weight * out["item"]
         if self.type_head is not None:
             losses = F.cross_entropy(self.type_head(hv), pick(batch["types"][:, 1:]), reduction="none")

@@ -229,9 +229,7 @@ class MultiTaskHeads(nn.Module):
         its expected count as q; a column holding the row's target anywhere but in its own place
         (an accidental hit) is masked, and so is the target column of a row of weight 0."""
         columns = torch.cat([targets, negatives])
-        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
-        q = count * self.log_freq[columns].exp() + uniform
-        scores = fp32_scores(h, table[columns]) - torch.log(q)
+        scores = fp32_scores(h, table[columns]) - self._log_q(columns, count)
         n = len(targets)
         own = torch.eye(n, n + len(negatives), dtype=torch.bool, device=h.device)
         drop = columns[None, :] == targets[:, None]
@@ -246,11 +244,15 @@ class MultiTaskHeads(nn.Module):
         accidental hits). Returns (scores, the distinct ids, each row's target column)."""
         columns, inverse, drawn = torch.unique(torch.cat([targets, negatives]), return_inverse=True, return_counts=True)
         own = inverse[: len(targets)]
-        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
-        q = count * self.log_freq[columns].exp() + uniform
         is_own = torch.arange(len(columns), device=h.device)[None, :] == own[:, None]
         repeats = torch.where(is_own, 0.0, torch.log(drawn.to(torch.float32))[None, :])
-        return fp32_scores(h, table[columns]) - torch.log(q) + repeats, columns, own
+        return fp32_scores(h, table[columns]) - self._log_q(columns, count) + repeats, columns, own
+
+    def _log_q(self, columns: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """logQ of each candidate id: its expected draws per step, as one of the ``count`` in-batch
+        targets (popularity) plus the uniform negatives."""
+        uniform = self.cfg.num_negatives / (self.num_items - NUM_RESERVED_ITEMS)
+        return torch.log(count * self.log_freq[columns].exp() + uniform)
 
     def losses(
         self,

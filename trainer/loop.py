@@ -183,8 +183,7 @@ class Trainer(CheckpointMixin):
         best_state = None
         if self.accelerator.is_main_process:
             stop, best_state = self._record_validation(metrics)
-        flags = torch.tensor([float(stop), float(best_state is not None)], device=self.accelerator.device)
-        stop, better = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        stop, better = self.flags.any_of(stop, best_state is not None)
         if better:
             self.save_best(model, weights, best_state)
         return stop

@@ -165,6 +165,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.model.time_bias and self.heads.time_weight > 0:
+            raise ConfigError(
+                "model.time_bias shows each state the time of the event it predicts: "
+                "set heads.time_weight=0 (the time-to-next head would read its answer)"
+            )
         width, window = self.data.pack_width, self.model.max_len + 1
         if self.data.pack and width is not None and width < window:
             raise ConfigError(

@@ -144,6 +144,11 @@ class InferenceModel:
         """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
         from trainer.new_items import ItemWriter
 
+        if getattr(model, "time_bias", None) is not None:
+            raise ConfigError(
+                "this run was trained with model.time_bias, which bgpt predict/serve/export do not "
+                "build yet: evaluate it with bgpt eval"
+            )
         with torch.no_grad():
             table = model.items.table().detach().clone()
             writer = ItemWriter.from_model(model)

@@ -101,6 +101,13 @@ class ModelConfig:
     last event and the prediction time (the next event's time in training and evaluation, the
     request time when serving) is embedded and added to the state that scores items. The
     time-to-next head, which predicts that gap, reads the state without it."""
+    time_bias: bool = False
+    """HSTU-style relative attention bias: every attention score gets a learned number (one per
+    head and log2-second bucket of model.time_buckets) for the time between the key's event and the
+    moment the query position predicts (the next event's time), so attention can weigh the history
+    by how long before the prediction it happened. Needs sdpa or eager attention and
+    heads.time_weight=0 (the states would see the time the time head predicts). Training and
+    evaluation only (no export or serving yet)."""
     id_dropout: float = 0.0
     """Share of items whose id embedding is replaced, at each training step, by the one learned
     "unknown item" vector (the UNK row), so that their text and attribute vectors must carry them
@@ -182,6 +189,11 @@ class BehaviorGPT(nn.Module):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
+        self.time_bias = None
+        if cfg.time_bias:
+            if self.backbone.config._attn_implementation not in ("sdpa", "eager"):
+                raise ConfigError("model.time_bias needs sdpa or eager attention (it adds to the attention scores)")
+            self.time_bias = nn.Parameter(torch.zeros(cfg.time_buckets, self.backbone.config.num_attention_heads))
         self.heads = MultiTaskHeads(heads_cfg, hidden, num_items, num_event_types, cfg.time_buckets, item_counts)
         self.prior = None
         if cfg.transition_prior:
@@ -213,12 +225,14 @@ class BehaviorGPT(nn.Module):
         """(B, T, H) last hidden states; position t has seen events 0..t."""
         table = self.items.table() if table is None else table
         x = self.embed(batch, table)
-        if "positions" in batch:
+        if self.time_bias is not None:
+            mask = relative_time_mask(batch, self.time_bias, self.cfg.time_buckets)
+        elif "positions" in batch:
             # Packed rows (data_sharding.batching.collate_windows): each window attends within itself.
             mask = block_causal_mask(batch["positions"], x.dtype, self.backbone.config._attn_implementation)
-            out = self.backbone(inputs_embeds=x, position_ids=batch["positions"], attention_mask=mask, use_cache=False)
         else:
-            out = self.backbone(inputs_embeds=x, attention_mask=batch["mask"].long(), use_cache=False)
+            mask = batch["mask"].long()
+        out = self.backbone(inputs_embeds=x, position_ids=batch.get("positions"), attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
     def with_query_time(self, hidden: torch.Tensor, gap_ms: torch.Tensor) -> torch.Tensor:
@@ -297,3 +311,28 @@ def block_causal_mask(positions: torch.Tensor, dtype: torch.dtype, attention: st
         return allowed[:, None]
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def relative_time_mask(batch: dict[str, torch.Tensor], bias: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The (B, heads, T, T) additive attention mask of model.time_bias: ``bias`` (buckets, heads)
+    at the log2-second bucket of (time of the event after the query position - time of the key
+    event), and the dtype's minimum where the key is not visible (later, another packed window, or
+    padding; a padding query sees itself so that no row is empty). A window's last event has no
+    next event: it takes its own time (its state predicts nothing in training)."""
+    times = batch["times"]
+    length = times.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=times.device).tril()
+    if "positions" in batch:
+        window = torch.cumsum(batch["positions"] == 0, dim=1)
+        visible = window[:, :, None] == window[:, None, :]
+    else:
+        eye = torch.eye(length, dtype=torch.bool, device=times.device)
+        visible = batch["mask"].bool()[:, None, :] | eye
+    # The event after each position in its own window (a window's last event: its own time).
+    follows = batch["mask"].bool()[:, 1:]
+    if "positions" in batch:
+        follows = follows & (batch["positions"][:, 1:] != 0)
+    predicted_at = torch.cat([torch.where(follows, times[:, 1:], times[:, :-1]), times[:, -1:]], dim=1)
+    gaps = predicted_at[:, :, None] - times[:, None, :]
+    scores = nn.functional.embedding(time_bucket(gaps, buckets), bias).permute(0, 3, 1, 2)
+    return scores.masked_fill(~(visible & causal)[:, None], torch.finfo(scores.dtype).min)

@@ -86,6 +86,10 @@ def test_a_state_reads_the_time_it_predicts_and_nothing_later(dataset):
         base = model.hidden_states(batch)[row, pos]
         assert torch.allclose(model.hidden_states(later)[row, pos], base, atol=1e-6)
         assert not torch.allclose(model.hidden_states(moved)[row, pos], base, atol=1e-4)
+        # Evaluation hides the predicted event from the mask but keeps its time: the same state.
+        hidden = {**batch, "mask": batch["mask"].clone()}
+        hidden["mask"][row, pos + 1 :] = False
+        assert torch.allclose(model.hidden_states(hidden)[row, pos], base, atol=1e-6)
 
 
 def test_the_bias_trains_and_the_run_predicts_the_next_period(tmp_path):

@@ -328,8 +328,9 @@ def relative_time_mask(batch: dict[str, torch.Tensor], bias: torch.Tensor, bucke
     else:
         eye = torch.eye(length, dtype=torch.bool, device=times.device)
         visible = batch["mask"].bool()[:, None, :] | eye
-    # The event after each position in its own window (a window's last event: its own time).
-    follows = batch["mask"].bool()[:, 1:]
+    # The event after each position in its own window (a window's last event: its own time). Read
+    # from the times, not the mask: evaluation hides the predicted event but keeps its time.
+    follows = times[:, 1:] >= times[:, :-1]  # padding holds time 0
     if "positions" in batch:
         follows = follows & (batch["positions"][:, 1:] != 0)
     predicted_at = torch.cat([torch.where(follows, times[:, 1:], times[:, :-1]), times[:, -1:]], dim=1)

@@ -55,7 +55,10 @@ def rank_main(rank: int, mode: str, items: int, steps: int, port: str, out: str)
 
     sys.path.insert(0, str(REPO))
     torch.set_num_threads(1)
+    from trainer.runtime import before_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    before_process_group()
     dist.init_process_group("gloo", rank=rank, world_size=RANKS)
     if mode == "sharded":
         from trainer.sharded_table import ShardedItemTable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -139,13 +140,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_then_collect(rank: int, fn, *args) -> None:
+    fn(rank, *args)
+    # A sharded table's TorchRec modules hold the (destroyed) group in reference cycles: collect
+    # them now, so the group's gloo threads are joined before interpreter shutdown, not during it.
+    gc.collect()
+
+
+def spawn_ranks(fn, world: int, *args) -> None:
+    """``fn(rank, *args)`` in ``world`` spawned processes (torch.multiprocessing), each collecting
+    its garbage once ``fn`` returned (see _rank_then_collect)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_then_collect, args=(fn, *args), nprocs=world)
+
+
 @contextlib.contextmanager
 def gloo_group(rank: int, world: int, port: int):
     """This process as ``rank`` of a gloo process group of ``world`` on this host (torch.multiprocessing
     spawned ranks), destroyed on the way out."""
     import torch.distributed as dist
 
+    from trainer.runtime import before_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    before_process_group()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield

@@ -9,7 +9,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, spawn_ranks
 
 # Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
 # a pytest worker that later forks (loader workers) carries none of their threads.
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 ITEMS, HIDDEN, STEPS, ROW_LR, LR = 61, 16, 20, 0.05, 3e-3
@@ -141,7 +140,7 @@ def _gather(objects: list) -> list:
 @pytest.mark.parametrize("world", [1, 2])
 def test_the_sharded_item_table_trains_the_model_as_the_dense_one_does(tmp_path, world):
     out = str(tmp_path / "result.pt")
-    mp.spawn(_train, args=(world, free_port(), out), nprocs=world)
+    spawn_ranks(_train, world, world, free_port(), out)
     result = torch.load(out)
     dense, sharded = np.array(result["losses"]["dense"]), np.array(result["losses"]["sharded"])
     assert dense[-1] < dense[0]  # it trains

@@ -4,10 +4,14 @@ checked against a hand-written dense reference of the same update."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, spawn_ranks
 
 # Checked without importing them: TorchRec/FBGEMM load only in the processes the tests start, so
 # a pytest worker that later forks (loader workers) carries none of their threads.
@@ -17,8 +21,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 ITEMS, DIM, LR, EPS, STEPS = 37, 8, 0.05, 1e-8, 3
 NEW = 6
 """Rows a grown table adds (new items of a retrain)."""
@@ -113,7 +117,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_sharded_updates_and_sliced_ranking_equal_the_dense_reference(tmp_path, world):
     out = str(tmp_path / "result.pt")
-    mp.spawn(_rank, args=(world, free_port(), out), nprocs=world)
+    spawn_ranks(_rank, world, world, free_port(), out)
     result = torch.load(out)
     spans = sorted(result["spans"])
     # Row-wise: the ranks' slices tile the catalogue, in order, without overlap.
@@ -132,6 +136,43 @@ def test_sharded_updates_and_sliced_ranking_equal_the_dense_reference(tmp_path, 
         assert torch.equal(top_ids, dense_ids)
         torch.testing.assert_close(top_scores, dense_scores)
     assert result["found"][0][0][0] == 2**40  # the excluded target
+
+
+GROUP_RELEASED = """
+import json, os, sys
+from pathlib import Path
+import torch
+from trainer.sharded_run import ensure_process_group, release_process_group
+from trainer.sharded_table import ShardedItemTable
+
+def threads():
+    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+imported_first = "torch.distributed.nn.functional" in sys.modules
+ensure_process_group()
+table = ShardedItemTable(37, 8)
+table(torch.arange(1, 9)).sum().backward()
+during = threads()
+del table
+release_process_group()
+import torch.distributed.nn.functional as fn
+defaults = [repr(d) for f in (fn.all_reduce, fn.all_to_all_single, fn.broadcast) for d in f.__defaults__ or ()]
+print(json.dumps({"imported_first": imported_first, "during": during, "after": threads(), "defaults": defaults}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc")
+def test_a_released_group_takes_its_gloo_threads_with_it():
+    # A one-process sharded run in a fresh interpreter. TorchRec imports torch.distributed.nn.functional,
+    # whose collectives default to group.WORLD as it was at import: imported under a live group they
+    # kept it past destroy_process_group (so did the table's reference cycles), its gloo threads ran
+    # into interpreter shutdown, and CI saw a finished rank abort (SIGABRT).
+    done = subprocess.run([sys.executable, "-c", GROUP_RELEASED], capture_output=True, text=True, cwd=REPO, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["imported_first"]  # the run, not the imports above, decides when it loads
+    assert "pt_gloo_runloop" in seen["during"]  # the probe sees the group's threads
+    assert not any("gloo" in name for name in seen["after"]), seen["after"]
+    assert "None" in seen["defaults"] and not any("ProcessGroup" in d for d in seen["defaults"])
 
 
 def test_needs_a_process_group():
@@ -210,7 +251,7 @@ def test_a_sharded_checkpoint_resumes_in_two_ranks_and_reshards_to_one(tmp_path)
 
     def run(world: int, mode: str) -> dict:
         out = str(tmp_path / f"{mode}{world}.pt")
-        mp.spawn(_checkpoint_rank, args=(world, free_port(), str(folder), mode, out), nprocs=world)
+        spawn_ranks(_checkpoint_rank, world, world, free_port(), str(folder), mode, out)
         return torch.load(out)
 
     saved = run(2, "save")

@@ -74,9 +74,21 @@ def process_group_kwargs(cfg: TrainConfig, world_size: int, cuda: bool) -> list:
     return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
 
 
+def before_process_group() -> None:
+    """Call before a process group is made. ``torch.distributed.nn.functional`` takes
+    ``group=group.WORLD`` as a default argument of its collectives, evaluated when the module is
+    first imported; imported under a live group (TorchRec imports it when a sharded item table is
+    built), ten functions hold that group for good, destroy_process_group cannot free it, and its
+    gloo threads outlive the run into interpreter shutdown, where one still releasing a collective's
+    tensors aborts the finished process (SIGABRT, "terminate called without an active exception").
+    Imported first, the defaults are None."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def make_accelerator(cfg: TrainConfig, run: Path):
     from accelerate import Accelerator
 
+    before_process_group()
     cuda = torch.cuda.is_available()
     if cuda:
         # TF32 for what stays fp32 on GPUs (the catalogue score products, fp32 runs): 10 bits of

@@ -11,6 +11,7 @@ eval`, `predict`, `export`, `retrain`'s start) read the whole table into a dense
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from trainer.errors import ConfigError
 from trainer.item_rows import ITEM_ROWS, sharded_names
+from trainer.runtime import before_process_group
 from trainer.sharded_files import load_dense_rows, load_table, save_table
 
 SHARDED_FROM_ITEMS = 1_000_000
@@ -76,12 +78,16 @@ _OWN_GROUP = []
 def ensure_process_group() -> None:
     """TorchRec shards over the default process group: one process gets a group of its own."""
     if not dist.is_initialized():
+        before_process_group()
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         _OWN_GROUP.append(dist.group.WORLD)
 
 
 def release_process_group() -> None:
-    """Destroy the group ensure_process_group made, if any (a launcher's group is left alone)."""
+    """Destroy the group ensure_process_group made, if any (a launcher's group is left alone).
+    First collect a finished run's objects: a sharded table's TorchRec modules hold the group in
+    reference cycles, and the group (with its gloo threads) goes only when they do."""
+    gc.collect()
     if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWN_GROUP.clear()

@@ -268,16 +268,16 @@ class Recommender:
             history = [e for e in history if (e.event_type or single) in wanted]
             if not history:
                 raise RequestError(f"no events of types {event_types} in the history")
+        # The prediction is for now: the last event's item and the time since it (models that use them).
+        now = int(time.time() * 1000)
         if stored and event_types is None:
-            hidden = self._state(loaded, user, history).hidden
+            hidden = model.hidden_at(self._state(loaded, user, history), now)
         else:
-            hidden = model.start(*self._ids(model, history)).hidden
+            hidden = model.hidden_at(model.start(*self._ids(model, history)), now)
         exclude = None
         if exclude_seen:
             exclude = [sorted({model.item_index[e.item] for e in history if e.item in model.item_index})]
-        # The prediction is for now: the last event's item and the time since it (models that use them).
         context = model.context([[model.item_index.get(e.item, UNK_ITEM) for e in history]])
-        now = int(time.time() * 1000)
         gap = torch.tensor([now - int(history[-1].ts)])
         top, scores = model.top_k(hidden.unsqueeze(0), k, exclude, context, gap, torch.tensor([now]))
         side = model.side_predictions(hidden.unsqueeze(0))

@@ -19,7 +19,7 @@ from trainer.run import load_run_model, train_run
 MAX_LEN = 6
 
 
-def run_config(data, backbone="scratch", **model):
+def run_config(data, backbone="scratch", heads=None, **model):
     return build_config(
         {
             "data": {"path": str(data), "num_workers": 0},
@@ -34,7 +34,7 @@ def run_config(data, backbone="scratch", **model):
             },
             "lora": {"r": 4},
             "train": {"micro_batch_size": 16, "lr": 5e-3, "warmup_steps": 5, "eval_every": 0, "max_steps": 60},
-            "heads": {"type_weight": 0.5, "time_weight": 0.1},
+            "heads": heads or {"type_weight": 0.5, "time_weight": 0.1},
             "checkpoint": {"every_steps": 0},
         }
     )

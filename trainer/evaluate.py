@@ -363,10 +363,11 @@ class InferenceScorer:
         self.num_items = model.num_items
 
     def __call__(self, batch, rows, pos, mask) -> torch.Tensor:
-        hidden = self.model.encode(batch["items"], batch["types"], batch["times"], mask)
         times = batch["times"]
+        at = times[rows, pos + 1]
+        hidden = self.model.encode(batch["items"], batch["types"], times, mask, at)
         context = (batch["items"][rows], mask[rows], pos)
-        scores = self.model.scores(hidden, context, times[rows, pos + 1] - times[rows, pos], times[rows, pos + 1])
+        scores = self.model.scores(hidden, context, at - times[rows, pos], at)
         return scores.clone()  # an inference-mode tensor: the ranking code edits it in place
 
 

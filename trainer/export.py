@@ -7,7 +7,7 @@ An export directory holds::
                            LoRA merged when --merge-lora; `AutoModel.from_pretrained` loads it
     adapter.safetensors    LoRA weights kept apart (only without --merge-lora)
     behavior.safetensors   item table (text/attributes folded in), event-type and time-gap
-                           embeddings, next-type/time/value heads, and what places new items
+                           embeddings, the time bias, next-type/time/value heads, and what places new items
                            (trainer.new_items: text projection, attribute embeddings)
     items.parquet          item id and title per model id (row i is id i)
 
@@ -35,7 +35,8 @@ from data_sharding import shards
 from trainer import checkpoint as ckpt
 from trainer.config import CONFIG
 from trainer.errors import ConfigError
-from trainer.inference import InferenceModel, merge_lora, strip_lora
+from trainer.folding import merge_lora, strip_lora
+from trainer.inference import InferenceModel
 from trainer.new_items import ItemWriter
 from trainer.priors import PAIRS_FILE, RepeatPrior, TransitionPrior, load_pairs
 from trainer.trend_prior import EVENTS_FILE, TrendPrior, load_events, save_events
@@ -167,6 +168,8 @@ def _behavior_weights(inference: InferenceModel) -> tuple[dict[str, torch.Tensor
     weights = {"item_table": inference.item_table, "types": inference.types.weight, "gaps": inference.gaps.weight}
     if inference.query_gaps is not None:
         weights["query_gaps"] = inference.query_gaps.weight
+    if inference.time_bias is not None:
+        weights["time_bias"] = inference.time_bias
     if inference.repeat is not None:
         weights["repeat_weight"] = inference.repeat.weight.reshape(1)
     if inference.trend is not None:
@@ -232,6 +235,7 @@ def load_export(path: Path) -> InferenceModel:
         repeat,
         ItemWriter.from_state(weights, meta.get("new_items")),
         trend,
+        weights.get("time_bias"),
     )
     if meta.get("quantize") == "int8":
         model.quantize()

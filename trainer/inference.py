@@ -9,7 +9,9 @@ every path scores exactly alike.
 Windows follow training: a history is its last ``max_len`` events, left-aligned (the oldest
 event sits at position 0 and has time gap 0). :meth:`InferenceModel.append` extends a cached
 window by one event in one backbone step; when the window is full it is re-encoded (see
-:class:`trainer.inference.CachedState`).
+:class:`trainer.inference.CachedState`). A model with model.time_bias reads the time of the
+prediction in every layer: its cache holds all but the window's last event, which goes through
+the backbone at request time (:meth:`InferenceModel.hidden_at`; trainer.time_bias).
 """
 
 from __future__ import annotations
@@ -22,41 +24,10 @@ from torch import nn
 
 from data_sharding.vocab import NUM_RESERVED_ITEMS
 from trainer.errors import ConfigError
+from trainer.folding import merge_lora, quantize_int8
 from trainer.heads import time_bucket
 from trainer.online_pairs import LivePairs
-
-
-def strip_lora(module: nn.Module, merge: bool = True) -> nn.Module:
-    """Put every peft LoRA layer's plain base layer back in its place, after folding the adapter
-    into the base weight (``merge``) or dropping it."""
-    for name, child in list(module.named_children()):
-        if hasattr(child, "merge") and hasattr(child, "get_base_layer"):
-            if merge:
-                child.merge()
-            setattr(module, name, child.get_base_layer())
-        else:
-            strip_lora(child, merge)
-    return module
-
-
-def merge_lora(module: nn.Module) -> nn.Module:
-    """Fold every peft LoRA layer into its base weight and put the plain layer back in its place."""
-    return strip_lora(module, merge=True)
-
-
-def conv1d_to_linear(module: nn.Module) -> nn.Module:
-    """GPT-2's ``Conv1D`` (weight stored in x out) -> ``nn.Linear``, so dynamic quantization sees it."""
-    for name, child in list(module.named_children()):
-        if type(child).__name__ == "Conv1D":
-            weight = child.weight.detach()
-            linear = nn.Linear(weight.shape[0], weight.shape[1])
-            with torch.no_grad():
-                linear.weight.copy_(weight.T)
-                linear.bias.copy_(child.bias.detach())
-            setattr(module, name, linear)
-        else:
-            conv1d_to_linear(child)
-    return module
+from trainer.time_bias import cache_argument, cache_view, query_bias, settled_cache, window_bias
 
 
 def live_counter(prior) -> LivePairs | None:
@@ -66,25 +37,22 @@ def live_counter(prior) -> LivePairs | None:
     return LivePairs(prior.num_items, prior.steps, prior.counted_until)
 
 
-def quantize_int8(backbone: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of the backbone's linear layers (weights int8, activations
-    quantized on the fly); embeddings, norms and the item table stay fp32."""
-    from torch.ao.quantization import quantize_dynamic
-
-    return quantize_dynamic(conv1d_to_linear(backbone), {nn.Linear}, dtype=torch.qint8)
-
-
 @dataclass
 class CachedState:
     """One user's encoded window: the backbone's key/value cache, the hidden state after its
     last event, and what the next event's time gap is measured from."""
 
     cache: object
-    hidden: torch.Tensor
-    """(H,) state after the window's last event: what the next-item scores are computed from."""
+    hidden: torch.Tensor | None
+    """(H,) state after the window's last event: what the next-item scores are computed from
+    (None with model.time_bias: it depends on the time of the request, :meth:`InferenceModel.hidden_at`)."""
     length: int
-    """Events in the window (positions the cache holds)."""
+    """Events in the window (positions the cache holds, or one more with model.time_bias)."""
     last_time: int
+    times: torch.Tensor | None = None
+    """(length,) the window's event times (model.time_bias: what the bias of each key is read from)."""
+    pending: torch.Tensor | None = None
+    """(1, 1, H) the last event's input, not yet in the cache (model.time_bias)."""
 
 
 class InferenceModel:
@@ -107,8 +75,11 @@ class InferenceModel:
         repeat=None,
         writer=None,
         trend=None,
+        time_bias: torch.Tensor | None = None,
     ) -> None:
         self.backbone = backbone.eval()
+        self.time_bias = time_bias.detach().float() if time_bias is not None else None
+        """(buckets, heads) model.time_bias: attention bias by time before the prediction."""
         self.writer = writer
         """A trainer.new_items.ItemWriter: vectors for items posted after training (None: the
         model knows items by id only, or by text it cannot rebuild)."""
@@ -138,17 +109,13 @@ class InferenceModel:
         self.time_buckets = gap_embedding.num_embeddings
         self.version = version
         self.quantized = False
+        self.cache_name = cache_argument(backbone)
 
     @classmethod
     def from_model(cls, model, info, event_types: list[str], version: str) -> InferenceModel:
         """From a trained BehaviorGPT (eval mode) and its dataset info; merges LoRA in place."""
         from trainer.new_items import ItemWriter
 
-        if getattr(model, "time_bias", None) is not None:
-            raise ConfigError(
-                "this run was trained with model.time_bias, which bgpt predict/serve/export do not "
-                "build yet: evaluate it with bgpt eval"
-            )
         with torch.no_grad():
             table = model.items.table().detach().clone()
             writer = ItemWriter.from_model(model)
@@ -174,6 +141,7 @@ class InferenceModel:
             model.repeat,
             writer,
             getattr(model, "trend", None),
+            getattr(model, "time_bias", None),
         )
 
     @property
@@ -245,12 +213,25 @@ class InferenceModel:
         return self.item_table[items] + self.types(types) + self.gaps(time_bucket(gaps, self.time_buckets))
 
     @torch.inference_mode()
-    def encode(self, items: torch.Tensor, types: torch.Tensor, times: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) left-aligned windows -> (B, H) hidden state after each window's last event."""
+    def encode(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        times: torch.Tensor,
+        mask: torch.Tensor,
+        at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) left-aligned windows -> (B, H) hidden state after each window's last event;
+        ``at`` (B,): the time of each prediction (required by model.time_bias)."""
         gaps = torch.zeros_like(times)
         gaps[:, 1:] = times[:, 1:] - times[:, :-1]
         x = self._embed(items, types, gaps) * mask.unsqueeze(-1)
-        hidden = self.backbone(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        attention = mask.long()
+        if self.time_bias is not None:
+            if at is None:
+                raise ConfigError("this model (model.time_bias) encodes for a time: give the time of the prediction")
+            attention = window_bias(self.time_bias, self.time_buckets, times, mask, at)
+        hidden = self.backbone(inputs_embeds=x, attention_mask=attention, use_cache=False).last_hidden_state
         return hidden[torch.arange(len(items)), mask.sum(1) - 1]
 
     @torch.inference_mode()
@@ -261,16 +242,41 @@ class InferenceModel:
         gaps = torch.zeros_like(t)
         gaps[1:] = t[1:] - t[:-1]
         x = self._embed(torch.tensor(items), torch.tensor(types), gaps).unsqueeze(0)
-        out = self.backbone(inputs_embeds=x, use_cache=True)
-        return CachedState(out.past_key_values, out.last_hidden_state[0, -1], len(items), int(times[-1]))
+        if self.time_bias is None:
+            out = self.backbone(inputs_embeds=x, use_cache=True)
+            return CachedState(out[self.cache_name], out.last_hidden_state[0, -1], len(items), int(times[-1]))
+        cache = settled_cache(self.backbone, x, t, self.time_bias, self.time_buckets)
+        return CachedState(cache, None, len(items), int(times[-1]), t, x[:, -1:])
+
+    def _pending_step(self, state: CachedState, at: int):
+        """(hidden state, extended cache) of the time-bias window's last event read at time ``at``;
+        ``state.cache`` is left as it was."""
+        mask = query_bias(self.time_bias, self.time_buckets, state.times, at)
+        view = cache_view(state.cache)
+        out = self.backbone(inputs_embeds=state.pending, attention_mask=mask, use_cache=True, **{self.cache_name: view})
+        return out.last_hidden_state[0, -1], view
+
+    @torch.inference_mode()
+    def hidden_at(self, state: CachedState, at_ms: int) -> torch.Tensor:
+        """(H,) the state that scores the next item of a cached window at time ``at_ms`` (model.time_bias:
+        one position through the backbone; otherwise the cached state)."""
+        if self.time_bias is None:
+            return state.hidden
+        return self._pending_step(state, at_ms)[0]
 
     @torch.inference_mode()
     def append(self, state: CachedState, item: int, etype: int, time: int) -> CachedState:
-        """One new event through the backbone on top of the cached window (one position of work)."""
+        """One new event through the backbone on top of the cached window (one position of work;
+        model.time_bias: the window's last event goes into the cache, read at the new event's time).
+        The old state may not be used again."""
         gap = torch.tensor([[time - state.last_time]], dtype=torch.int64)
         x = self._embed(torch.tensor([[item]]), torch.tensor([[etype]]), gap)
-        out = self.backbone(inputs_embeds=x, past_key_values=state.cache, use_cache=True)
-        return CachedState(out.past_key_values, out.last_hidden_state[0, -1], state.length + 1, int(time))
+        if self.time_bias is not None:
+            _, cache = self._pending_step(state, time)
+            times = torch.cat([state.times, torch.tensor([time], dtype=torch.int64)])
+            return CachedState(cache, None, state.length + 1, int(time), times, x)
+        out = self.backbone(inputs_embeds=x, use_cache=True, **{self.cache_name: state.cache})
+        return CachedState(out[self.cache_name], out.last_hidden_state[0, -1], state.length + 1, int(time))
 
     def warmup(self) -> None:
         """Run every code path once (full window, short window, one cached step, scoring), so the
@@ -280,9 +286,8 @@ class InferenceModel:
         for length in (n, 1):
             state = self.start(items[:length], [1] * length, list(range(length)))
             context = self.context([items[:length]])
-            self.top_k(
-                state.hidden[None], 10, context=context, gap_ms=torch.tensor([1000]), at_ms=torch.tensor([length])
-            )
+            hidden = self.hidden_at(state, length)[None]
+            self.top_k(hidden, 10, context=context, gap_ms=torch.tensor([1000]), at_ms=torch.tensor([length]))
         self.append(self.start(items[:2], [1, 1], [0, 1]), items[2 % n], 1, 2)
 
     def count_events(self, items: list[int], times: list[int], new: list[bool]) -> int:

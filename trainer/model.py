@@ -22,6 +22,7 @@ from trainer.item_encoder import ItemEncoder
 from trainer.item_features import ItemFeatures
 from trainer.priors import RepeatPrior, TransitionPrior
 from trainer.text_tower import POOLINGS
+from trainer.time_bias import relative_time_mask
 from trainer.trend_prior import TrendPrior
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
@@ -106,8 +107,9 @@ class ModelConfig:
     head and log2-second bucket of model.time_buckets) for the time between the key's event and the
     moment the query position predicts (the next event's time), so attention can weigh the history
     by how long before the prediction it happened. Needs sdpa or eager attention and
-    heads.time_weight=0 (the states would see the time the time head predicts). Training and
-    evaluation only (no export or serving yet)."""
+    heads.time_weight=0 (the states would see the time the time head predicts). At inference the
+    last event's state is read at the request's time: its key/value cache holds the other events
+    (trainer.time_bias)."""
     id_dropout: float = 0.0
     """Share of items whose id embedding is replaced, at each training step, by the one learned
     "unknown item" vector (the UNK row), so that their text and attribute vectors must carry them
@@ -311,29 +313,3 @@ def block_causal_mask(positions: torch.Tensor, dtype: torch.dtype, attention: st
         return allowed[:, None]
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def relative_time_mask(batch: dict[str, torch.Tensor], bias: torch.Tensor, buckets: int) -> torch.Tensor:
-    """The (B, heads, T, T) additive attention mask of model.time_bias: ``bias`` (buckets, heads)
-    at the log2-second bucket of (time of the event after the query position - time of the key
-    event), and the dtype's minimum where the key is not visible (later, another packed window, or
-    padding; a padding query sees itself so that no row is empty). A window's last event has no
-    next event: it takes its own time (its state predicts nothing in training)."""
-    times = batch["times"]
-    length = times.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=times.device).tril()
-    if "positions" in batch:
-        window = torch.cumsum(batch["positions"] == 0, dim=1)
-        visible = window[:, :, None] == window[:, None, :]
-    else:
-        eye = torch.eye(length, dtype=torch.bool, device=times.device)
-        visible = batch["mask"].bool()[:, None, :] | eye
-    # The event after each position in its own window (a window's last event: its own time). Read
-    # from the times, not the mask: evaluation hides the predicted event but keeps its time.
-    follows = times[:, 1:] >= times[:, :-1]  # padding holds time 0
-    if "positions" in batch:
-        follows = follows & (batch["positions"][:, 1:] != 0)
-    predicted_at = torch.cat([torch.where(follows, times[:, 1:], times[:, :-1]), times[:, -1:]], dim=1)
-    gaps = predicted_at[:, :, None] - times[:, None, :]
-    scores = nn.functional.embedding(time_bucket(gaps, buckets), bias).permute(0, 3, 1, 2)
-    return scores.masked_fill(~(visible & causal)[:, None], torch.finfo(scores.dtype).min)

@@ -122,9 +122,9 @@ def predict(
     """One record per history: user, items, scores (best first) and the side predictions. ``at_ms``:
     when the predicted event happens (models with model.query_time or model.trend_prior; default:
     now)."""
-    hidden = model.encode(*_batch(histories))
-    exclude = [h.items.tolist() for h in histories] if exclude_seen else None
     at = int(time.time() * 1000) if at_ms is None else at_ms
+    hidden = model.encode(*_batch(histories), at=torch.full((len(histories),), at))
+    exclude = [h.items.tolist() for h in histories] if exclude_seen else None
     context = model.context([h.items.tolist() for h in histories])
     gap = torch.tensor([at - int(h.times[-1]) for h in histories])
     top, scores = model.top_k(hidden, k, exclude, context, gap, torch.full((len(histories),), at))

@@ -35,7 +35,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(VENV)/bin/pytest -q -n 2 --dist worksteal
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal --durations=20
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -47,7 +47,7 @@ def measure(export: Path) -> dict:
     timings = []
     for _ in range(200):
         t0 = time.perf_counter()
-        model.top_k(model.start(items, types, times).hidden[None], 10)
+        model.top_k(model.hidden_at(model.start(items, types, times), times[-1])[None], 10)
         timings.append(time.perf_counter() - t0)
     return {
         "users_per_s": stats["users_per_s"],

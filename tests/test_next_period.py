@@ -52,6 +52,18 @@ def test_period_summary_counts_context_cold_items_and_repeats(tmp_path):
     assert summary["users"] == 3 and summary["new_users"] == 1
     assert summary["cold_events"] == 1  # d: first seen in the period
     assert summary["repeat_share"] == 0.25  # u1 coming back to a
+    assert summary["tied_share"] == 0.0
+
+
+def test_events_at_the_time_of_the_one_before_are_counted_apart(tmp_path):
+    """A tie (same time as the user's event before it) is ordered only by the file: its own group."""
+    tied = [("u1", "d", 1000), ("u1", "a", 1000), *GEN2[2:]]  # u1's a now shares d's time
+    data = shard_generations(tmp_path, [GEN1, tied], T0)
+    result = scored(data, ["popularity"], exclude_seen=False)
+    assert result["summary"]["tied_share"] == 0.25
+    groups = result["scorers"]["popularity"]["breakdown"]
+    assert groups["tied_events"]["count"] == 1 and groups["untied_events"]["count"] == 3
+    assert groups["tied_events"]["hr@10"] == 1.0  # a, by popularity at rank 1
 
 
 def test_popularity_by_hand_with_and_without_history(tmp_path):

@@ -46,6 +46,8 @@ GROUPS = {
     "later_events": ("first", False),
     "repeat_items": ("repeat", True),
     "new_to_user_items": ("repeat", False),
+    "tied_events": ("tied", True),
+    "untied_events": ("tied", False),
 }
 """Breakdown name -> (flag, value): the scored events whose flag has that value."""
 
@@ -77,7 +79,7 @@ class PeriodQueries:
     warm: np.ndarray
 
     def __post_init__(self) -> None:
-        self.flags: dict[str, list[bool]] = {name: [] for name in ("returning", "cold", "first", "repeat")}
+        self.flags: dict[str, list[bool]] = {name: [] for name in ("returning", "cold", "first", "repeat", "tied")}
         self.targets: list[int] = []
         self.summary = {"events": 0, "scored": 0, "without_context": 0, "users": 0, "new_users": 0}
 
@@ -97,7 +99,9 @@ class PeriodQueries:
                     continue
                 item = int(events["item"][t])
                 history = events["item"][:t]
-                self._record(returning, not self.warm[item], n == 0, bool((history == item).any()), item)
+                # Tied: at the same time as the user's event before it, so their order is only the file's.
+                tied = bool(events["ts"][t] == events["ts"][t - 1])
+                self._record(returning, not self.warm[item], n == 0, bool((history == item).any()), tied, item)
                 users.append(int(uidx))
                 windows.append(events[max(0, t - self.max_len) : t + 1])
                 seen.append(history)
@@ -107,8 +111,8 @@ class PeriodQueries:
         if windows:
             yield collate_windows(users, windows, seen=seen)
 
-    def _record(self, returning: bool, cold: bool, first: bool, repeat: bool, item: int) -> None:
-        for name, value in (("returning", returning), ("cold", cold), ("first", first), ("repeat", repeat)):
+    def _record(self, returning: bool, cold: bool, first: bool, repeat: bool, tied: bool, item: int) -> None:
+        for name, value in zip(self.flags, (returning, cold, first, repeat, tied), strict=True):
             self.flags[name].append(value)
         self.targets.append(item)
         self.summary["scored"] += 1
@@ -121,6 +125,7 @@ class PeriodQueries:
             **self.summary,
             "cold_events": int(flags["cold"].sum()),
             "repeat_share": round(float(flags["repeat"].sum() / scored), 6),
+            "tied_share": round(float(flags["tied"].sum() / scored), 6),
         }
 
 

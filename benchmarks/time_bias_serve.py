@@ -52,6 +52,8 @@ def time_user(model, items: list[int], types: list[int], times: list[int]) -> di
     import torch
 
     state = model.start(items[:-1], types[:-1], times[:-1])
+    out = {"append": timed(lambda: model.append(state, items[-1], types[-1], times[-1]))}
+    full = model.start(items, types, times)
     at = times[-1] + HOUR_MS
     context = model.context([items])
 
@@ -59,8 +61,6 @@ def time_user(model, items: list[int], types: list[int], times: list[int]) -> di
         hidden = model.hidden_at(full, at)[None]
         model.top_k(hidden, 10, context=context, gap_ms=torch.tensor([at - times[-1]]), at_ms=torch.tensor([at]))
 
-    out = {"append": timed(lambda: model.append(state, items[-1], types[-1], times[-1]))}
-    full = model.start(items, types, times)
     out["recommend"] = timed(recommend)
     out["start"] = timed(lambda: model.start(items, types, times))
     return out

@@ -245,7 +245,7 @@ class InferenceModel:
         if self.time_bias is None:
             out = self.backbone(inputs_embeds=x, use_cache=True)
             return CachedState(out[self.cache_name], out.last_hidden_state[0, -1], len(items), int(times[-1]))
-        cache = settled_cache(self.backbone, x, t, self.time_bias, self.time_buckets)
+        cache = settled_cache(self.backbone, self.cache_name, x, t, self.time_bias, self.time_buckets)
         return CachedState(cache, None, len(items), int(times[-1]), t, x[:, -1:])
 
     def _pending_step(self, state: CachedState, at: int):

@@ -82,14 +82,17 @@ def window_bias(
     return relative_time_mask({"times": ahead, "mask": visible}, bias, buckets)[:, :, :length, :length]
 
 
-def settled_cache(backbone: nn.Module, x: torch.Tensor, times: torch.Tensor, bias: torch.Tensor, buckets: int):
+def settled_cache(
+    backbone: nn.Module, cache_name: str, x: torch.Tensor, times: torch.Tensor, bias: torch.Tensor, buckets: int
+):
     """The key/value cache of a window's inputs ``x`` (1, T, H) at ``times`` (T,) but its last event:
-    the events whose next event is known, each read at that next event's time."""
+    the events whose next event is known, each read at that next event's time (``cache_name``:
+    :func:`cache_argument` of the backbone)."""
     from transformers import DynamicCache
 
     cache, known = DynamicCache(config=backbone.config), x.shape[1] - 1
     if known:
         visible = torch.ones(1, known + 1, dtype=torch.bool)
         mask = relative_time_mask({"times": times[None], "mask": visible}, bias, buckets)[:, :, :known, :known]
-        backbone(inputs_embeds=x[:, :known], attention_mask=mask, use_cache=True, **{cache_argument(backbone): cache})
+        backbone(inputs_embeds=x[:, :known], attention_mask=mask, use_cache=True, **{cache_name: cache})
     return cache

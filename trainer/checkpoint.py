@@ -67,10 +67,23 @@ def _sha256(path: Path) -> str:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights that training changes (requires_grad), detached and contiguous; a sharded item
-    table's rows are not among them (each rank saves its own: trainer.sharded_run.save_rows)."""
+    table's rows are not among them (each rank saves its own: trainer.sharded_run.save_rows); plus the
+    buffers modules name in ``checkpoint_buffers`` (a tuned text tower's cache)."""
     skip = sharded_names(model)
-    return {
+    state = {
         n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad and n not in skip
+    }
+    state.update({n: b.detach().contiguous().clone() for n, b in saved_buffers(model).items()})
+    return state
+
+
+def saved_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State that is not a weight but that training builds and a checkpoint keeps (a tuned text
+    tower's cached vectors): the buffers each module names in ``checkpoint_buffers``."""
+    return {
+        f"{prefix}.{name}" if prefix else name: getattr(module, name)
+        for prefix, module in model.named_modules()
+        for name in getattr(module, "checkpoint_buffers", ())
     }
 
 
@@ -200,7 +213,7 @@ def grow_and_load(model: torch.nn.Module, source: Path, log=print, table_apart: 
     larger (new ids). Returns the names of the grown tables. With ``table_apart`` (a model with a
     sharded item table) the id rows are left out on both sides: trainer.sharded_run loads them."""
     saved = load_weights(source, full_table=not table_apart)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | saved_buffers(model)
     if table_apart:
         saved.pop("items.ids.weight", None)
         for name in sharded_names(model):
@@ -227,6 +240,9 @@ def grow_and_load(model: torch.nn.Module, source: Path, log=print, table_apart: 
             # No text to start from: the average known item is a neutral prior for a new one.
             target[old:] = value[NUM_RESERVED_ITEMS:].mean(dim=0)
         grown.append(f"{name} {old:,} -> {target.shape[0]:,} rows")
+    tower = getattr(getattr(model, "items", None), "tower", None)
+    if grown and tower is not None:  # new items' text rows from the tuned tower, not the frozen one
+        tower.refresh(model.items.text)
     for line in grown:
         log(f"grew {line}")
     return grown

@@ -16,7 +16,7 @@ import torch
 
 from data_sharding import shards, storage
 from trainer import backbone as backbones
-from trainer import text_tower
+from trainer import text_tower, text_tuning
 from trainer.errors import ConfigError
 from trainer.heads import HeadsConfig
 from trainer.item_features import ItemFeatures, parse_attributes
@@ -151,15 +151,20 @@ def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[
     pooling and token limit, with what the tower did (also in ``info.text_report``). A ``bgpt
     retrain`` run computes its own (its new vocabulary's; they differ from the parent's by the
     new items' share)."""
-    key = text_tower.cache_key(cfg.text_model, cfg.text_pooling, cfg.text_max_tokens)
+    key = text_tower.cache_key(cfg.text_model, cfg.text_pooling, cfg.text_max_tokens, cfg.text_tower_layers)
     path = cache / f"item_text-llm-{key}-{info.vocab_version}.npy" if cache else None
     sidecar = path.with_suffix(".json") if path is not None else None
     if path is not None and path.exists() and sidecar.exists():
         meta = json.loads(sidecar.read_text())
         info.text_report = meta["report"]
         return torch.from_numpy(np.load(path)), (torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
-    model_path = backbones.smollm2_dir() if cfg.text_model == backbones.SMOLLM2 else cfg.text_model
-    raw, report = text_tower.encode(info.texts, model_path, cfg.text_pooling, cfg.text_max_tokens)
+    raw, report = text_tower.encode(
+        info.texts,
+        text_tower.tower_path(cfg.text_model),
+        cfg.text_pooling,
+        cfg.text_max_tokens,
+        layers=cfg.text_tower_layers,
+    )
     # Another vocabulary of the same run (a newer generation to evaluate on) keeps the statistics
     # of the one it trained on (the first encoded in its folder): the projection learned those.
     earlier = sorted(cache.glob(f"item_text-llm-{key}-*.json"), key=lambda p: p.stat().st_mtime) if cache else []
@@ -174,6 +179,18 @@ def _llm_text(cfg: ModelConfig, info: DatasetInfo, cache: Path | None) -> tuple[
         meta.update(mean=stats[0].tolist(), std=stats[1].tolist())
         shards.write_atomic(sidecar, (json.dumps(meta) + "\n").encode())
     return vectors, stats
+
+
+def _tuned_tower(cfg: ModelConfig, lora: LoraConfig, info: DatasetInfo, features: ItemFeatures):
+    """The LLM tower with LoRA adapters (model.text_tuning=lora), its cache the frozen vectors."""
+    spec = text_tuning.TowerSpec(
+        cfg.text_model, cfg.text_tower_layers, cfg.text_pooling, cfg.text_max_tokens,
+        lora.r, lora.alpha, lora.dropout, list(lora.target_modules),
+    )  # fmt: skip
+    tower = text_tuning.build_tower(spec, text_tower.tower_path(cfg.text_model))
+    return text_tuning.TunedTower(
+        tower, spec, info.texts, features.text_stats, cfg.text_refresh_every, cfg.text_tuned_items
+    )
 
 
 def _transition_counts(cfg: ModelConfig, info: DatasetInfo, data, cache: Path | None) -> dict:
@@ -228,17 +245,7 @@ def _apply_lora(model: BehaviorGPT, backbone: backbones.Backbone, cfg: LoraConfi
     """LoRA adapters on the backbone (only they train in it), or full fine-tuning."""
     if not backbone.pretrained or cfg.full_finetune:
         return
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.backbone.named_modules()}
-    targets = [t for t in cfg.target_modules if t in present]
-    if not targets:
-        raise ConfigError(f"lora.target_modules {cfg.target_modules} match no module of the backbone")
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
-    model.backbone = inject_adapter_in_model(peft_cfg, model.backbone)
-    for name, param in model.backbone.named_parameters():
-        param.requires_grad = "lora_" in name
+    model.backbone = text_tuning.add_lora(model.backbone, cfg, "the backbone")
 
 
 def build_model(
@@ -254,6 +261,8 @@ def build_model(
     info = dataset_info(data)
     backbone = load_backbone(model_cfg)
     features = item_features(model_cfg, info, backbone, cache, data)
+    if model_cfg.text_tuning == "lora":
+        features.tower = _tuned_tower(model_cfg, lora_cfg, info, features)
     if sharded:
         from trainer.sharded_run import ensure_process_group
 

@@ -48,8 +48,10 @@ class ItemEncoder(nn.Module):
         self.text_mode = features.text_mode  # these three place new items (trainer.new_items)
         self.text_stats = features.text_stats
         self.attribute_vocab = features.attribute_vocab
+        self.tower = features.tower
+        """The tuned LLM tower (model.text_tuning=lora): ``text`` is its cache, saved in checkpoints."""
         if features.text is not None:
-            self.register_buffer("text", features.text.float(), persistent=False)
+            self.register_buffer("text", features.text.float(), persistent=self.tower is not None)
             self.text_proj = nn.Linear(features.text.shape[1], hidden, bias=False)
         self.attributes = None
         self.register_buffer("attribute_bags", None, persistent=False)
@@ -63,12 +65,18 @@ class ItemEncoder(nn.Module):
             self.attributes = nn.EmbeddingBag(features.num_attributes, hidden, mode="mean", padding_idx=0)
             nn.init.normal_(self.attributes.weight, std=hidden**-0.5)
 
-    def table(self, needed: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def checkpoint_buffers(self) -> tuple[str, ...]:
+        """Buffers a checkpoint keeps beside the trainable weights: a tuned tower's cache."""
+        return ("text",) if self.tower is not None else ()
+
+    def table(self, needed: torch.Tensor | None = None, touched: torch.Tensor | None = None) -> torch.Tensor:
         """(num_items, H) vectors of every item. ``needed`` (ids, repeats allowed): only those rows
         are complete (the others hold their id embedding alone), for a step that reads no other
         row (a sampled softmax): the text and attribute parts then cost the batch's items, not the
         catalogue's. A sharded table returns the ``needed`` rows alone (a RowTable, indexed by item
-        id; its ``needed`` must be unique)."""
+        id; its ``needed`` must be unique). ``touched``: the items a training step reads when it
+        reads every row (a full softmax): a tuned text tower encodes those afresh."""
         if self.sharded is not None:
             return self._sharded_rows(needed)
         table = self.ids.weight
@@ -78,7 +86,7 @@ class ItemEncoder(nn.Module):
                 dropped = self._dropped(torch.arange(len(table), device=table.device))
                 table = torch.where(dropped.unsqueeze(1), table[UNK_ITEM], table)
             if self.text_proj is not None:
-                table = table + self.text_proj(self.text)
+                table = table + self.text_proj(self._text(None, touched))
             if self.attributes is not None:
                 table = table + self.attributes(self.attribute_ids, self.attribute_offsets)
             return table
@@ -86,7 +94,7 @@ class ItemEncoder(nn.Module):
         if dropping:  # a dropped row's id part becomes the UNK row's: add the difference
             parts.append(self._dropped(needed).unsqueeze(1) * (table[UNK_ITEM] - table[needed]))
         if self.text_proj is not None:
-            parts.append(self.text_proj(self.text[needed]))
+            parts.append(self.text_proj(self._text(needed)))
         if self.attributes is not None:
             parts.append(self._attribute_rows(needed))
         if not parts:
@@ -94,6 +102,13 @@ class ItemEncoder(nn.Module):
         # Each id's parts are added once: its first occurrence carries them (no unique(), whose
         # output size would make the host wait for the device).
         return table.index_add(0, needed, sum(parts) * _first_occurrences(needed)[:, None])
+
+    def _text(self, ids: torch.Tensor | None, touched: torch.Tensor | None = None) -> torch.Tensor:
+        """Text vectors of ``ids`` (every item when None): the fixed vectors, or a tuned tower's
+        (trainer.text_tuning: fresh for the items a training step reads, cached for the others)."""
+        if self.tower is None:
+            return self.text if ids is None else self.text[ids]
+        return self.tower.read(self.text, ids, touched, self.training and torch.is_grad_enabled())
 
     def _sharded_rows(self, needed: torch.Tensor | None) -> RowTable:
         if needed is None:

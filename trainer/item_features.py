@@ -18,6 +18,9 @@ class ItemFeatures:
     """(num_items, D) fixed text vectors (zeros where an item has no text)."""
     text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     """(mean, std) the LLM tower's vectors were standardised with (trainer.text_tower.standardize)."""
+    tower: object | None = None
+    """The tuned LLM tower (trainer.text_tuning.TunedTower) with model.text_tuning=lora; ``text``
+    is then its cache."""
     text_mode: str | None = None
     """Which encoder made ``text`` (model.item_text resolved: backbone, minilm or llm)."""
     attribute_ids: torch.Tensor | None = None

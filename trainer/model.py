@@ -22,6 +22,7 @@ from trainer.item_encoder import ItemEncoder
 from trainer.item_features import ItemFeatures
 from trainer.priors import RepeatPrior, TransitionPrior
 from trainer.text_tower import POOLINGS
+from trainer.text_tuning import TUNINGS
 from trainer.time_bias import relative_time_mask
 from trainer.trend_prior import TrendPrior
 
@@ -64,6 +65,19 @@ class ModelConfig:
     prompt asking for a one-word summary) or mean (over the text's tokens)."""
     text_max_tokens: int = 64
     """Item texts longer than this many tokens are cut (counted in the run's log)."""
+    text_tower_layers: int | None = None
+    """Read item text through the tower's first this many blocks only (default: all of them)."""
+    text_tuning: str = "frozen"
+    """frozen: the tower's vectors are computed once per vocabulary and cached. lora (HLLM style):
+    LoRA adapters on the tower (the run's lora.r, alpha, dropout, target_modules) train with the
+    user model; a step re-encodes the items it reads, the others read a cached table
+    (trainer.text_tuning)."""
+    text_refresh_every: int = 0
+    """With text_tuning=lora: re-encode the whole catalogue every this many steps (0: only before
+    the model is evaluated, predicts or is exported, which always reads a fresh table)."""
+    text_tuned_items: int = 0
+    """With text_tuning=lora: re-encode at most this many of a step's items (chosen at random; the
+    others read the cache); 0: all of them."""
     item_attributes: bool = True
     """Add learned embeddings of item attributes (category, brand, genres) when the items table has them."""
     time_buckets: int = 32
@@ -133,6 +147,14 @@ class ModelConfig:
                 f"model.text_pooling {self.text_pooling!r} / text_max_tokens {self.text_max_tokens}: "
                 f"choose {' or '.join(POOLINGS)}, and a limit >= 1"
             )
+        if self.text_tuning not in TUNINGS:
+            raise ConfigError(f"model.text_tuning {self.text_tuning!r}: choose {' or '.join(TUNINGS)}")
+        if self.text_tuning == "lora" and self.item_text != "llm":
+            raise ConfigError("model.text_tuning=lora fine-tunes the LLM item-text tower: set model.item_text=llm")
+        if (self.text_tower_layers is not None and self.text_tower_layers < 1) or min(
+            self.text_refresh_every, self.text_tuned_items
+        ) < 0:
+            raise ConfigError("model.text_tower_layers must be >= 1, text_refresh_every and text_tuned_items >= 0")
         if self.max_len < 1 or self.time_buckets < 2:
             raise ConfigError("model.max_len must be >= 1 and model.time_buckets >= 2")
         if self.transition_neighbors < 1 or self.transition_steps < 1:
@@ -288,7 +310,7 @@ class BehaviorGPT(nn.Module):
                 needed = torch.unique(needed)  # fewer rows to complete (a sharded table needs them unique)
             table = self.items.table(needed)
         else:
-            table = self.items.table()
+            table = self.items.table(touched=batch["items"])
         hidden = self.hidden_states(batch, table)[:, :-1]
         times = batch["times"]
         item_states = self.with_query_time(hidden, times[:, 1:] - times[:, :-1])

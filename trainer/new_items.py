@@ -31,7 +31,8 @@ class ItemWriter:
     """(H,) the id part of every new item."""
     text: dict | None = None
     """How the model's text vectors are made: {"mode": llm|minilm, and for llm "text_model",
-    "pooling", "max_tokens"}; None when the model reads no text."""
+    "pooling", "max_tokens", "layers", and "tuned" (trainer.text_tuning.TowerSpec) for a tower
+    fine-tuned with the model}; None when the model reads no text."""
     text_proj: torch.Tensor | None = None
     """(H, D) the trained projection of text vectors."""
     text_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -39,6 +40,8 @@ class ItemWriter:
     attribute_vocab: dict[str, int] | None = None
     attribute_table: torch.Tensor | None = None
     """(A, H) the trained attribute embeddings (row 0: no attribute)."""
+    tower_weights: dict[str, torch.Tensor] | None = None
+    """A tuned tower's LoRA adapters (its frozen weights come from ``text["text_model"]``)."""
     _tower: object = field(default=None, repr=False)
     """The LLM tower, loaded at the first new item and kept (trainer.text_tower.load_tower)."""
 
@@ -57,6 +60,7 @@ class ItemWriter:
             text = {"mode": items.text_mode}
             if items.text_mode == "llm":
                 text.update(text_model=cfg.text_model, pooling=cfg.text_pooling, max_tokens=cfg.text_max_tokens)
+                text["layers"] = cfg.text_tower_layers
         if items.id_dropout > 0:
             id_row = ids[UNK_ITEM].clone()
         elif text is not None:
@@ -66,7 +70,14 @@ class ItemWriter:
         table = items.attributes.weight.detach().clone() if items.attributes is not None else None
         proj = items.text_proj.weight.detach().clone() if text is not None else None
         stats = items.text_stats if text is not None and text["mode"] == "llm" else None
-        return cls(id_row, text, proj, stats, items.attribute_vocab if table is not None else None, table)
+        writer = cls(id_row, text, proj, stats, items.attribute_vocab if table is not None else None, table)
+        if text is not None and items.tower is not None:  # new items read through the tuned tower
+            text["tuned"] = items.tower.spec.to_json()
+            writer.tower_weights = {
+                n: p.detach().clone() for n, p in items.tower.model.named_parameters() if p.requires_grad
+            }
+            writer._tower = items.tower
+        return writer
 
     def vectors(self, titles: list[str | None], attributes: list[str | None]) -> torch.Tensor:
         """(n, H) vectors of new items from their titles and ``name=v1|v2; other=w`` attributes."""
@@ -87,7 +98,7 @@ class ItemWriter:
 
             return minilm_text(titles)
         if self._tower is None:
-            self._tower = text_tower.load_tower(_tower_path(self.text["text_model"]))
+            self._tower = self._load_tower()
         texts = [text_tower.item_text(t, a) for t, a in zip(titles, attributes, strict=True)]
         # Rows of reserved ids come first (no flag there), so each new item's flag says "no text".
         padded = [None] * NUM_RESERVED_ITEMS + texts
@@ -106,6 +117,8 @@ class ItemWriter:
             tensors["new_item.text_mean"], tensors["new_item.text_std"] = self.text_stats
         if self.attribute_table is not None:
             tensors["new_item.attributes"] = self.attribute_table
+        for name, value in (self.tower_weights or {}).items():
+            tensors[f"new_item.tower.{name}"] = value
         return tensors, {"text": self.text, "attribute_vocab": self.attribute_vocab}
 
     @classmethod
@@ -115,6 +128,8 @@ class ItemWriter:
         stats = None
         if "new_item.text_mean" in tensors:
             stats = tensors["new_item.text_mean"], tensors["new_item.text_std"]
+        prefix = "new_item.tower."
+        tower = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
         return cls(
             tensors["new_item.id_row"],
             meta.get("text"),
@@ -122,13 +137,22 @@ class ItemWriter:
             stats,
             meta.get("attribute_vocab"),
             tensors.get("new_item.attributes"),
+            tower or None,
         )
 
+    def _load_tower(self):
+        """The tower this model read text with: frozen, or rebuilt with its tuned adapters."""
+        path = text_tower.tower_path(self.text["text_model"])
+        if "tuned" not in self.text:
+            return text_tower.load_tower(path, self.text.get("layers"))
+        from trainer.text_tuning import TowerSpec, build_tower
 
-def _tower_path(text_model: str):
-    from trainer import backbone as backbones
-
-    return backbones.smollm2_dir() if text_model == backbones.SMOLLM2 else text_model
+        tower = build_tower(TowerSpec(**self.text["tuned"]), path)
+        missing = {n for n, p in tower.model.named_parameters() if p.requires_grad} - set(self.tower_weights or {})
+        if missing:
+            raise ConfigError(f"this model's tuned text tower lacks its adapters ({sorted(missing)[:2]}...)")
+        tower.model.load_state_dict(self.tower_weights, strict=False)
+        return tower
 
 
 def split_known(existing: dict[str, int], items: list[str]) -> tuple[list[int], list[str]]:

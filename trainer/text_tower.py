@@ -132,8 +132,7 @@ def encode(
     model, tokenizer = tower.model, tower.tokenizer
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad  # padded positions are masked out: any id serves
+    pad = pad_id(tokenizer)
     out = torch.zeros(len(texts), tower.hidden_size + 1)
     present = [i for i, t in enumerate(texts) if t]
     missing = [i for i, t in enumerate(texts) if not t and i >= NUM_RESERVED_ITEMS]
@@ -174,6 +173,12 @@ def standardize(
 def standardized(raw: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """(n, D) pooled states of items with text -> centred, scaled by ``stats``, unit rows."""
     return torch.nn.functional.normalize((raw - stats[0]) / stats[1], dim=1)
+
+
+def pad_id(tokenizer) -> int:
+    """The id right-padded positions get: they are masked out, so any id serves."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
 
 
 def tokenize(tokenizer, texts: list[str], pooling: str, max_tokens: int, pad: int) -> tuple[dict, int]:

@@ -104,7 +104,7 @@ class TunedTower(nn.Module):
         self.hidden_size = tower.hidden_size
         self.refresh_every, self.max_items = refresh_every, max_items
         present = [i for i, t in enumerate(texts) if t]
-        pad = tower.tokenizer.pad_token_id if tower.tokenizer.pad_token_id is not None else 0
+        pad = text_tower.pad_id(tower.tokenizer)
         batch, _ = text_tower.tokenize(tower.tokenizer, [texts[i] for i in present], spec.pooling, spec.max_tokens, pad)
         width = batch["input_ids"].shape[1] if present else 1
         tokens = torch.full((len(texts), width), pad, dtype=torch.long)
@@ -166,7 +166,7 @@ class TunedTower(nn.Module):
         unique, inverse = torch.unique(source, return_inverse=True)
         picked = unique[self.has_text[unique]]
         if self.max_items and len(picked) > self.max_items:
-            picked = torch.sort(picked[torch.randperm(len(picked), device=picked.device)[: self.max_items]]).values
+            picked = picked[torch.randperm(len(picked), device=picked.device)[: self.max_items]]
         if not len(picked):  # no item with text among them
             return cache if ids is None else cache[ids]
         fresh = self(picked)
